@@ -1,0 +1,1 @@
+"""Collective algorithms, the background engine, tensor fusion and wire codecs."""

@@ -1,0 +1,58 @@
+"""The `auto` allreduce: time each algorithm on this job's real topology at start-up.
+
+Rank 0's timings decide, and its choice is broadcast so every rank picks the same algorithm
+for a given message size (ranks choosing differently would mismatch). A message uses the
+choice made for the nearest timed size on a log scale.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AutoTable", "tune", "CANDIDATES", "TUNE_SIZES"]
+
+CANDIDATES = ("native", "multiring")
+# Small, medium and large messages; kept modest so start-up stays short on slow links.
+TUNE_SIZES = (16 * 1024, 512 * 1024, 8 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class AutoTable:
+    """The chosen algorithm per timed message size (bytes), and rank 0's median times."""
+
+    sizes: tuple[int, ...]
+    choices: tuple[str, ...]
+    times_s: dict
+
+    def pick(self, nbytes: int) -> str:
+        """The algorithm for a message of `nbytes`: the choice of the nearest timed size."""
+        key = math.log2(max(nbytes, 1))
+        nearest = min(range(len(self.sizes)), key=lambda i: abs(math.log2(self.sizes[i]) - key))
+        return self.choices[nearest]
+
+
+def tune(sizes: tuple[int, ...] = TUNE_SIZES, reps: int = 3) -> AutoTable:
+    """Time every candidate at every size on all ranks; return rank 0's choices."""
+    from pyddl.comm import ops
+
+    times: dict = {}
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4))
+        for alg in CANDIDATES:
+            ops.allreduce_(x, algorithm=alg)  # warm-up: connections, buffers
+            samples = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                ops.allreduce_(x, algorithm=alg)
+                samples.append(time.perf_counter() - t0)
+            times[(alg, nbytes)] = statistics.median(samples)
+    best = torch.tensor(
+        [min(range(len(CANDIDATES)), key=lambda i: times[(CANDIDATES[i], n)]) for n in sizes]
+    )
+    ops.broadcast_(best, root=0)
+    return AutoTable(tuple(sizes), tuple(CANDIDATES[int(i)] for i in best), times)

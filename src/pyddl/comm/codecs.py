@@ -1,0 +1,67 @@
+"""Wire codecs: cast a floating-point buffer for the wire, then back into its own dtype.
+
+fp16 has a narrow range, so a sum is pre-divided by the number of ranks before the cast and
+multiplied back after, as PyTorch's fp16_compress_hook divides by the world size. Integer
+tensors are never compressed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Codec", "get_codec", "CODECS"]
+
+
+class Codec:
+    """Cast to `wire_dtype` for the collective; `None` sends the tensor as it is."""
+
+    def __init__(self, name: str, wire_dtype: torch.dtype | None):
+        self.name = name
+        self.wire_dtype = wire_dtype
+
+    def __repr__(self) -> str:
+        return f"Codec({self.name})"
+
+    def applies_to(self, tensor: torch.Tensor) -> bool:
+        return (
+            self.wire_dtype is not None
+            and tensor.is_floating_point()
+            and tensor.dtype != self.wire_dtype
+        )
+
+    def encode(self, tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
+        """Return the wire tensor; for sum/average it carries tensor / world_size."""
+        wire = tensor.to(self.wire_dtype)
+        if op in ("sum", "average"):
+            wire.div_(world_size)
+        return wire
+
+    def decode_(self, wire: torch.Tensor, out: torch.Tensor, op: str, world_size: int) -> None:
+        """Write the reduced wire tensor back into `out` in its own dtype.
+
+        The wire was reduced with a sum of pre-divided values, which is already the average.
+        """
+        out.copy_(wire)
+        if op == "sum":
+            out.mul_(world_size)
+
+
+CODECS = {
+    "none": Codec("none", None),
+    "fp16": Codec("fp16", torch.float16),
+    "bf16": Codec("bf16", torch.bfloat16),
+}
+
+
+def get_codec(name: "str | Codec | None") -> Codec:
+    """Look up a codec by name ("none", "fp16", "bf16"); None means "none"."""
+    if name is None:
+        return CODECS["none"]
+    if isinstance(name, Codec):
+        return name
+    try:
+        return CODECS[str(name).lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown compression {name!r}; choose one of {', '.join(CODECS)}"
+        ) from None

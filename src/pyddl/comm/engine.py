@@ -1,0 +1,90 @@
+"""The background communication engine: one thread runs every collective, in call order.
+
+Synchronous calls are submitted and waited on, so collectives issued from any thread (the
+training loop, gradient hooks) reach the process groups in one global order on every rank,
+which is what keeps ranks from mismatching. After a collective fails the job's groups are
+in an unknown state, so every later call fails at once with the original error.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from pyddl.errors import CollectiveError, CollectiveTimeoutError
+
+__all__ = ["Engine", "Handle"]
+
+
+class Handle:
+    """The result of an asynchronous collective: `wait()` returns it, `done()` polls."""
+
+    def __init__(self, future: Future, describe: str, wait_limit_s: float):
+        self._future = future
+        self._describe = describe
+        self._wait_limit_s = wait_limit_s
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Any:
+        """Block until the collective finished; return its result or raise its error."""
+        try:
+            return self._future.result(timeout=self._wait_limit_s)
+        except TimeoutError:
+            if self._future.done():
+                raise
+            # The engine itself is stuck (each collective has its own timeout, so this
+            # should not happen); fail rather than hang.
+            raise CollectiveTimeoutError(
+                f"pyddl: {self._describe} did not complete within {self._wait_limit_s:g} s"
+            ) from None
+
+
+class Engine:
+    """A FIFO executor on one daemon thread with a per-call sequence number."""
+
+    def __init__(self, wait_limit_s: float):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._wait_limit_s = wait_limit_s
+        self._broken: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="pyddl-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], describe: str) -> Handle:
+        future: Future = Future()
+        self._queue.put((fn, future))
+        return Handle(future, describe, self._wait_limit_s)
+
+    def run(self, fn: Callable[[], Any], describe: str) -> Any:
+        if threading.current_thread() is self._thread:
+            return fn()  # a job that itself issues collectives (e.g. the auto tuner)
+        return self.submit(fn, describe).wait()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            if self._broken is not None:
+                future.set_exception(
+                    CollectiveError(
+                        "pyddl: an earlier collective failed, so this job's process groups "
+                        f"cannot be trusted; restart the job. The first failure: {self._broken}"
+                    )
+                )
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                self._broken = exc
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=5)

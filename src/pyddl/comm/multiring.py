@@ -1,0 +1,150 @@
+"""The multiring allreduce (DDL, Cho et al. 2017): one ring per topology dim, pipelined.
+
+Reduce-scatter along each dim innermost-first (the fast intra-server links first, so the slow
+outer links carry only a 1/(d1...d(k-1)) shard), then allgather back in reverse order. A large
+buffer is cut into chunks that flow through the 2k stages like a pipeline: while chunk i
+crosses the servers, chunk i+1 is reduced inside them ("keep every link busy"). Each stage
+runs on its own thread; tagged messages make the cross-rank matching independent of how the
+threads interleave. NCCL matches p2p messages by order rather than tag, so on NCCL the
+chunks run one after another.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
+
+__all__ = ["Level", "multiring_allreduce_", "plan_chunks"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One dim of the topology as seen by this rank: its ring and its place in it."""
+
+    size: int
+    ranks: tuple[int, ...]  # global ranks of this rank's slice, by coordinate
+    coord: int  # this rank's index in `ranks`
+    group: object  # the slice's process group
+
+
+def plan_chunks(numel: int, itemsize: int, chunk_bytes: int, ranks_total: int) -> list[tuple[int, int]]:
+    """Cut [0, numel) into pipeline chunks of about `chunk_bytes` (start, length) each.
+
+    Chunks are multiples of the number of ranks where possible so that no padding is needed
+    except in the last one.
+    """
+    if numel == 0:
+        return []
+    per_chunk = max(ranks_total, (chunk_bytes // itemsize) // ranks_total * ranks_total)
+    return [(s, min(per_chunk, numel - s)) for s in range(0, numel, per_chunk)]
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """Reduce-scatter ("rs") or allgather ("ag") along level `depth`; `index` orders stages."""
+
+    index: int
+    depth: int
+    kind: str
+
+
+def _stages(n_levels: int) -> list[_Stage]:
+    rs = [_Stage(j, j, "rs") for j in range(n_levels)]
+    ag = [_Stage(n_levels + i, j, "ag") for i, j in enumerate(reversed(range(n_levels)))]
+    return rs + ag
+
+
+def _segment(levels: list[Level], depth: int, length: int) -> tuple[int, int]:
+    # After reduce-scattering levels 0..depth-1 this rank owns the piece at its coordinates;
+    # the stages of level `depth` (its reduce-scatter and its allgather) work on that piece.
+    start, seg = 0, length
+    for lv in levels[:depth]:
+        start, seg = equal_parts(start, seg, lv.size)[lv.coord]
+    return start, seg
+
+
+def _run_stage(stage: _Stage, levels: list[Level], buf: torch.Tensor, op: str, tag: int) -> None:
+    lv = levels[stage.depth]
+    parts = equal_parts(*_segment(levels, stage.depth, buf.numel()), lv.size)
+    if stage.kind == "rs":
+        ring_reduce_scatter_(buf, parts, lv.ranks, lv.coord, lv.group, op, tag)
+    else:
+        ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.group, tag)
+
+
+def multiring_allreduce_(
+    flat: torch.Tensor,
+    op: str,
+    levels: list[Level],
+    chunk_bytes: int,
+    call_id: int,
+    pipeline: bool = True,
+) -> None:
+    """Allreduce the 1-D contiguous tensor `flat` in place over `levels`, innermost first.
+
+    `op` is sum/average/min/max/product; average divides the sum by the number of ranks
+    (floor division for integers). `call_id` must be the same on every rank for this call.
+    """
+    levels = [lv for lv in levels if lv.size > 1]
+    if not levels or flat.numel() == 0:
+        return
+    total = 1
+    for lv in levels:
+        total *= lv.size
+    stages = _stages(len(levels))
+    chunks = plan_chunks(flat.numel(), flat.element_size(), chunk_bytes, total)
+    base_tag = (call_id % 4096) << 18
+
+    def run(stage: _Stage, chunk: int) -> None:
+        start, length = chunks[chunk]
+        view = flat[start : start + length]
+        tag = base_tag | (stage.index << 12) | (chunk % 4096)
+        _run_stage(stage, levels, view, op, tag)
+
+    if pipeline and len(chunks) > 1:
+        _pipelined(stages, len(chunks), run)
+    else:
+        for chunk in range(len(chunks)):
+            for stage in stages:
+                run(stage, chunk)
+    if op == "average":
+        if flat.is_floating_point() or flat.is_complex():
+            flat.div_(total)
+        else:
+            flat.floor_divide_(total)
+
+
+def _pipelined(stages: list[_Stage], n_chunks: int, run) -> None:
+    # done[s][c] is set when stage s has finished chunk c; stage s+1 starts chunk c after it.
+    done = [[threading.Event() for _ in range(n_chunks)] for _ in stages]
+    failed = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker(s: int) -> None:
+        try:
+            for c in range(n_chunks):
+                if s > 0:
+                    while not done[s - 1][c].wait(0.05):
+                        if failed.is_set():
+                            return
+                run(stages[s], c)
+                done[s][c].set()
+        except BaseException as exc:  # re-raised on the calling thread below
+            errors.append(exc)
+            failed.set()
+
+    threads = [
+        threading.Thread(target=worker, args=(s,), name=f"pyddl-stage{s}", daemon=True)
+        for s in range(1, len(stages))
+    ]
+    for t in threads:
+        t.start()
+    worker(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -1,0 +1,175 @@
+"""The launcher -> worker contract: every environment variable pyddl reads, in one place.
+
+`pyddl run` sets torchrun's variables (it launches through torchrun's elastic agent) plus
+pyddl's own `PYDDL_*` settings. `read_job_env()` also understands SLURM and Open MPI, so a
+job started by `srun` or `mpirun` needs no flags. Pure: no process group is touched here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import zlib
+from dataclasses import dataclass
+from typing import Mapping
+
+__all__ = [
+    "JobEnv",
+    "read_job_env",
+    "expand_slurm_nodelist",
+    "PYDDL_TOPOLOGY",
+    "PYDDL_ALLREDUCE",
+    "PYDDL_TIMEOUT",
+    "PYDDL_CHUNK_BYTES",
+    "PYDDL_CHECK",
+]
+
+# pyddl's own settings (each also a keyword of pyddl.init and a flag of `pyddl run`).
+PYDDL_TOPOLOGY = "PYDDL_TOPOLOGY"  # dims innermost first, e.g. "4x2"
+PYDDL_ALLREDUCE = "PYDDL_ALLREDUCE"  # native | multiring | auto
+PYDDL_TIMEOUT = "PYDDL_TIMEOUT"  # seconds any collective may wait
+PYDDL_CHUNK_BYTES = "PYDDL_CHUNK_BYTES"  # pipelining chunk of the multiring allreduce
+PYDDL_CHECK = "PYDDL_CHECK"  # "1" (default): cross-rank fingerprint check of every collective
+
+_DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class JobEnv:
+    """Who this process is in the job, as its launcher described it.
+
+    `node_rank` is None when the launcher did not say which server this process is on;
+    pyddl then groups ranks by host name.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int | None
+    node_rank: int | None
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" (also pyddl run), "slurm", "openmpi" or "single"
+
+
+def _int(env: Mapping[str, str], key: str) -> int:
+    value = env[key]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def _opt_int(env: Mapping[str, str], key: str) -> int | None:
+    return _int(env, key) if key in env else None
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a SLURM host list such as ``gpu[01-03,07],login1`` into host names.
+
+    Example:
+        >>> expand_slurm_nodelist("n[1-2],m")
+        ['n1', 'n2', 'm']
+    """
+    hosts: list[str] = []
+    for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
+        if plain:
+            hosts.append(plain)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+                continue
+            for i in range(int(lo), int(hi) + 1):
+                hosts.append(prefix + str(i).zfill(len(lo)))
+    return hosts
+
+
+def _slurm_tasks_per_node(spec: str) -> list[int]:
+    # SLURM_TASKS_PER_NODE looks like "4(x2),3": four tasks on each of two nodes, then three.
+    counts: list[int] = []
+    for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec):
+        counts.extend([int(count)] * int(repeat or 1))
+    return counts
+
+
+def _master(env: Mapping[str, str], default_addr: str, default_port: int) -> tuple[str, int]:
+    addr = env.get("MASTER_ADDR", default_addr)
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else default_port
+    return addr, port
+
+
+def read_job_env(env: Mapping[str, str] | None = None) -> JobEnv:
+    """Describe this process's place in the job from its environment.
+
+    Precedence: torchrun's variables (set by `pyddl run` and torchrun), then SLURM, then
+    Open MPI; with none of them the job is a single process.
+
+    Raises:
+        ValueError: a variable is malformed, or MASTER_ADDR is missing under mpirun.
+    """
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        addr, port = _master(env, "127.0.0.1", _DEFAULT_PORT)
+        return JobEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=_opt_int(env, "LOCAL_RANK") or 0,
+            local_size=_opt_int(env, "LOCAL_WORLD_SIZE"),
+            node_rank=_opt_int(env, "GROUP_RANK") if "GROUP_RANK" in env else _opt_int(env, "NODE_RANK"),
+            master_addr=addr,
+            master_port=port,
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        node_id = _opt_int(env, "SLURM_NODEID")
+        local_size = None
+        if "SLURM_TASKS_PER_NODE" in env and node_id is not None:
+            per_node = _slurm_tasks_per_node(env["SLURM_TASKS_PER_NODE"])
+            if node_id < len(per_node):
+                local_size = per_node[node_id]
+        hosts = expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
+        # A port derived from the job id keeps two jobs sharing a node from colliding.
+        job_port = 15000 + zlib.crc32(env.get("SLURM_JOB_ID", "0").encode()) % 20000
+        addr, port = _master(env, hosts[0] if hosts else "127.0.0.1", job_port)
+        return JobEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=_opt_int(env, "SLURM_LOCALID") or 0,
+            local_size=local_size,
+            node_rank=node_id,
+            master_addr=addr,
+            master_port=port,
+            source="slurm",
+        )
+    if "OMPI_COMM_WORLD_RANK" in env:
+        if "MASTER_ADDR" not in env:
+            raise ValueError(
+                "running under mpirun, but MASTER_ADDR is not set: pyddl needs the address of "
+                "rank 0's host for its rendezvous; run e.g. "
+                "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`"
+            )
+        addr, port = _master(env, "", _DEFAULT_PORT)
+        local_size = _opt_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+        rank = _int(env, "OMPI_COMM_WORLD_RANK")
+        return JobEnv(
+            rank=rank,
+            world_size=_int(env, "OMPI_COMM_WORLD_SIZE"),
+            local_rank=_opt_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
+            local_size=local_size,
+            # Open MPI exports no server index (its NODE_RANK counts processes, not servers):
+            # pyddl groups ranks by host name instead.
+            node_rank=None,
+            master_addr=addr,
+            master_port=port,
+            source="openmpi",
+        )
+    addr, port = _master(env, "127.0.0.1", 0)
+    return JobEnv(0, 1, 0, 1, 0, addr, port, "single")
+
+
+def host_identity() -> str:
+    """Name this server for grouping ranks when the launcher did not say."""
+    return socket.gethostname()

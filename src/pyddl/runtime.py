@@ -1,0 +1,305 @@
+"""Joining the job: `init()` / `shutdown()`, rank queries, and the per-process state.
+
+`init()` reads the launcher's environment (see pyddl.env), creates the world process group
+(NCCL when CUDA is present, else Gloo) unless the user already did, derives the topology and
+creates one process group per slice of each dim, once. Every collective then runs through
+`run_collective`, which numbers it, checks it matches on all ranks and names missing ranks if
+it fails.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from pyddl import env as _env
+from pyddl.comm.engine import Engine
+from pyddl.comm.guard import Monitor, OpInfo, check_fingerprints
+from pyddl.comm.multiring import Level
+from pyddl.errors import NotInitializedError, PyddlError
+from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
+
+__all__ = [
+    "init",
+    "shutdown",
+    "is_initialized",
+    "rank",
+    "size",
+    "local_rank",
+    "local_size",
+    "cross_rank",
+    "cross_size",
+    "topology",
+    "settings",
+    "device",
+    "run_collective",
+    "Settings",
+    "ALGORITHMS",
+]
+
+ALGORITHMS = ("native", "multiring", "auto")
+_DEFAULT_TIMEOUT_S = 300.0
+_DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How collectives run in this job (each field also an env var and a `pyddl run` flag)."""
+
+    allreduce: str = "native"
+    timeout_s: float = _DEFAULT_TIMEOUT_S
+    chunk_bytes: int = _DEFAULT_CHUNK_BYTES
+    check: bool = True
+
+
+@dataclass
+class _State:
+    job: _env.JobEnv
+    backend: str
+    device: torch.device
+    topology: Topology
+    settings: Settings
+    levels: list[Level]
+    world: Any
+    engine: Engine
+    monitor: Monitor
+    owns_world: bool
+    seq: int = 0
+    tuned: Any = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_state: _State | None = None
+_init_lock = threading.Lock()
+
+
+def _resolve_settings(allreduce, timeout_s, chunk_bytes) -> Settings:
+    alg = (allreduce or os.environ.get(_env.PYDDL_ALLREDUCE) or "native").lower()
+    if alg not in ALGORITHMS:
+        raise ValueError(
+            f"unknown allreduce algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)} "
+            f"(pyddl.init(allreduce=...), {_env.PYDDL_ALLREDUCE} or pyddl run --allreduce)"
+        )
+    timeout = float(timeout_s if timeout_s is not None else os.environ.get(_env.PYDDL_TIMEOUT, _DEFAULT_TIMEOUT_S))
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive seconds, got {timeout}")
+    chunk = int(chunk_bytes if chunk_bytes is not None else os.environ.get(_env.PYDDL_CHUNK_BYTES, _DEFAULT_CHUNK_BYTES))
+    if chunk <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk}")
+    check = os.environ.get(_env.PYDDL_CHECK, "1") not in ("0", "false", "off")
+    return Settings(alg, timeout, chunk, check)
+
+
+def _detect_topology(job: _env.JobEnv, spec: str | None, world) -> Topology:
+    spec = spec or os.environ.get(_env.PYDDL_TOPOLOGY)
+    if spec:
+        return parse_topology(spec, job.world_size)
+    if job.world_size == 1:
+        return Topology((1,))
+    if job.node_rank is not None and job.local_size is not None:
+        key: Any = job.node_rank
+    else:
+        key = _env.host_identity()
+    keys: list = [None] * job.world_size
+    dist.all_gather_object(keys, key, group=world)
+    return servers_from_keys(keys)
+
+
+def _make_levels(topo: Topology, my_rank: int, timeout: timedelta) -> list[Level]:
+    levels = []
+    for dim, d in enumerate(topo.dims):
+        if d == 1:
+            continue
+        mine = None
+        # new_group is collective over the world: every rank creates every slice, in order.
+        for ranks in topo.slices(dim):
+            group = dist.new_group(list(ranks), timeout=timeout)
+            if my_rank in ranks:
+                mine = Level(d, ranks, ranks.index(my_rank), group)
+        levels.append(mine)
+    return levels
+
+
+def init(
+    topology: str | None = None,
+    allreduce: str | None = None,
+    timeout_s: float | None = None,
+    chunk_bytes: int | None = None,
+    backend: str | None = None,
+) -> None:
+    """Join the job described by the environment; calling it again does nothing.
+
+    Args:
+        topology: dims innermost first, e.g. "4x2"; default: ranks grouped by server.
+        allreduce: "native", "multiring" or "auto" (default: PYDDL_ALLREDUCE or native).
+        timeout_s: how long any collective may wait before failing (default 300 s).
+        chunk_bytes: pipelining chunk of the multiring allreduce (default 4 MiB).
+        backend: "gloo" or "nccl" (default: NCCL when CUDA is available, else Gloo).
+
+    Raises:
+        ValueError: a bad setting, or a topology that does not fit the world size.
+
+    Example:
+        >>> import pyddl, torch
+        >>> pyddl.init()
+        >>> pyddl.allreduce(torch.ones(3))  # the number of ranks, thrice
+    """
+    global _state
+    with _init_lock:
+        if _state is not None:
+            return
+        settings = _resolve_settings(allreduce, timeout_s, chunk_bytes)
+        job = _env.read_job_env()
+        timeout = timedelta(seconds=settings.timeout_s)
+        owns_world = not dist.is_initialized()
+        if owns_world:
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if job.source == "torchrun":
+                dist.init_process_group(backend, timeout=timeout)
+            elif job.source == "single":
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            else:
+                dist.init_process_group(
+                    backend,
+                    init_method=f"tcp://{job.master_addr}:{job.master_port}",
+                    rank=job.rank,
+                    world_size=job.world_size,
+                    timeout=timeout,
+                )
+        backend = dist.get_backend()
+        world = dist.group.WORLD
+        my_rank, world_size = dist.get_rank(), dist.get_world_size()
+        if backend == "nccl":
+            torch.cuda.set_device(job.local_rank)
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        topo = _detect_topology(job, topology, world)
+        levels = _make_levels(topo, my_rank, timeout)
+        store = dist.distributed_c10d._get_default_store() if world_size > 1 else None
+        _state = _State(
+            job=job,
+            backend=backend,
+            device=device,
+            topology=topo,
+            settings=settings,
+            levels=levels,
+            world=world,
+            engine=Engine(wait_limit_s=settings.timeout_s * 2 + 60),
+            monitor=Monitor(store, my_rank, world_size, settings.timeout_s),
+            owns_world=owns_world,
+        )
+    if settings.allreduce == "auto":
+        from pyddl.comm.auto import tune
+
+        _state.tuned = tune()
+
+
+def shutdown() -> None:
+    """Leave the job: stop pyddl's threads and destroy the process groups pyddl created."""
+    global _state
+    with _init_lock:
+        state, _state = _state, None
+    if state is None:
+        return
+    state.engine.close()
+    state.monitor.close()
+    if state.owns_world and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    return _state is not None
+
+
+def _get() -> _State:
+    if _state is None:
+        raise NotInitializedError(
+            "pyddl is not initialized: call pyddl.init() first (it reads the environment "
+            "that `pyddl run`, torchrun, srun or mpirun set)"
+        )
+    return _state
+
+
+def rank() -> int:
+    """This process's rank in the job, 0..size()-1."""
+    _get()
+    return dist.get_rank()
+
+
+def size() -> int:
+    """The number of processes in the job."""
+    _get()
+    return dist.get_world_size()
+
+
+def local_rank() -> int:
+    """This process's index inside its server (the innermost dim)."""
+    st = _get()
+    return st.topology.coords(dist.get_rank())[0]
+
+
+def local_size() -> int:
+    """The number of processes on this server (the innermost dim)."""
+    return _get().topology.dims[0]
+
+
+def cross_rank() -> int:
+    """The index of this process's server (ranks with the same local_rank, across servers)."""
+    st = _get()
+    return dist.get_rank() // st.topology.dims[0]
+
+
+def cross_size() -> int:
+    """The number of servers."""
+    st = _get()
+    return st.topology.size // st.topology.dims[0]
+
+
+def topology() -> Topology:
+    """The job's topology (dims innermost first)."""
+    return _get().topology
+
+
+def settings() -> Settings:
+    return _get().settings
+
+
+def device() -> torch.device:
+    """The device collectives run on (the local GPU under NCCL, else the CPU)."""
+    return _get().device
+
+
+def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False) -> Any:
+    """Run `fn(seq)` on the engine as world collective #seq, checked and guarded.
+
+    Returns fn's result, or a Handle when `asynchronous`.
+    """
+    st = _get()
+    with st.lock:
+        st.seq += 1
+        seq = st.seq
+    world_ranks = list(range(dist.get_world_size()))
+
+    def job():
+        st.monitor.enter(seq, info)
+        try:
+            if st.settings.check and len(world_ranks) > 1:
+                check_fingerprints(info, seq, st.world, world_ranks, st.device)
+            return fn(seq)
+        except PyddlError:
+            raise
+        except RuntimeError as exc:  # Gloo/NCCL timeouts and lost connections
+            raise st.monitor.diagnose(seq, info, world_ranks, exc) from exc
+
+    describe = f"{info} (collective #{seq})"
+    if asynchronous:
+        return st.engine.submit(job, describe)
+    return st.engine.run(job, describe)
+
