@@ -91,6 +91,12 @@ def _reduce_flat_(flat: torch.Tensor, op: str, algorithm: str, seq: int) -> None
     if flat.numel() == 0 or dist.get_world_size() == 1:
         return  # nothing to move; one rank's sum, min, max or average is its own tensor
     if algorithm == "auto":
+        if st.tuned is None:
+            # First auto call of a job whose default is not auto: every rank reaches this
+            # at the same collective (the algorithm is part of the checked fingerprint).
+            from pyddl.comm.auto import tune
+
+            st.tuned = tune()
         algorithm = st.tuned.pick(flat.numel() * flat.element_size())
     if algorithm == "native":
         dist.all_reduce(flat, op=_NATIVE_OPS[op], group=st.world)

@@ -1,0 +1,1 @@
+"""Benchmarks: allreduce bandwidth against the link bound; training-step comparisons."""

@@ -1,0 +1,129 @@
+"""Allreduce benchmark: median time, algorithm and bus bandwidth per size and algorithm.
+
+Run inside a job (`pyddl run -np 4 pyddl bench allreduce`, or `pyddl bench allreduce -np 4`
+which launches itself). Bus bandwidth follows nccl-tests: busbw = algbw x 2(n-1)/n. When the
+servers' link rate B is known (the emulated cluster sets it), each row also gets the physical
+bound of DESIGN.md, T_min = 2(M-1)/M x S / B on M servers, and the ratio T_min / T_measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import pyddl
+
+__all__ = ["parse_size", "bound_s", "bench_allreduce", "format_table", "LINK_GBPS_ENV"]
+
+LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' NIC rate, set by the emulated cluster
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Parse "64M", "512K", "1G" or a byte count into bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)] if unit else t)
+    except ValueError:
+        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix, e.g. 64M") from None
+    if value < 0:
+        raise ValueError(f"size {text!r} is negative")
+    return int(value * _UNITS[unit])
+
+
+def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:
+    """The fastest any allreduce of `nbytes` can be when each of `servers` NICs moves
+    `link_gbps` Gbit/s each way and links inside a server are free: 2(M-1)/M x S / B."""
+    if servers <= 1:
+        return 0.0
+    return 2 * (servers - 1) / servers * nbytes * 8 / (link_gbps * 1e9)
+
+
+def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None) -> list[dict]:
+    """Time each (size, algorithm) on this job; every rank returns the same rows (rank 0's
+    view of the slowest rank's median, since an allreduce ends when its last rank does)."""
+    n = pyddl.size()
+    servers = pyddl.cross_size()
+    rows = []
+    for nbytes in sizes:
+        x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=pyddl.device())
+        for alg in algorithms:
+            for _ in range(warmup):
+                pyddl.allreduce_(x, algorithm=alg)
+            samples = []
+            for _ in range(iters):
+                pyddl.barrier()
+                t0 = time.perf_counter()
+                pyddl.allreduce_(x, algorithm=alg)
+                samples.append(time.perf_counter() - t0)
+            worst = pyddl.allreduce(torch.tensor([statistics.median(samples), min(samples)], dtype=torch.float64), op="max")
+            median_s, min_s = float(worst[0]), float(worst[1])
+            algbw = nbytes / median_s / 1e9
+            row = {
+                "algorithm": alg,
+                "bytes": nbytes,
+                "dtype": "float32",
+                "median_s": median_s,
+                "min_s": min_s,
+                "algbw_gbps": algbw * 8,
+                "busbw_gbps": algbw * 8 * 2 * (n - 1) / n,
+                "bound_s": None,
+                "bound_ratio": None,
+            }
+            if link_gbps:
+                b = bound_s(nbytes, servers, link_gbps)
+                row["bound_s"] = b
+                row["bound_ratio"] = b / median_s if b else None
+            rows.append(row)
+    return rows
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Render the rows as the aligned text table `pyddl bench allreduce` prints."""
+    head = f"{'size':>6} {'algorithm':>10} {'median ms':>10} {'algbw Gb/s':>11} {'busbw Gb/s':>11} {'bound ms':>9} {'bound/meas':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        bound = f"{r['bound_s'] * 1e3:9.2f}" if r["bound_s"] else f"{'-':>9}"
+        ratio = f"{r['bound_ratio']:10.2f}" if r["bound_ratio"] else f"{'-':>10}"
+        lines.append(
+            f"{_fmt_bytes(r['bytes']):>6} {r['algorithm']:>10} {r['median_s'] * 1e3:10.2f} "
+            f"{r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f} {bound} {ratio}"
+        )
+    return "\n".join(lines)
+
+
+def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None) -> None:
+    """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
+    pyddl.init()
+    link = link_gbps or (float(os.environ[LINK_GBPS_ENV]) if os.environ.get(LINK_GBPS_ENV) else None)
+    rows = bench_allreduce(sizes, algorithms, iters, warmup, link)
+    if pyddl.rank() == 0:
+        topo = pyddl.topology()
+        print(f"allreduce over {pyddl.size()} ranks, topology {topo.spec} ({pyddl.cross_size()} servers), "
+              f"backend {pyddl.settings().allreduce and torch.distributed.get_backend()}"
+              + (f", link {link:g} Gbit/s" if link else ""))
+        print(format_table(rows))
+        if json_path:
+            meta = {
+                "world_size": pyddl.size(),
+                "dims": list(topo.dims),
+                "backend": torch.distributed.get_backend(),
+                "emulate": {"nodes": pyddl.cross_size(), "link_gbps": link} if link else None,
+                "torch": torch.__version__.split("+")[0],
+            }
+            with open(json_path, "w") as fh:
+                json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            print(f"wrote {json_path}")
+    pyddl.shutdown()

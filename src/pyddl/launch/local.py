@@ -1,0 +1,171 @@
+"""Start N workers on this machine through torchrun's elastic agent and report failures.
+
+The agent gives us the rendezvous, the environment contract (RANK, LOCAL_RANK, ...), rank-
+prefixed output, restarts and the stop-everyone-on-failure policy. pyddl adds its own settings
+as PYDDL_* variables and turns a failure into one message naming the rank, its exit code or
+signal, and the last lines it wrote to stderr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+
+from pyddl import env as _env
+
+__all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
+
+_STDERR_TAIL_LINES = 15
+
+
+class LaunchError(RuntimeError):
+    """The job failed; the message names the failed rank(s)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `pyddl run` was told; also the programmatic API of the launcher.
+
+    Example:
+        >>> launch(RunConfig(nproc=4, command=("train.py", "--epochs", "1")))
+    """
+
+    nproc: int
+    command: tuple[str, ...]
+    topology: str | None = None
+    allreduce: str | None = None
+    timeout_s: float | None = None
+    chunk_bytes: int | None = None
+    max_restarts: int = 0
+    extra_env: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"-np must be a positive number of workers, got {self.nproc!r}")
+        if not self.command:
+            raise ValueError("no command to run: give a script, e.g. `pyddl run -np 4 train.py`")
+        if self.max_restarts < 0:
+            raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.topology:
+            from pyddl.topology import parse_topology
+
+            parse_topology(self.topology, self.nproc)
+
+    def worker_env(self) -> dict[str, str]:
+        """The PYDDL_* variables every worker gets (on top of torchrun's)."""
+        out = {}
+        if self.topology:
+            out[_env.PYDDL_TOPOLOGY] = self.topology
+        if self.allreduce:
+            out[_env.PYDDL_ALLREDUCE] = self.allreduce
+        if self.timeout_s is not None:
+            out[_env.PYDDL_TIMEOUT] = str(self.timeout_s)
+        if self.chunk_bytes is not None:
+            out[_env.PYDDL_CHUNK_BYTES] = str(self.chunk_bytes)
+        out.update({k: str(v) for k, v in self.extra_env.items()})
+        return out
+
+
+def worker_command(command: tuple[str, ...]) -> tuple[str, list[str]]:
+    """Map the user's command to (executable, args): a script or `python ...` runs in this
+    interpreter, unbuffered, so output appears as it is written; anything else runs as is."""
+    first = command[0]
+    if first.endswith(".py"):
+        return sys.executable, ["-u", *command]
+    if os.path.basename(first) in ("python", "python3") or first == sys.executable:
+        return sys.executable, ["-u", *command[1:]]
+    return first, list(command[1:])
+
+
+def _launch_config(cfg: RunConfig, log_dir: str):
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.launcher.api import LaunchConfig
+
+    wanted = dict(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.nproc,
+        run_id=f"pyddl-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=cfg.max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
+        log_line_prefix_template="[rank${rank}] ",
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL),
+        local_addr="127.0.0.1",
+        shutdown_timeout=5,
+    )
+    # Keep to the fields this torch release knows (LaunchConfig grew over 2.4 -> 2.14).
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
+    return LaunchConfig(**{k: v for k, v in wanted.items() if k in known})
+
+
+def _stderr_tail(log_dir: str, local_rank: int) -> str:
+    paths = sorted(glob.glob(os.path.join(log_dir, "**", "attempt_*", str(local_rank), "stderr.log"), recursive=True))
+    if not paths:
+        return ""
+    with open(paths[-1], errors="replace") as fh:
+        lines = [line.rstrip("\n") for line in fh.readlines()]
+    return "\n".join(f"    {line}" for line in lines[-_STDERR_TAIL_LINES:])
+
+
+def _describe_failures(err, log_dir: str) -> str:
+    # Workers the agent stopped after the first failure die of SIGTERM: they are collateral,
+    # not causes, unless nothing else failed.
+    failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
+    causes = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures[:1]
+    stopped = [r for r, _ in failures if all(r != c for c, _ in causes)]
+    lines = []
+    for rank, failure in causes:
+        if failure.exitcode < 0:
+            how = f"was killed by signal {failure.signal_name()}"
+        else:
+            how = f"exited with code {failure.exitcode}"
+        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}")
+        tail = _stderr_tail(log_dir, failure.local_rank)
+        if tail:
+            lines.append(f"  last lines of its stderr:\n{tail}")
+    others = f" (ranks {', '.join(map(str, stopped))})" if stopped else ""
+    lines.append(f"pyddl run: the other workers were stopped{others}.")
+    return "\n".join(lines)
+
+
+def launch(cfg: RunConfig) -> None:
+    """Run `cfg.command` on `cfg.nproc` local workers; return when all succeeded.
+
+    Raises:
+        LaunchError: a worker failed (named, with its stderr tail) or the run was interrupted.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    # The agent's own log lines repeat what our message says, less clearly.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.update(cfg.worker_env())
+    if "OMP_NUM_THREADS" not in os.environ:
+        # As torchrun does: N workers each using every core would oversubscribe the machine.
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
+    executable, args = worker_command(cfg.command)
+    with tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
+        try:
+            elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
+        except ChildFailedError as err:
+            raise LaunchError(_describe_failures(err, log_dir)) from None
+        except SignalException as sig:
+            code = 128 + int(sig.sigval)
+            raise LaunchError(f"pyddl run: interrupted by {signal.Signals(sig.sigval).name}; workers stopped", code) from None
+        except KeyboardInterrupt:
+            raise LaunchError("pyddl run: interrupted; workers stopped", 130) from None

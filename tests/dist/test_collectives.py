@@ -1,0 +1,159 @@
+"""Every algorithm and dtype on 2-8 Gloo ranks over flat and multi-dim topologies, against
+closed forms (rank r contributes r+1, so the sum is W(W+1)/2) and against `native`."""
+
+import os
+
+import pytest
+import torch
+
+from harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
+# Uneven sizes, tiny and empty ones, and one that the 4 KiB test chunk pipelines in many chunks.
+SIZES = [0, 1, 3, 7, 1000, 6007]
+ALGORITHMS = ["native", "multiring", "auto"]
+
+
+def _closed_forms(rank, world, spec, full):
+    import pyddl
+
+    pyddl.init(topology=spec, timeout_s=60, chunk_bytes=4096)
+    failures = []
+    expect_sum = world * (world + 1) // 2
+    # 6 and 8 processes on a 2-core machine are slow: the full matrix runs on 2-4 ranks.
+    algorithms = ALGORITHMS if full else ["native", "multiring"]
+    dtypes = DTYPES if full else [torch.float32, torch.float16, torch.int64]
+    sizes = SIZES if full else [0, 3, 6007]
+    for alg in algorithms:
+        for dtype in dtypes:
+            for numel in sizes:
+                x = torch.full((numel,), rank + 1, dtype=dtype)
+                got = pyddl.allreduce(x, algorithm=alg)
+                if got.dtype != dtype or got.shape != x.shape or not torch.all(got == expect_sum):
+                    failures.append(f"sum {alg} {dtype} n={numel}: {got[:4].tolist()}")
+                if not torch.all(x == rank + 1):
+                    failures.append(f"allreduce modified its input ({alg} {dtype})")
+            base = torch.arange(11, dtype=dtype).reshape(1, 11) * (1 if dtype.is_floating_point else 2)
+            mn = pyddl.allreduce(base + rank, op="min", algorithm=alg)
+            mx = pyddl.allreduce(base + rank, op="max", algorithm=alg)
+            if not torch.equal(mn, base) or not torch.equal(mx, base + world - 1):
+                failures.append(f"min/max {alg} {dtype}")
+            avg = pyddl.allreduce(base + 2 * rank, op="average", algorithm=alg)
+            if not torch.equal(avg, base + (world - 1)):  # the mean of 0, 2, ..., 2(W-1)
+                failures.append(f"average {alg} {dtype}: {avg.tolist()}")
+        prod = pyddl.allreduce(torch.tensor([1.0, rank + 1.0]), op="product", algorithm=alg)
+        fact = float(torch.arange(1, world + 1).prod())
+        if prod.tolist() != [1.0, fact]:
+            failures.append(f"product {alg}: {prod.tolist()}")
+        # Random floats: every algorithm agrees with the backend's own allreduce.
+        g = torch.Generator().manual_seed(rank)
+        r = torch.randn(3, 5003, generator=g, dtype=torch.float64)
+        ref = pyddl.allreduce(r, algorithm="native")
+        if not torch.allclose(pyddl.allreduce(r, algorithm=alg), ref, rtol=1e-12, atol=1e-12):
+            failures.append(f"random float64 {alg} differs from native")
+        # In place, on a non-contiguous view, and async.
+        y = torch.full((6, 4), rank + 1.0).t()
+        out = pyddl.allreduce_(y, algorithm=alg)
+        if out is not y or not torch.all(y == expect_sum):
+            failures.append(f"in-place non-contiguous {alg}")
+        handles = [pyddl.allreduce_async(torch.full((100,), float(rank + k)), algorithm=alg) for k in range(3)]
+        for k, h in enumerate(handles):
+            if not torch.all(h.wait() == expect_sum + world * (k - 1)):
+                failures.append(f"async {alg} #{k}")
+        z = torch.full((9,), rank + 1.0)
+        h = pyddl.allreduce_async_(z, algorithm=alg)
+        if h.wait() is not z or not torch.all(z == expect_sum):
+            failures.append(f"async in-place {alg}")
+    info = (pyddl.local_rank(), pyddl.local_size(), pyddl.cross_rank(), pyddl.cross_size())
+    pyddl.shutdown()
+    return failures, info
+
+
+@pytest.mark.parametrize(
+    "world, spec, full",
+    [(2, "2", True), (3, "3", True), (4, "2x2", True), (6, "3x2", False), (8, "2x2x2", False)],
+)
+def test_closed_forms(world, spec, full):
+    results = run_ranks(_closed_forms, world, spec, full, timeout=170)
+    for rank, (failures, info) in enumerate(results):
+        assert failures == [], f"rank {rank}: {failures}"
+    inner = int(spec.split("x")[0])
+    assert [info for _, info in results] == [
+        (r % inner, inner, r // inner, world // inner) for r in range(world)
+    ]
+
+
+def _other_collectives(rank, world):
+    import pyddl
+
+    pyddl.init(timeout_s=60)
+    out = {}
+    out["broadcast"] = pyddl.broadcast(torch.tensor([rank, 10 * rank]), root=world - 1).tolist()
+    t = torch.full((2,), float(rank))
+    pyddl.broadcast_(t, root=1)
+    out["broadcast_"] = t.tolist()
+    out["allgather_equal"] = pyddl.allgather(torch.full((2, 3), rank)).tolist()
+    out["allgather_var"] = pyddl.allgather(torch.full((rank, 2), rank, dtype=torch.int32)).tolist()
+    rows = torch.arange(2 * world + 1, dtype=torch.float32).reshape(-1, 1) * (rank + 1)
+    out["reduce_scatter"] = pyddl.reduce_scatter(rows).reshape(-1).tolist()
+    out["reduce_scatter_avg"] = pyddl.reduce_scatter(torch.full((world, 2), 2.0 * rank), op="average").tolist()
+    ts = [torch.full((3,), rank + 1.0), torch.full((2, 2), rank + 1, dtype=torch.int64), torch.full((5,), float(rank))]
+    pyddl.grouped_allreduce_(ts, bucket_bytes=16)
+    out["grouped"] = [t.reshape(-1).tolist() for t in ts]
+    comp = {}
+    for codec in ("fp16", "bf16"):
+        x = torch.linspace(-1000, 1000, 5000) * (rank + 1)
+        comp[codec] = (pyddl.allreduce(x, compression=codec, algorithm="multiring") - x / (rank + 1) * world * (world + 1) / 2).abs().max().item()
+        comp[codec + "_avg"] = pyddl.allreduce(x, op="average", compression=codec).dtype == torch.float32
+    out["compression"] = comp
+    pyddl.barrier()
+    pyddl.shutdown()
+    return out
+
+
+def test_broadcast_allgather_reduce_scatter_grouped_compression():
+    world = 3
+    results = run_ranks(_other_collectives, world)
+    s = world * (world + 1) / 2
+    for rank, out in enumerate(results):
+        assert out["broadcast"] == [world - 1, 10 * (world - 1)]
+        assert out["broadcast_"] == [1.0, 1.0]
+        assert out["allgather_equal"] == [[r] * 3 for r in range(world) for _ in range(2)]
+        assert out["allgather_var"] == [[r, r] for r in range(world) for _ in range(r)]
+        # 2W+1 = 7 rows over 3 ranks: 3, 2, 2 rows; row i sums to i * W(W+1)/2.
+        mine = {0: [0, 1, 2], 1: [3, 4], 2: [5, 6]}[rank]
+        assert out["reduce_scatter"] == [i * s for i in mine]
+        assert out["reduce_scatter_avg"] == [[float(world - 1)] * 2]
+        assert out["grouped"] == [[s] * 3, [int(s)] * 4, [float(sum(range(world)))] * 5]
+        # fp16 keeps ~3 significant digits of values up to 6000: error within 0.1%.
+        assert out["compression"]["fp16"] < 6000 * 1e-3 * 2
+        assert out["compression"]["bf16"] < 6000 * 1e-2
+        assert out["compression"]["fp16_avg"] and out["compression"]["bf16_avg"]
+
+
+def _detect(rank, world):
+    import pyddl
+
+    pyddl.init()
+    info = (pyddl.topology().dims, pyddl.local_rank(), pyddl.cross_rank())
+    pyddl.shutdown()
+    return info
+
+
+def test_topology_from_launcher_variables():
+    # As torchrun sets them for 2 servers x 2 workers: LOCAL_WORLD_SIZE and GROUP_RANK.
+    results = run_ranks(_detect_with_groups, 4)
+    assert results == [((2, 2), r % 2, r // 2) for r in range(4)]
+
+
+def _detect_with_groups(rank, world):
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    os.environ["GROUP_RANK"] = str(rank // 2)
+    return _detect(rank, world)
+
+
+def test_topology_from_host_names():
+    # No launcher hint: all ranks share this host, so one server of 3.
+    assert run_ranks(_detect, 3) == [((3, 1), r, 0) for r in range(3)]

@@ -1,0 +1,68 @@
+"""Run a function on N Gloo ranks in fresh processes, as `pyddl run` would, and collect
+each rank's return value or traceback. Every run has a deadline: a hang fails the test."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+__all__ = ["free_port", "run_ranks", "RankFailure"]
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world, env, args, queue):
+    os.environ.update(env)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank % int(env.get("LOCAL_WORLD_SIZE", world))),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        queue.put((rank, True, fn(rank, world, *args)))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 90, expect_errors: bool = False):
+    """Run fn(rank, world, *args) on `world` processes; return the list of results by rank.
+
+    With expect_errors, a rank's exception text is returned in place of its result instead
+    of failing the test.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    base.update(env or {})
+    procs = [ctx.Process(target=_child, args=(fn, r, world, base, args, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    try:
+        for _ in range(world):
+            rank, ok, value = queue.get(timeout=timeout)
+            if not ok and not expect_errors:
+                raise RankFailure(f"rank {rank} failed:\n{value}")
+            results[rank] = value
+    except Exception as exc:
+        if isinstance(exc, RankFailure):
+            raise
+        missing = sorted(set(range(world)) - set(results))
+        raise RankFailure(f"ranks {missing} did not finish within {timeout} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from pyddl.comm.codecs import get_codec
+from pyddl.comm.fusion import pack, plan_buckets, unpack
+from pyddl.comm.multiring import plan_chunks
+from pyddl.comm.ring import equal_parts
+
+
+def test_buckets_respect_cap_and_order():
+    items = [(10, "float32", 4)] * 5  # 40 bytes each
+    assert plan_buckets(items, 100) == [[0, 1], [2, 3], [4]]
+
+
+def test_buckets_split_by_dtype_and_keep_big_tensors_whole():
+    items = [(4, "float32", 4), (4, "int64", 8), (4, "float32", 4)]
+    assert plan_buckets(items, 64) == [[0, 2], [1]]
+    items = [(4, "float32", 4), (100, "float32", 4), (4, "float32", 4)]
+    assert plan_buckets(items, 64) == [[0], [1], [2]]
+
+
+def test_every_tensor_in_exactly_one_bucket():
+    items = [(n, "float32" if n % 3 else "float16", 4 if n % 3 else 2) for n in range(1, 60)]
+    buckets = plan_buckets(items, 200)
+    assert sorted(i for b in buckets for i in b) == list(range(59))
+    for b in buckets:
+        assert len({items[i][1] for i in b}) == 1
+        assert len(b) == 1 or sum(items[i][0] * items[i][2] for i in b) <= 200
+
+
+def test_bad_bucket_size():
+    with pytest.raises(ValueError, match="positive"):
+        plan_buckets([(1, "float32", 4)], 0)
+
+
+def test_pack_unpack_round_trip():
+    ts = [torch.randn(3, 4), torch.randn(0), torch.randn(7), torch.randn(2, 2, 2)]
+    flat = pack(ts)
+    assert flat.numel() == 12 + 0 + 7 + 8
+    outs = [torch.empty_like(t) for t in ts]
+    unpack(flat, outs)
+    for a, b in zip(ts, outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, wire", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_codecs_prescale_for_sum_and_restore(name, wire):
+    codec = get_codec(name)
+    x = torch.tensor([60000.0, -3.0, 0.5])
+    w = codec.encode(x, "sum", 4)
+    assert w.dtype == wire
+    out = torch.empty_like(x)
+    codec.decode_(w, out, "sum", 4)  # as if the other ranks sent zeros
+    assert torch.allclose(out, x, rtol=1e-2)
+    assert not codec.applies_to(torch.ones(2, dtype=torch.int64))
+
+
+def test_fp16_overflow_is_avoided_by_prescaling():
+    # 8 ranks x 30000 = 240000 overflows fp16 (max 65504) unless each rank divides by 8 first.
+    codec = get_codec("fp16")
+    wires = [codec.encode(torch.tensor([30000.0]), "sum", 8) for _ in range(8)]
+    wire_sum = torch.stack(wires).sum(0, dtype=torch.float16)
+    assert torch.isfinite(wire_sum).all()
+    assert not torch.isfinite(torch.tensor([30000.0] * 8, dtype=torch.float16).sum(dtype=torch.float16))
+    out = torch.empty(1)
+    codec.decode_(wire_sum, out, "sum", 8)
+    assert out.item() == pytest.approx(240000.0, rel=1e-3)
+
+
+def test_unknown_codec():
+    with pytest.raises(ValueError, match="none, fp16, bf16"):
+        get_codec("int4")
+
+
+def test_equal_parts_cover_range():
+    assert equal_parts(10, 7, 3) == [(10, 3), (13, 2), (15, 2)]
+    assert equal_parts(0, 2, 4) == [(0, 1), (1, 1), (2, 0), (2, 0)]
+
+
+def test_plan_chunks():
+    chunks = plan_chunks(1000, 4, 400, 4)  # 100 elements per chunk
+    assert chunks[0] == (0, 100) and sum(n for _, n in chunks) == 1000
+    assert plan_chunks(0, 4, 400, 4) == []
+    assert plan_chunks(3, 4, 4, 8) == [(0, 3)]
