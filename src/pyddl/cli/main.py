@@ -17,6 +17,7 @@ __all__ = ["main"]
 _SUBCOMMANDS = {
     "run": "pyddl.cli.run",
     "bench": "pyddl.cli.bench",
+    "simulate": "pyddl.cli.simulate",
 }
 
 

@@ -1,0 +1,299 @@
+"""Fit the cost model to measurements, and hold its predictions against measurements.
+
+`fit_bench` fits each topology level's latency and link rate, and the reduction cost, to the
+rows of `pyddl bench allreduce --json` by least squares on log time (Levenberg-Marquardt with
+a weak prior). A parameter the rows cannot pin down (e.g. the reduction cost next to an inner
+link that only ever carries it together) keeps its prior value and is reported as such.
+`compare_allreduce` and `compare_steps` print predicted against measured with their ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pyddl.sim.cluster import Cluster, LevelSpec
+from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, Fabric, Level, allreduce_s
+
+__all__ = [
+    "BenchRun",
+    "FitParam",
+    "Fit",
+    "load_bench",
+    "load_measured_steps",
+    "fit_bench",
+    "fitted_cluster",
+    "compare_allreduce",
+    "compare_steps",
+]
+
+# Rows the cost model can price; "auto" is modelled as the faster of the two per size.
+_FITTABLE = ("native", "multiring", "auto")
+# The prior lets each log-parameter roam about e^3 (20x) around its starting value.
+_PRIOR_LOG_SD = 3.0
+# A parameter counts as determined when its posterior spread is below +-10%.
+_IDENTIFIED_LOG_SD = 0.1
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One `pyddl bench allreduce --json` file: the job's layout and its rows."""
+
+    path: str
+    world_size: int
+    dims: tuple[int, ...]
+    backend: str
+    link_gbps: float | None
+    rows: tuple[dict, ...]
+
+
+def load_bench(path: str) -> BenchRun:
+    """Read and check a bench JSON ({"meta": {...}, "rows": [...]}).
+
+    Raises:
+        ValueError: missing file, not JSON, or missing/inconsistent fields (named).
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"bench file {path!r} does not exist; write one with "
+                         "`pyddl bench allreduce --json PATH`") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"bench file {path!r} is not JSON: {err}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict) or not isinstance(data.get("rows"), list):
+        raise ValueError(f"bench file {path!r} needs the keys 'meta' (an object) and 'rows' (a list), "
+                         "as `pyddl bench allreduce --json` writes them")
+    meta = data["meta"]
+    world = meta.get("world_size")
+    dims = tuple(meta.get("dims") or ([world] if world else []))
+    if not isinstance(world, int) or world < 1 or not dims or math.prod(dims) != world:
+        raise ValueError(f"bench file {path!r}: meta.world_size {world!r} and meta.dims {meta.get('dims')!r} "
+                         "must be a positive rank count and dims that multiply to it")
+    for i, row in enumerate(data["rows"]):
+        missing = [k for k in ("algorithm", "bytes", "median_s") if k not in row]
+        if missing:
+            raise ValueError(f"bench file {path!r}: row {i} lacks {', '.join(missing)}")
+    emulate = meta.get("emulate") or {}
+    return BenchRun(path, world, dims, str(meta.get("backend", "gloo")),
+                    emulate.get("link_gbps"), tuple(data["rows"]))
+
+
+def load_measured_steps(path: str) -> list[dict]:
+    """Read measured step times: a list (or {"rows": [...]}) of {gpus, algorithm, step_s}.
+
+    Raises:
+        ValueError: missing file, not JSON, or rows without those keys.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"measured-steps file {path!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"measured-steps file {path!r} is not JSON: {err}") from None
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"measured-steps file {path!r} needs a non-empty list of rows "
+                         "(or {\"rows\": [...]}) with gpus, algorithm and step_s")
+    out = []
+    for i, row in enumerate(rows):
+        gpus = row.get("gpus", row.get("world_size")) if isinstance(row, dict) else None
+        if not isinstance(gpus, int) or "algorithm" not in row or not isinstance(row.get("step_s"), (int, float)):
+            raise ValueError(f"measured-steps file {path!r}: row {i} needs gpus (int), algorithm and step_s")
+        out.append({"gpus": gpus, "algorithm": row["algorithm"], "step_s": float(row["step_s"])})
+    return out
+
+
+@dataclass(frozen=True)
+class FitParam:
+    """One fitted parameter; `identified` is False when it kept its prior value."""
+
+    name: str
+    value: float
+    unit: str
+    identified: bool
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The fitted fabric (the bench's own layout), its parameters and the fit's quality."""
+
+    fabric: Fabric
+    params: tuple[FitParam, ...]
+    rms_log_error: float
+    rows_used: int
+    rows_skipped: int
+    pipeline: bool
+    chunk_bytes: int
+
+
+def _level_name(j: int, n: int) -> str:
+    return "intra-server" if j == 0 else ("inter-server" if n == 2 else f"level{j}")
+
+
+def _prior(run: BenchRun) -> tuple[list[str], np.ndarray]:
+    """Parameter names and prior values: alpha and rate per active dim, then gamma."""
+    names, values = [], []
+    for j, d in enumerate(run.dims):
+        if d == 1:
+            continue
+        # Priors: 50 us per message; loopback inside a server ~5 GB/s; the emulated link's
+        # stated rate between servers (10 Gbit/s if unknown); ~1 GB/s reduction on a CPU core.
+        rate = 5e9 if j == 0 else (run.link_gbps or 10.0) * 1e9 / 8
+        names += [f"alpha{j}", f"rate{j}"]
+        values += [50e-6, rate]
+    names.append("gamma")
+    values.append(1e-9)
+    return names, np.array(values)
+
+
+def _fabric(run: BenchRun, names: list[str], values) -> Fabric:
+    p = dict(zip(names, values))
+    levels = tuple(
+        Level(_level_name(j, len(run.dims)), p.get(f"alpha{j}", 0.0), p.get(f"rate{j}", 1e9))
+        for j in range(len(run.dims))
+    )
+    return Fabric(levels, run.dims, p["gamma"])
+
+
+def _lm(fun, x0: np.ndarray, max_iter: int = 200) -> np.ndarray:
+    """Minimise |fun(x)|^2 by Levenberg-Marquardt with a forward-difference Jacobian."""
+    x, r = x0.copy(), fun(x0)
+    cost, damping = float(r @ r), 1e-3
+    for _ in range(max_iter):
+        jac = _jacobian(fun, x, r)
+        a, g = jac.T @ jac, jac.T @ r
+        improved = done = False
+        while damping < 1e12:
+            step = np.linalg.solve(a + damping * (np.diag(np.diag(a)) + 1e-12 * np.eye(len(x))), -g)
+            r_new = fun(x + step)
+            c_new = float(r_new @ r_new)
+            if c_new < cost:
+                x, r, improved = x + step, r_new, True
+                damping = max(damping / 3, 1e-12)
+                done = cost - c_new < 1e-15 * max(cost, 1e-30) or np.max(np.abs(step)) < 1e-10
+                cost = c_new
+                break
+            damping *= 4
+        if not improved or done:
+            break
+    return x
+
+
+def _jacobian(fun, x: np.ndarray, r: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    cols = []
+    for i in range(len(x)):
+        dx = np.zeros_like(x)
+        dx[i] = h
+        cols.append((fun(x + dx) - r) / h)
+    return np.stack(cols, axis=1)
+
+
+def fit_bench(run: BenchRun, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | None = None,
+              noise: float = 0.02) -> Fit:
+    """Fit latency and link rate per active dim, and the reduction cost, to `run`'s rows.
+
+    A maximum-a-posteriori fit on log times: each row's log time has spread `noise`, each
+    log-parameter a wide prior around a generic value. A parameter whose posterior spread
+    stays above +-10% is reported as not identified (its value leans on the prior).
+
+    Args:
+        chunk_bytes: the multiring chunk the bench ran with (pyddl's default 4 MiB).
+        pipeline: whether the multiring pipelined its chunks; default: unless on NCCL.
+        noise: relative spread of one row's median time (about 2% for bench medians).
+
+    Raises:
+        ValueError: fewer usable rows than parameters, or a single-rank job.
+    """
+    if pipeline is None:
+        pipeline = run.backend != "nccl"
+    rows = [r for r in run.rows if r["algorithm"] in _FITTABLE and r["bytes"] > 0 and r["median_s"] > 0]
+    names, prior = _prior(run)
+    if run.world_size < 2:
+        raise ValueError(f"bench file {run.path!r} ran on 1 rank: nothing to fit")
+    if len(rows) < len(names):
+        raise ValueError(f"bench file {run.path!r} has {len(rows)} usable rows for {len(names)} parameters; "
+                         "bench more sizes, e.g. --sizes 4K,64K,1M,16M,64M --algorithms native,multiring")
+    measured = np.log([r["median_s"] for r in rows])
+    x0 = np.log(prior)
+
+    def data_residuals(x):
+        fabric = _fabric(run, names, np.exp(x))
+        pred = [allreduce_s(fabric, r["algorithm"], r["bytes"], chunk_bytes, pipeline) for r in rows]
+        return np.log(pred) - measured
+
+    prior_weight = (noise / _PRIOR_LOG_SD) ** 2
+
+    def residuals(x):
+        return np.concatenate([data_residuals(x), math.sqrt(prior_weight) * (x - x0)])
+
+    x = _lm(residuals, x0)
+    r = data_residuals(x)
+    jac = _jacobian(data_residuals, x, r)
+    cov = noise**2 * np.linalg.inv(jac.T @ jac + prior_weight * np.eye(len(x)))
+    identified = np.sqrt(np.diag(cov)) < _IDENTIFIED_LOG_SD
+    values = np.exp(x)
+    params = []
+    for name, value, ok in zip(names, values, identified):
+        unit = {"alpha": "s", "rate": "B/s", "gamma": "s/B"}[name.rstrip("0123456789")]
+        params.append(FitParam(name, float(value), unit, bool(ok)))
+    fabric = _fabric(run, names, values)
+    rms = float(np.sqrt(np.mean(r**2)))
+    return Fit(fabric, tuple(params), rms, len(rows), len(run.rows) - len(rows), pipeline, chunk_bytes)
+
+
+def fitted_cluster(fit: Fit, name: str) -> Cluster:
+    """Turn a fit into a cluster description (no [device]: pair it with a step profile)."""
+    dims = fit.fabric.dims
+    levels = tuple(
+        LevelSpec(lv.name, lv.link_Bps * 8 / 1e9, lv.latency_s * 1e6, 1, dims[j] if 0 < j < len(dims) - 1 else None)
+        for j, lv in enumerate(fit.fabric.levels)
+    )
+    gamma = fit.fabric.gamma_s_per_byte
+    return Cluster(
+        name=name,
+        gpus_per_server=dims[0],
+        servers=math.prod(dims[1:]),
+        levels=levels,
+        device=None,
+        reduce_gb_per_s=1.0 / gamma / 1e9 if gamma > 0 else None,
+        multiring_pipeline=fit.pipeline,
+        description=f"fitted by pyddl simulate --calibrate ({fit.rows_used} rows, rms log error {fit.rms_log_error:.3f})",
+    )
+
+
+def compare_allreduce(fabric: Fabric, run: BenchRun, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                      pipeline: bool = True) -> list[dict]:
+    """Predict every priced row of `run` on `fabric`: measured, predicted, ratio (pred/meas).
+
+    Raises:
+        ValueError: the fabric's rank count differs from the bench job's.
+    """
+    if fabric.size != run.world_size:
+        raise ValueError(f"the cluster lays out {fabric.size} ranks but bench file {run.path!r} ran "
+                         f"{run.world_size}; pass --gpus {run.world_size} or a matching cluster")
+    out = []
+    for r in run.rows:
+        if r["algorithm"] not in _FITTABLE or r["bytes"] <= 0 or r["median_s"] <= 0:
+            continue
+        pred = allreduce_s(fabric, r["algorithm"], r["bytes"], chunk_bytes, pipeline)
+        out.append({"algorithm": r["algorithm"], "bytes": r["bytes"], "measured_s": r["median_s"],
+                    "predicted_s": pred, "ratio": pred / r["median_s"]})
+    return out
+
+
+def compare_steps(prediction_rows: list[dict], measured: list[dict]) -> list[dict]:
+    """Pair predicted steps (from `predict_scaling`) with measured ones by (gpus, algorithm)."""
+    by_key = {(r["gpus"], r["algorithm"]): r for r in prediction_rows}
+    out = []
+    for m in measured:
+        p = by_key.get((m["gpus"], m["algorithm"]))
+        if p is None:
+            continue
+        out.append({"gpus": m["gpus"], "algorithm": m["algorithm"], "measured_s": m["step_s"],
+                    "predicted_s": p["step_s"], "ratio": p["step_s"] / m["step_s"]})
+    return out

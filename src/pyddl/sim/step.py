@@ -1,0 +1,388 @@
+"""The data-parallel step model: when each gradient is ready, how buckets queue, what is exposed.
+
+A `StepProfile` holds one worker's forward, backward and optimizer times and each gradient's
+size and ready time, from a real torch module: FLOPs x a device rate, or measured on this
+machine. `simulate_step` buckets gradients in ready order (pyddl's `plan_buckets`), runs one
+bucket collective at a time in that order, and adds what is still running after backward.
+Caveat: communication is assumed not to slow the computation it overlaps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+from pyddl.comm.fusion import DEFAULT_BUCKET_BYTES, plan_buckets
+from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s
+
+__all__ = [
+    "Gradient",
+    "StepProfile",
+    "BucketRun",
+    "StepPrediction",
+    "simulate_step",
+    "predict_scaling",
+    "build_model",
+    "count_flops",
+    "flop_profile",
+    "device_flops_per_s",
+    "measure_profile",
+    "load_profile",
+    "SGD_BYTES_PER_PARAM",
+]
+
+# SGD with momentum reads weight, gradient and momentum and writes weight and momentum:
+# five fp32 passes over the parameters, bound by memory bandwidth.
+SGD_BYTES_PER_PARAM = 20
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """One parameter's gradient: its size and when backward produces it (s after it starts)."""
+
+    name: str
+    numel: int
+    itemsize: int
+    ready_s: float
+    dtype: str = "float32"
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """One worker's training step at a per-worker batch, gradients in ready order."""
+
+    model: str
+    batch: int
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    gradients: tuple[Gradient, ...]
+    source: str  # "flops: <device>" or "measured: <where>"
+    image_size: int | None = None
+
+    @property
+    def gradient_bytes(self) -> int:
+        return sum(g.nbytes for g in self.gradients)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gradients": [asdict(g) for g in self.gradients]}
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+
+def load_profile(path: str) -> StepProfile:
+    """Read a step profile JSON written by `StepProfile.save` (`pyddl simulate --profile-step`).
+
+    Raises:
+        ValueError: the file is missing, not JSON, or lacks the profile's fields.
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        grads = tuple(sorted((Gradient(**g) for g in data.pop("gradients")), key=lambda g: g.ready_s))
+        profile = StepProfile(gradients=grads, **data)
+    except FileNotFoundError:
+        raise ValueError(f"step profile {path!r} does not exist; write one with "
+                         "`pyddl simulate --profile-step PATH --model M --batch B`") from None
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as err:
+        raise ValueError(f"step profile {path!r} is not a pyddl step profile ({err}); write one "
+                         "with `pyddl simulate --profile-step PATH`") from None
+    if min(profile.forward_s, profile.backward_s, profile.optimizer_s) < 0 or profile.batch < 1:
+        raise ValueError(f"step profile {path!r} has negative times or a batch below 1")
+    return profile
+
+
+@dataclass(frozen=True)
+class BucketRun:
+    """One bucket's collective: its size, when it was ready, when it ran."""
+
+    nbytes: int
+    ready_s: float
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    """A predicted step: compute, the collectives it waits for, and the exposed part."""
+
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    exposed_s: float
+    buckets: tuple[BucketRun, ...]
+
+    @property
+    def step_s(self) -> float:
+        return self.forward_s + self.backward_s + self.exposed_s + self.optimizer_s
+
+    @property
+    def comm_s(self) -> float:
+        return sum(b.end_s - b.start_s for b in self.buckets)
+
+
+def simulate_step(
+    profile: StepProfile,
+    collective_s: Callable[[int], float],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> StepPrediction:
+    """Predict one step: buckets in ready order, one collective at a time, exposure at the end.
+
+    A bucket is handed to the engine when its last gradient is ready and starts once the
+    engine is free (pyddl runs bucket collectives in one global order, DESIGN.md "Overlap").
+    Times are relative to the start of backward.
+
+    Args:
+        profile: the worker's step.
+        collective_s: seconds to allreduce a bucket of that many bytes.
+        bucket_bytes: the bucket cap (a larger gradient gets a bucket of its own).
+
+    Returns:
+        The prediction; `step_s` = forward + backward + exposed + optimizer.
+
+    Example:
+        >>> g = (Gradient("w", 1, 4, 1.0),)
+        >>> p = StepProfile("toy", 1, 0.5, 1.0, 0.0, g, "hand")
+        >>> simulate_step(p, lambda n: 2.0).exposed_s
+        2.0
+    """
+    items = [(g.numel, g.dtype, g.itemsize) for g in profile.gradients]
+    runs, engine_free = [], 0.0
+    for members in plan_buckets(items, bucket_bytes) if items else []:
+        nbytes = sum(profile.gradients[i].nbytes for i in members)
+        ready = max(profile.gradients[i].ready_s for i in members)
+        start = max(ready, engine_free)
+        engine_free = start + collective_s(nbytes)
+        runs.append(BucketRun(nbytes, ready, start, engine_free))
+    exposed = max(0.0, engine_free - profile.backward_s)
+    return StepPrediction(profile.forward_s, profile.backward_s, profile.optimizer_s, exposed, tuple(runs))
+
+
+def predict_scaling(
+    profile: StepProfile,
+    cluster,
+    gpus: Sequence[int],
+    algorithms: Sequence[str],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ring_max: int | None = None,
+) -> list[dict]:
+    """Predict step time, images/s and scaling efficiency per GPU count and algorithm.
+
+    Efficiency = throughput(n) / (n x throughput(1)) at the same per-GPU batch, with the
+    1-GPU step communicating nothing.
+
+    Args:
+        cluster: a `pyddl.sim.cluster.Cluster`.
+        ring_max: split rings between servers longer than this (`Cluster.fabric`).
+
+    Returns:
+        One dict per (gpus, algorithm): gpus, algorithm, topology, step_s, images_per_s,
+        scaling_efficiency, exposed_s, comm_s, buckets.
+
+    Raises:
+        ValueError: a GPU count the cluster cannot lay out, or an algorithm the cost model
+            cannot price (e.g. "hd" on a count that is not a power of two).
+    """
+    base = simulate_step(profile, lambda n: 0.0, bucket_bytes).step_s
+    rows = []
+    for n in gpus:
+        fabric = cluster.fabric(n, ring_max)
+        for alg in algorithms:
+            pred = simulate_step(
+                profile,
+                lambda nbytes: allreduce_s(fabric, alg, nbytes, chunk_bytes, cluster.multiring_pipeline),
+                bucket_bytes,
+            )
+            rows.append({
+                "gpus": n,
+                "algorithm": alg,
+                "topology": "x".join(map(str, fabric.dims)),
+                "step_s": pred.step_s,
+                "images_per_s": n * profile.batch / pred.step_s,
+                "scaling_efficiency": base / pred.step_s,
+                "exposed_s": pred.exposed_s,
+                "comm_s": pred.comm_s,
+                "buckets": len(pred.buckets),
+            })
+    return rows
+
+
+# ---- per-layer information from a real torch module -----------------------------------------
+
+
+def build_model(name: str, device: str = "cpu", num_classes: int = 1000):
+    """Construct torchvision model `name` with random weights (weights=None, no download).
+
+    Raises:
+        ValueError: `name` is not a torchvision classification model (close names listed).
+        RuntimeError: torchvision is not installed.
+    """
+    try:
+        import torch
+        import torchvision
+    except ModuleNotFoundError:
+        raise RuntimeError("per-layer model info needs torchvision: pip install torchvision") from None
+    names = sorted(torchvision.models.list_models(module=torchvision.models))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=4)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ValueError(f"unknown model {name!r}: {hint}pass a torchvision classification model "
+                         "name such as resnet18, resnet50, resnet101, vgg16, vit_b_16")
+    with torch.device(device):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
+    """Count each module's forward and backward FLOPs for one input batch of `input_shape`.
+
+    Runs on the meta device when the model lives there (no real arithmetic). Returns, in
+    forward order, one dict per module owning parameters: name, fwd_flops, bwd_flops,
+    params [(name, numel, itemsize, dtype)]; parameters of modules never called, or owned
+    by a container, come last with zero FLOPs (their gradients are ready at the end).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    order: list[str] = []
+    handles = []
+    for mod_name, mod in model.named_modules():
+        if any(True for _ in mod.parameters(recurse=False)):
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, n=mod_name: order.append(n) if n not in order else None))
+    device = next(model.parameters()).device
+    x = torch.randn(*input_shape, device=device) if device.type != "meta" else torch.empty(*input_shape, device=device)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = model(x)
+            fwd = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+            out.float().sum().backward()
+            total = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    finally:
+        for h in handles:
+            h.remove()
+    root = type(model).__name__
+    modules = dict(model.named_modules())
+    seen = set(order)
+    rows = []
+    for mod_name in order + [n for n, m in modules.items() if n not in seen]:
+        own = [(f"{mod_name}.{p}" if mod_name else p, t.numel(), t.element_size(), str(t.dtype).removeprefix("torch."))
+               for p, t in modules[mod_name].named_parameters(recurse=False) if t.requires_grad]
+        if not own:
+            continue
+        key = f"{root}.{mod_name}" if mod_name else root
+        f = fwd.get(key, 0) if mod_name in seen else 0
+        b = total.get(key, 0) - f if mod_name in seen else 0
+        rows.append({"name": mod_name, "fwd_flops": f, "bwd_flops": b, "params": own})
+    return rows
+
+
+def device_flops_per_s(device) -> float:
+    """Return the device's effective training FLOP/s from its published reference throughput.
+
+    rate = train FLOPs per image of the reference model x images/s, after taking the SGD
+    update (memory-bound) out of the reference step, so that a simulated step of the
+    reference model at the reference batch reproduces the published throughput.
+    """
+    size = device.reference_image_size
+    model = build_model(device.reference_model, device="meta")
+    rows = count_flops(model, (1, 3, size, size))
+    per_image = sum(r["fwd_flops"] + r["bwd_flops"] for r in rows)
+    params = sum(p[1] for r in rows for p in r["params"])
+    step = device.reference_batch / device.reference_images_per_s
+    opt = params * SGD_BYTES_PER_PARAM / (device.memory_gb_per_s * 1e9)
+    return per_image * device.reference_batch / (step - opt)
+
+
+def flop_profile(model_name: str, batch: int, device, image_size: int = 224) -> StepProfile:
+    """Build a step profile from the model's FLOPs and the device's effective rate.
+
+    Each module's backward takes bwd FLOPs / rate, in reverse forward order; its gradients
+    are ready when it ends. Memory-bound layers (BN, ReLU) carry no FLOPs here: their time is
+    spread over the others through the rate, which comes from a whole measured step.
+    """
+    model = build_model(model_name, device="meta")
+    rows = count_flops(model, (1, 3, image_size, image_size))
+    rate = device_flops_per_s(device)
+    forward_s = batch * sum(r["fwd_flops"] for r in rows) / rate
+    backward_s = batch * sum(r["bwd_flops"] for r in rows) / rate
+    grads, t = [], 0.0
+    for r in reversed(rows):
+        t += batch * r["bwd_flops"] / rate
+        ready = t if r["bwd_flops"] or r["fwd_flops"] else backward_s
+        # Within a module PyTorch finishes the bias before the weight (reverse registration).
+        grads += [Gradient(n, numel, size, ready, dtype) for n, numel, size, dtype in reversed(r["params"])]
+    grads.sort(key=lambda g: g.ready_s)
+    params = sum(g.numel for g in grads)
+    optimizer_s = params * SGD_BYTES_PER_PARAM / (device.memory_gb_per_s * 1e9)
+    return StepProfile(model_name, batch, forward_s, backward_s, optimizer_s, tuple(grads),
+                       f"flops: {device.name}, {rate / 1e12:.2f} effective TFLOP/s", image_size)
+
+
+def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int = 3,
+                    name: str | None = None, num_classes: int = 1000) -> StepProfile:
+    """Time forward, backward (each gradient's ready time) and an SGD step on this machine.
+
+    Gradient ready times come from `register_post_accumulate_grad_hook`, the hook pyddl's
+    buckets use, so they are what the engine would see; medians over `repeats` timed steps
+    after one warm-up step. Runs on the model's device with torch's current thread count.
+
+    Args:
+        model: a torch module taking a batch of `input_shape` (without the batch axis) and
+            returning logits of `num_classes`.
+    """
+    import torch
+
+    if batch < 1 or repeats < 1:
+        raise ValueError(f"batch and repeats must be >= 1, got batch={batch}, repeats={repeats}")
+    device = next(model.parameters()).device
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    stamps: dict[str, float] = {}
+    handles = [p.register_post_accumulate_grad_hook(lambda _p, n=n: stamps.setdefault(n, time.perf_counter()))
+               for n, p in params]
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, *input_shape, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    fwd, bwd, upd, ready = [], [], [], {n: [] for n, _ in params}
+    try:
+        for i in range(repeats + 1):
+            stamps.clear()
+            t0 = time.perf_counter()
+            loss = loss_fn(model(x), y)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if i == 0:
+                continue  # warm-up: allocator, kernels, momentum buffers
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+            upd.append(t3 - t2)
+            for n, _ in params:
+                ready[n].append(stamps.get(n, t2) - t1)
+    finally:
+        for h in handles:
+            h.remove()
+    grads = sorted(
+        (Gradient(n, p.numel(), p.element_size(), statistics.median(ready[n]), str(p.dtype).removeprefix("torch."))
+         for n, p in params),
+        key=lambda g: g.ready_s,
+    )
+    where = f"measured: {device.type}, {torch.get_num_threads()} threads, median of {repeats}"
+    size = input_shape[-1] if len(input_shape) == 3 else None
+    return StepProfile(name or type(model).__name__, batch, statistics.median(fwd), statistics.median(bwd),
+                       statistics.median(upd), tuple(grads), where, size)
