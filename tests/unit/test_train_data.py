@@ -2,6 +2,7 @@
 
 import collections
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -141,6 +142,12 @@ def test_digits_split_is_fixed_and_stratified():
     counts = torch.bincount(a.test.tensors[1], minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37
     assert not torch.equal(a.train.tensors[1], digits_split(split_seed=1).train.tensors[1])
+
+
+def test_digits_without_scikit_learn_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(ImportError, match="pip install scikit-learn"):
+        digits_split()
 
 
 def test_synthetic_images_are_deterministic_per_index():

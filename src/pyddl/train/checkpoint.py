@@ -279,10 +279,14 @@ class CheckpointManager:
             raise ValueError(f"{path}: no {sidecar.name} (the write did not finish)") from None
         except ValueError:
             raise ValueError(f"{sidecar}: malformed, expected '<sha256>  <bytes>'") from None
-        actual_size = path.stat().st_size
+        try:
+            actual_size = path.stat().st_size
+            actual_digest = file_sha256(path) if actual_size == size else None
+        except OSError as exc:
+            raise ValueError(f"{path}: unreadable: {exc}") from exc
         if actual_size != size:
             raise ValueError(f"{path}: {actual_size} bytes, the sidecar says {size} (truncated?)")
-        if file_sha256(path) != digest:
+        if actual_digest != digest:
             raise ValueError(f"{path}: SHA-256 differs from {sidecar.name} (corrupted)")
 
     def load(self, index: int, map_location: Any = "cpu") -> dict:

@@ -1,7 +1,7 @@
 """TrainConfig: every flag of `pyddl train` as one frozen dataclass, which is also the Python API.
 
 Validation happens at construction, before any process starts, so a bad flag fails in the
-launcher with a message instead of in N workers at once. Pure: imports only the pure recipe.
+launcher with a message instead of in N workers at once. No torch.distributed here.
 The defaults train the small CNN on digits on 2 local workers (global batch 64) past 0.95.
 """
 

@@ -63,9 +63,11 @@ def digits_split(test_fraction: float = 0.2, split_seed: int = 0) -> DataSplit:
     Returns:
         A DataSplit of TensorDatasets with images of shape (1, 8, 8).
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ImportError("--data digits needs scikit-learn: pip install scikit-learn") from exc
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     bunch = load_digits()
@@ -116,7 +118,8 @@ def _require_dir(path: str, what: str, fix: str) -> None:
 
 
 def _class_folders(split_dir: str) -> list[str]:
-    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    # The same rule as torchvision's find_classes, so class indices agree with ImageFolder's.
+    names = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
     if not names:
         raise ValueError(
             f"no class folders in {split_dir!r}; ImageFolder layout needs one sub-folder per "
@@ -183,7 +186,7 @@ def image_folder_split(root: str, image_size: int = 224) -> DataSplit:
                 f"{os.path.join(root, split)!r}: {exc}; put at least one image in every class "
                 f"folder or remove the empty ones"
             ) from None
-    return DataSplit(sets["train"], sets["val"], tuple(layouts["train"]),
+    return DataSplit(sets["train"], sets["val"], tuple(sets["train"].classes),
                      (3, image_size, image_size))
 
 

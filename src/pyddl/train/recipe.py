@@ -82,7 +82,7 @@ def warmup_lr(progress_epochs: float, warmup_epochs: float, start_lr: float, tar
         The warmed-up learning rate.
 
     Example:
-        >>> warmup_lr(2.5, 5, 0.1, 3.2)
+        >>> round(warmup_lr(2.5, 5, 0.1, 3.2), 6)
         1.65
     """
     if warmup_epochs <= 0 or progress_epochs >= warmup_epochs:
@@ -94,8 +94,8 @@ def step_decay_factor(epoch: int, milestones: Iterable[int], gamma: float) -> fl
     """Return gamma ** (number of milestones already reached at `epoch`).
 
     Example:
-        >>> step_decay_factor(65, (30, 60, 80), 0.1)   # two milestones passed
-        0.010000000000000002
+        >>> round(step_decay_factor(65, (30, 60, 80), 0.1), 6)   # two milestones passed
+        0.01
     """
     return gamma ** sum(1 for m in milestones if epoch >= m)
 
