@@ -155,8 +155,11 @@ def test_synthetic_images_are_deterministic_per_index():
     x0, y0 = a[7]
     assert x0.shape == (3, 16, 16) and 0 <= int(y0) < 10
     assert torch.equal(x0, b[7][0]) and int(y0) == int(b[7][1])
-    assert not torch.equal(x0, a[8][0])
+    assert len({a[i][0].sum().item() for i in range(50)}) > 10          # drawn from a pool of 32
+    assert len({int(a[i][1]) for i in range(50)}) == 10
     assert not torch.equal(x0, SyntheticImages(50, (3, 16, 16), 10, seed=6)[7][0])
+    x0.zero_()
+    assert not torch.equal(x0, a[7][0])                                 # callers get a copy
     with pytest.raises(IndexError):
         a[50]
     with pytest.raises(ValueError, match="synthetic data needs"):
