@@ -75,10 +75,9 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
                 "bound_s": None,
                 "bound_ratio": None,
             }
-            if link_gbps:
-                b = bound_s(nbytes, servers, link_gbps)
-                row["bound_s"] = b
-                row["bound_ratio"] = b / median_s if b else None
+            if link_gbps and servers > 1:  # one server has no inter-server link to bound by
+                row["bound_s"] = bound_s(nbytes, servers, link_gbps)
+                row["bound_ratio"] = row["bound_s"] / median_s
             rows.append(row)
     return rows
 
@@ -112,7 +111,7 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
     if pyddl.rank() == 0:
         topo = pyddl.topology()
         print(f"allreduce over {pyddl.size()} ranks, topology {topo.spec} ({pyddl.cross_size()} servers), "
-              f"backend {pyddl.settings().allreduce and torch.distributed.get_backend()}"
+              f"backend {torch.distributed.get_backend()}"
               + (f", link {link:g} Gbit/s" if link else ""))
         print(format_table(rows))
         if json_path:

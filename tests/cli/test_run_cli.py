@@ -1,0 +1,114 @@
+"""`pyddl run` and `pyddl bench allreduce` end to end, as a user types them."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.cli, pytest.mark.timeout(120)]
+
+PYDDL = [sys.executable, "-m", "pyddl.cli.main"]
+
+
+def _run(args, cwd, timeout=100):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(PYDDL + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _script(tmp_path, body):
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_run_four_workers_prefixes_output_by_rank(tmp_path):
+    script = _script(tmp_path, """
+        import sys, torch, pyddl
+        pyddl.init()
+        total = pyddl.allreduce(torch.tensor([pyddl.rank() + 1])).item()
+        print(f"rank {pyddl.rank()} of {pyddl.size()} sum {total} {sys.argv[1:]}")
+        pyddl.shutdown()
+    """)
+    proc = _run(["run", "-np", "4", "--allreduce", "multiring", script, "--flag", "x"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for r in range(4):
+        assert f"[rank{r}] rank {r} of 4 sum 10 ['--flag', 'x']" in proc.stdout
+
+
+def test_run_python_dash_m(tmp_path):
+    (tmp_path / "mymod.py").write_text("import pyddl\npyddl.init()\nprint('size', pyddl.size())\n")
+    proc = _run(["run", "-np", "2", "python", "-m", "mymod"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("size 2") == 2
+
+
+def test_failed_worker_is_named_and_the_rest_stop(tmp_path):
+    script = _script(tmp_path, """
+        import sys, time, torch, pyddl
+        pyddl.init()
+        if pyddl.rank() == 1:
+            print("disk full while writing shard 7", file=sys.stderr, flush=True)
+            sys.exit(7)
+        pyddl.allreduce(torch.ones(1))  # the others wait here for rank 1
+        time.sleep(60)
+    """)
+    t0 = time.monotonic()
+    proc = _run(["run", "-np", "3", "--timeout", "60", script], tmp_path)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1
+    assert "rank 1 (local rank 1" in proc.stderr and "exited with code 7" in proc.stderr
+    assert "disk full while writing shard 7" in proc.stderr
+    assert "the other workers were stopped (ranks 0, 2)" in proc.stderr
+    assert elapsed < 40  # stopped within seconds, not after the 60 s collective timeout
+
+
+def test_killed_worker_names_the_signal(tmp_path):
+    script = _script(tmp_path, """
+        import os, signal, time, pyddl
+        pyddl.init()
+        if pyddl.rank() == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+    """)
+    proc = _run(["run", "-np", "2", script], tmp_path)
+    assert proc.returncode == 1
+    assert "rank 0 (local rank 0" in proc.stderr and "killed by signal SIGKILL" in proc.stderr
+
+
+def test_bad_flags_are_clear(tmp_path):
+    proc = _run(["run", "-np", "4", "--topology", "3x2", "x.py"], tmp_path)
+    assert proc.returncode == 2
+    assert "world size 4 does not match topology 3x2" in proc.stderr
+    proc = _run(["run", "-np", "2"], tmp_path)
+    assert proc.returncode == 2 and "no command to run" in proc.stderr
+
+
+def test_bench_allreduce_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(
+        ["bench", "allreduce", "-np", "2", "--sizes", "64K,1M", "--algorithms", "native,multiring",
+         "--iters", "2", "--json", str(out), "--link-gbps", "10"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "algbw Gb/s" in proc.stdout and "busbw Gb/s" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["world_size"] == 2
+    rows = data["rows"]
+    assert [(r["bytes"], r["algorithm"]) for r in rows] == [
+        (65536, "native"), (65536, "multiring"), (1048576, "native"), (1048576, "multiring")
+    ]
+    for r in rows:
+        assert r["median_s"] > 0 and r["min_s"] <= r["median_s"]
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] * 8 / r["median_s"] / 1e9)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * (2 - 1) / 2)
+        assert r["bound_s"] is None  # one server: no inter-server link to bound by
+
+
+def test_bench_rejects_bad_sizes(tmp_path):
+    proc = _run(["bench", "allreduce", "--sizes", "12Q"], tmp_path)
+    assert proc.returncode == 2 and "not a number" in proc.stderr
