@@ -39,6 +39,7 @@ __all__ = [
     "settings",
     "device",
     "run_collective",
+    "world_group",
     "Settings",
     "ALGORITHMS",
 ]
@@ -274,6 +275,12 @@ def settings() -> Settings:
 def device() -> torch.device:
     """The device collectives run on (the local GPU under NCCL, else the CPU)."""
     return _get().device
+
+
+def world_group():
+    """The process group of all ranks (for adapters that issue their own collectives
+    through `run_collective`)."""
+    return _get().world
 
 
 def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False) -> Any:

@@ -233,7 +233,8 @@ class Recipe:
             if self.steps_in_epoch(epoch) == 0:
                 raise ValueError(
                     f"global batch {self.global_batch_at(epoch)} at epoch {epoch} is larger than "
-                    f"the {self.train_size} training samples; lower the batch size"
+                    f"the {self.train_size} training samples, so the epoch has no full batch; "
+                    f"lower --batch-size (or the --batch-ramp entries)"
                 )
 
     def global_batch_at(self, epoch: int) -> int:
