@@ -152,7 +152,7 @@ def _prior(run: BenchRun) -> tuple[list[str], np.ndarray]:
 
 
 def _fabric(run: BenchRun, names: list[str], values) -> Fabric:
-    p = dict(zip(names, values))
+    p = dict(zip(names, map(float, values)))
     levels = tuple(
         Level(_level_name(j, len(run.dims)), p.get(f"alpha{j}", 0.0), p.get(f"rate{j}", 1e9))
         for j in range(len(run.dims))

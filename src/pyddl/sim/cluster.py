@@ -273,8 +273,10 @@ def _parse(data: dict, where: str) -> Cluster:
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
+    if isinstance(value, int):
+        return str(int(value))
+    if isinstance(value, float):
+        return repr(float(value))  # also plain for numpy floats, whose repr names the type
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

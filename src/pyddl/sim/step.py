@@ -263,6 +263,8 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
     device = next(model.parameters()).device
     x = torch.randn(*input_shape, device=device) if device.type != "meta" else torch.empty(*input_shape, device=device)
     counter = FlopCounterMode(display=False)
+    was_training = model.training
+    model.eval()  # BatchNorm refuses one-image batches in training mode; FLOPs are the same
     try:
         with counter:
             out = model(x)
@@ -270,6 +272,7 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
             out.float().sum().backward()
             total = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     root = type(model).__name__
@@ -349,8 +352,13 @@ def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int 
     device = next(model.parameters()).device
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     stamps: dict[str, float] = {}
-    handles = [p.register_post_accumulate_grad_hook(lambda _p, n=n: stamps.setdefault(n, time.perf_counter()))
-               for n, p in params]
+
+    def stamp(name: str):
+        def hook(_param) -> None:
+            stamps.setdefault(name, time.perf_counter())
+        return hook
+
+    handles = [p.register_post_accumulate_grad_hook(stamp(n)) for n, p in params]
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, *input_shape, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)

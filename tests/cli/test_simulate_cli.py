@@ -1,0 +1,99 @@
+"""`pyddl simulate` end to end: prediction table, JSON and PNG, calibration, validation, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyddl.cli.main import main
+from pyddl.sim.cost import Fabric, Level, allreduce_s
+
+pytestmark = [pytest.mark.cli, pytest.mark.timeout(120)]
+
+PYDDL = [sys.executable, "-m", "pyddl.cli.main", "simulate"]
+
+
+def _run(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(PYDDL + args, cwd=cwd, capture_output=True, text=True, timeout=100, env=env)
+
+
+def test_predicts_scaling_and_writes_json_and_png(tmp_path):
+    proc = _run(["--model", "resnet18", "--batch", "32", "--cluster", "powerai-ddl-2017", "--gpus", "4,16,256",
+                 "--algorithm", "native,multiring", "--json", "rows.json", "--plot", "eff.png"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "scaling_efficiency" in proc.stdout and "4x64" in proc.stdout
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["gpus"], r["algorithm"]) for r in rows] == [
+        (g, a) for g in (4, 16, 256) for a in ("native", "multiring")]
+    for r in rows:
+        assert {"gpus", "algorithm", "step_s", "images_per_s", "scaling_efficiency"} <= r.keys()
+        assert r["images_per_s"] == pytest.approx(r["gpus"] * 32 / r["step_s"])
+        assert 0 < r["scaling_efficiency"] <= 1
+    assert (tmp_path / "eff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_from_a_measured_step_profile(tmp_path, capsys):
+    prof = str(tmp_path / "prof.json")
+    assert main(["simulate", "--profile-step", prof, "--model", "resnet18", "--batch", "2",
+                 "--image-size", "32", "--repeats", "1"]) == 0
+    assert main(["simulate", "--step-profile", prof, "--cluster", "dgx-a100", "--gpus", "8,16",
+                 "--json", str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "per-layer times: measured: cpu" in out
+    assert len(json.loads((tmp_path / "rows.json").read_text())) == 4
+    assert main(["simulate", "--step-profile", prof, "--batch", "64"]) == 2
+    assert "differs from the step profile's 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--model", "resnet5O", "--gpus", "8"], "unknown model 'resnet5O': did you mean"),
+    (["--cluster", "powerai-ddl-2018"], "unknown cluster 'powerai-ddl-2018'"),
+    (["--gpus", "6"], "not a multiple of the 4 GPUs per server"),
+    (["--gpus", "8,512"], "512 GPUs is more than cluster 'powerai-ddl-2017' has"),
+    (["--gpus", "8,x"], "not a comma-separated list"),
+    (["--algorithm", "native,ring2"], "unknown algorithm(s) ring2"),
+    (["--algorithm", "hd", "--gpus", "12"], "power-of-two"),
+])
+def test_user_errors_exit_2_with_a_clear_message(args, text, capsys):
+    assert main(["simulate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyddl simulate: ") and text in err
+
+
+def test_unknown_cluster_as_a_user_types_it(tmp_path):
+    proc = _run(["--cluster", "nope"], tmp_path)
+    assert proc.returncode == 2 and "shipped clusters: " in proc.stderr
+
+
+def _bench(path):
+    truth = Fabric((Level("in", 20e-6, 3e9), Level("out", 100e-6, 0.125e9)), (2, 2), 0.5e-9)
+    rows = [{"algorithm": alg, "bytes": 2**k, "dtype": "float32", "median_s": allreduce_s(truth, alg, 2**k)}
+            for alg in ("native", "multiring", "auto") for k in range(10, 27, 2)]
+    meta = {"world_size": 4, "dims": [2, 2], "backend": "gloo", "emulate": {"nodes": 2, "link_gbps": 1.0},
+            "torch": "2.14.1"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+
+
+def test_calibrate_write_cluster_then_validate_with_it(tmp_path):
+    _bench(tmp_path / "bench.json")
+    proc = _run(["--calibrate", "bench.json", "--write-cluster", "mine.toml", "--noise", "0.001",
+                 "--json", "fit.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rate1 =" in proc.stdout and "27/27 rows within 15%" in proc.stdout
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    rate1 = next(p for p in fit["fit"]["params"] if p["name"] == "rate1")
+    assert rate1["value"] == pytest.approx(0.125e9, rel=1e-3) and rate1["identified"]
+    (tmp_path / "steps.json").write_text(json.dumps([{"gpus": 4, "algorithm": "multiring", "step_s": 1.0}]))
+    prof = tmp_path / "prof.json"
+    grads = [{"name": f"g{i}", "numel": 1_000_000, "itemsize": 4, "ready_s": 0.1 * (i + 1), "dtype": "float32"}
+             for i in range(5)]
+    prof.write_text(json.dumps({"model": "toy", "batch": 8, "forward_s": 0.2, "backward_s": 0.5,
+                                "optimizer_s": 0.01, "gradients": grads, "source": "hand", "image_size": None}))
+    proc = _run(["--cluster", "mine.toml", "--validate", "bench.json", "--step-profile", "prof.json",
+                 "--measured-steps", "steps.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "allreduce: 27/27 rows within 15%" in proc.stdout
+    assert "step time on fitted-4-ranks" in proc.stdout

@@ -1,0 +1,121 @@
+"""Calibration: recover known parameters from rows the cost model generated; comparisons."""
+
+import json
+import random
+
+import pytest
+
+from pyddl.sim.calibrate import (
+    compare_allreduce,
+    compare_steps,
+    fit_bench,
+    fitted_cluster,
+    load_bench,
+    load_measured_steps,
+)
+from pyddl.sim.cluster import cluster_to_toml, load_cluster
+from pyddl.sim.cost import Fabric, Level, allreduce_s
+
+# The emulated bed: 2 servers x 2 ranks, loopback inside, a 1 Gbit/s link between.
+TRUE = Fabric((Level("in", 20e-6, 3e9), Level("out", 100e-6, 0.125e9)), (2, 2), 0.5e-9)
+TRUE_VALUES = {"alpha0": 20e-6, "rate0": 3e9, "alpha1": 100e-6, "rate1": 0.125e9, "gamma": 0.5e-9}
+
+
+def write_bench(path, fabric=TRUE, algorithms=("native", "multiring"), noise=0.0, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for alg in algorithms:
+        for k in range(10, 27, 2):  # 1 KiB .. 64 MiB
+            t = allreduce_s(fabric, alg, 2**k) * (1 + rng.uniform(-noise, noise))
+            rows.append({"algorithm": alg, "bytes": 2**k, "dtype": "float32", "median_s": t, "min_s": t,
+                         "algbw_gbps": 0, "busbw_gbps": 0, "bound_s": None, "bound_ratio": None})
+    rows.append({"algorithm": "broadcast-ish", "bytes": 4096, "median_s": 1.0})  # not priced: skipped
+    meta = {"world_size": fabric.size, "dims": list(fabric.dims), "backend": "gloo",
+            "emulate": {"nodes": fabric.dims[-1], "link_gbps": 1.0}, "torch": "2.14.1"}
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return str(path)
+
+
+def test_recovers_known_parameters_from_exact_rows(tmp_path):
+    fit = fit_bench(load_bench(write_bench(tmp_path / "b.json")), noise=1e-4)
+    assert fit.rows_used == 18 and fit.rows_skipped == 1
+    for p in fit.params:
+        assert p.identified, p
+        assert p.value == pytest.approx(TRUE_VALUES[p.name], rel=1e-3), p
+    assert fit.rms_log_error < 1e-4
+
+
+def test_noisy_rows_pin_the_slow_link_and_flag_what_they_cannot_see(tmp_path):
+    fit = fit_bench(load_bench(write_bench(tmp_path / "b.json", noise=0.02, seed=3)), noise=0.02)
+    got = {p.name: p for p in fit.params}
+    for name in ("alpha1", "rate1"):
+        assert got[name].identified and got[name].value == pytest.approx(TRUE_VALUES[name], rel=0.05)
+    for row in compare_allreduce(fit.fabric, load_bench(str(tmp_path / "b.json"))):
+        assert row["ratio"] == pytest.approx(1, abs=0.05)
+
+
+def test_native_rows_alone_cannot_see_inside_a_server_nor_split_wire_from_reduction(tmp_path):
+    # A flat ring's step is set by its slowest hop, the link between servers, and its time is
+    # 2(P-1)/P S / rate1 + (P-1)/P S gamma: only that sum is seen, not its two terms.
+    run = load_bench(write_bench(tmp_path / "b.json", algorithms=("native",)))
+    fit = fit_bench(run, noise=0.01)
+    got = {p.name: p for p in fit.params}
+    assert not got["alpha0"].identified and not got["rate0"].identified
+    assert not got["rate1"].identified and not got["gamma"].identified
+    assert got["alpha1"].identified and got["alpha1"].value == pytest.approx(100e-6, rel=0.01)
+    for row in compare_allreduce(fit.fabric, run):
+        assert row["ratio"] == pytest.approx(1, rel=0.01)
+
+
+def test_fitted_cluster_round_trips_and_predicts_the_same(tmp_path):
+    run = load_bench(write_bench(tmp_path / "b.json"))
+    fit = fit_bench(run, noise=1e-4)
+    cluster = fitted_cluster(fit, "fitted")
+    path = tmp_path / "fitted.toml"
+    path.write_text(cluster_to_toml(cluster))
+    loaded = load_cluster(str(path))
+    assert loaded.fabric(4).dims == (2, 2) and loaded.multiring_pipeline == fit.pipeline
+    for row in compare_allreduce(loaded.fabric(4), run, pipeline=loaded.multiring_pipeline):
+        assert row["ratio"] == pytest.approx(1, rel=1e-3)
+
+
+def test_compare_rejects_a_different_rank_count(tmp_path):
+    run = load_bench(write_bench(tmp_path / "b.json"))
+    with pytest.raises(ValueError, match="pass --gpus 4"):
+        compare_allreduce(load_cluster("powerai-ddl-2017").fabric(8), run)
+
+
+@pytest.mark.parametrize("content, text", [
+    ("[1, 2]", "needs the keys 'meta'"),
+    ('{"meta": {"world_size": 4, "dims": [3, 2]}, "rows": []}', "multiply to it"),
+    ('{"meta": {"world_size": 2, "dims": [2]}, "rows": [{"algorithm": "native"}]}', "row 0 lacks bytes"),
+    ("not json", "not JSON"),
+])
+def test_bad_bench_files(tmp_path, content, text):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=text):
+        load_bench(str(path))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_bench(str(tmp_path / "missing.json"))
+
+
+def test_too_few_rows_for_the_parameters(tmp_path):
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps({"meta": {"world_size": 4, "dims": [2, 2]},
+                                "rows": [{"algorithm": "native", "bytes": 1024, "median_s": 1e-3}]}))
+    with pytest.raises(ValueError, match="usable rows"):
+        fit_bench(load_bench(str(path)))
+
+
+def test_measured_steps_pair_with_predictions(tmp_path):
+    path = tmp_path / "steps.json"
+    path.write_text(json.dumps({"rows": [{"world_size": 2, "algorithm": "native", "step_s": 1.2},
+                                         {"gpus": 8, "algorithm": "native", "step_s": 9.0}]}))
+    measured = load_measured_steps(str(path))
+    predicted = [{"gpus": 2, "algorithm": "native", "step_s": 1.5}]
+    assert compare_steps(predicted, measured) == [
+        {"gpus": 2, "algorithm": "native", "measured_s": 1.2, "predicted_s": 1.5, "ratio": 1.25}]
+    path.write_text(json.dumps([{"gpus": 2, "algorithm": "native"}]))
+    with pytest.raises(ValueError, match="row 0 needs gpus"):
+        load_measured_steps(str(path))

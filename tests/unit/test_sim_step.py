@@ -1,0 +1,125 @@
+"""Step model: bucketing in ready order, the one-at-a-time queue, exposure; per-layer facts."""
+
+import pytest
+import torch
+
+from pyddl.sim.cluster import DeviceSpec, load_cluster
+from pyddl.sim.step import (
+    SGD_BYTES_PER_PARAM,
+    Gradient,
+    StepProfile,
+    build_model,
+    count_flops,
+    device_flops_per_s,
+    flop_profile,
+    load_profile,
+    measure_profile,
+    predict_scaling,
+    simulate_step,
+)
+
+MB = 1_000_000
+
+
+def toy(ready=(1.0, 2.0, 3.0), numel=MB // 4, forward=0.5, optimizer=0.25):
+    grads = tuple(Gradient(f"g{i}", numel, 4, t) for i, t in enumerate(ready))
+    return StepProfile("toy", 8, forward, ready[-1], optimizer, grads, "hand")
+
+
+def test_exposure_by_hand_one_gradient_per_bucket():
+    # Buckets ready at 1, 2, 3 s, each allreduce 1.5 s: runs 1-2.5, 2.5-4, 4-5.5; backward
+    # ends at 3, so 2.5 s are exposed.
+    pred = simulate_step(toy(), lambda n: 1.5, bucket_bytes=MB)
+    assert [(b.ready_s, b.start_s, b.end_s) for b in pred.buckets] == [(1, 1, 2.5), (2, 2.5, 4), (3, 4, 5.5)]
+    assert pred.exposed_s == pytest.approx(2.5)
+    assert pred.step_s == pytest.approx(0.5 + 3 + 2.5 + 0.25)
+    assert pred.comm_s == pytest.approx(4.5)
+
+
+def test_bucket_waits_for_its_last_gradient_and_hides_behind_backward():
+    # Cap 2 MB: the first two gradients share a bucket ready at 2 s; the third goes alone.
+    pred = simulate_step(toy(ready=(1.0, 2.0, 6.0)), lambda n: n / MB * 0.5, bucket_bytes=2 * MB)
+    assert [(b.nbytes, b.ready_s, b.start_s, b.end_s) for b in pred.buckets] == [(2 * MB, 2, 2, 3), (MB, 6, 6, 6.5)]
+    assert pred.exposed_s == pytest.approx(0.5)
+
+
+def test_free_communication_exposes_nothing():
+    pred = simulate_step(toy(), lambda n: 0.0)
+    assert pred.exposed_s == 0 and pred.step_s == pytest.approx(0.5 + 3 + 0.25)
+
+
+def test_oversized_gradient_gets_its_own_bucket():
+    grads = (Gradient("big", 10 * MB, 1, 1.0, "uint8"), Gradient("small", 10, 1, 2.0, "uint8"))
+    pred = simulate_step(StepProfile("t", 1, 0, 2, 0, grads, "hand"), lambda n: 0.1, bucket_bytes=MB)
+    assert [b.nbytes for b in pred.buckets] == [10 * MB, 10]
+
+
+def test_count_flops_of_two_linear_layers():
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    rows = count_flops(model, (2, 8))
+    # forward 2*batch*in*out; backward computes weight grads (and input grads past layer 0).
+    assert [(r["name"], r["fwd_flops"], r["bwd_flops"]) for r in rows] == [("0", 128, 128), ("2", 48, 96)]
+    assert [p[:3] for p in rows[0]["params"]] == [("0.weight", 32, 4), ("0.bias", 4, 4)]
+
+
+def small_device(model="resnet18", ips=1000.0, batch=16, size=32):
+    return DeviceSpec("test-gpu", model, batch, ips, 500.0, size)
+
+
+def test_flop_profile_reproduces_the_reference_throughput():
+    dev = small_device()
+    prof = flop_profile("resnet18", 16, dev, image_size=32)
+    step = prof.forward_s + prof.backward_s + prof.optimizer_s
+    assert step == pytest.approx(16 / 1000.0, rel=1e-9)
+    n_params = sum(g.numel for g in prof.gradients)
+    assert prof.optimizer_s == pytest.approx(n_params * SGD_BYTES_PER_PARAM / 500e9)
+    ready = [g.ready_s for g in prof.gradients]
+    assert ready == sorted(ready) and ready[-1] == pytest.approx(prof.backward_s)
+    assert prof.gradients[0].name.startswith("fc.") and prof.gradients[-1].name == "conv1.weight"
+    # Twice the batch, twice the compute (FLOPs are linear in the batch).
+    assert flop_profile("resnet18", 32, dev, image_size=32).backward_s == pytest.approx(2 * prof.backward_s)
+    assert device_flops_per_s(dev) > 0
+
+
+def test_measured_profile_orders_gradients_in_reverse_layer_order(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    prof = measure_profile(model, 4, (16,), repeats=2, name="mlp", num_classes=10)
+    names = [g.name for g in prof.gradients]
+    assert set(names[:2]) == {"2.weight", "2.bias"} and set(names[2:]) == {"0.weight", "0.bias"}
+    assert all(0 <= g.ready_s <= prof.backward_s for g in prof.gradients)
+    assert prof.gradient_bytes == 4 * sum(p.numel() for p in model.parameters())
+    path = tmp_path / "p.json"
+    prof.save(str(path))
+    again = load_profile(str(path))
+    assert again == prof
+
+
+def test_load_profile_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_profile(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"model": "x"}')
+    with pytest.raises(ValueError, match="not a pyddl step profile"):
+        load_profile(str(bad))
+
+
+def test_build_model_rejects_unknown_names_with_close_matches():
+    with pytest.raises(ValueError, match="resnet50"):
+        build_model("resnet5O")
+    assert sum(p.numel() for p in build_model("resnet18", device="meta").parameters()) == 11_689_512
+
+
+def test_predict_scaling_rows_are_consistent():
+    cluster = load_cluster("powerai-ddl-2017")
+    prof = toy(ready=(0.01, 0.02, 0.03), numel=4 * MB)
+    rows = predict_scaling(prof, cluster, [1, 4, 256], ["native", "multiring"])
+    assert [(r["gpus"], r["algorithm"]) for r in rows] == [
+        (g, a) for g in (1, 4, 256) for a in ("native", "multiring")]
+    for r in rows:
+        assert r["images_per_s"] == pytest.approx(r["gpus"] * prof.batch / r["step_s"])
+        assert 0 < r["scaling_efficiency"] <= 1
+    assert rows[0]["scaling_efficiency"] == 1.0 and rows[0]["exposed_s"] == 0
+    at256 = {r["algorithm"]: r for r in rows if r["gpus"] == 256}
+    assert at256["native"]["topology"] == "4x64"
