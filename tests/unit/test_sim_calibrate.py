@@ -6,6 +6,7 @@ import random
 import pytest
 
 from pyddl.sim.calibrate import (
+    BenchRun,
     compare_allreduce,
     compare_steps,
     fit_bench,
@@ -50,7 +51,7 @@ def test_noisy_rows_pin_the_slow_link_and_flag_what_they_cannot_see(tmp_path):
     got = {p.name: p for p in fit.params}
     for name in ("alpha1", "rate1"):
         assert got[name].identified and got[name].value == pytest.approx(TRUE_VALUES[name], rel=0.05)
-    for row in compare_allreduce(fit.fabric, load_bench(str(tmp_path / "b.json"))):
+    for row in compare_allreduce(fit.fabric(), load_bench(str(tmp_path / "b.json"))):
         assert row["ratio"] == pytest.approx(1, abs=0.05)
 
 
@@ -63,7 +64,7 @@ def test_native_rows_alone_cannot_see_inside_a_server_nor_split_wire_from_reduct
     assert not got["alpha0"].identified and not got["rate0"].identified
     assert not got["rate1"].identified and not got["gamma"].identified
     assert got["alpha1"].identified and got["alpha1"].value == pytest.approx(100e-6, rel=0.01)
-    for row in compare_allreduce(fit.fabric, run):
+    for row in compare_allreduce(fit.fabric(), run):
         assert row["ratio"] == pytest.approx(1, rel=0.01)
 
 
@@ -119,3 +120,24 @@ def test_measured_steps_pair_with_predictions(tmp_path):
     path.write_text(json.dumps([{"gpus": 2, "algorithm": "native"}]))
     with pytest.raises(ValueError, match="row 0 needs gpus"):
         load_measured_steps(str(path))
+
+
+def test_simple_layouts_calibrate_a_prediction_for_a_layout_never_fitted(tmp_path):
+    # Fit on 2 ranks in one server and on 1 rank on each of 2 servers; predict 2 x 2, where
+    # the two ranks of a server share its link and the multiring pipelines two levels.
+    inside = Fabric(TRUE.levels[:1], (2,), TRUE.gamma_s_per_byte)
+    across = Fabric(TRUE.levels, (1, 2), TRUE.gamma_s_per_byte)
+    runs = [load_bench(write_bench(tmp_path / "in.json", inside)),
+            load_bench(write_bench(tmp_path / "across.json", across))]
+    fit = fit_bench(runs, noise=1e-3)
+    assert fit.dims == (2, 2)
+    held_out = load_bench(write_bench(tmp_path / "2x2.json", TRUE))
+    for row in compare_allreduce(fit.fabric(held_out.dims), held_out):
+        assert row["ratio"] == pytest.approx(1, rel=0.01), row
+
+
+def test_runs_on_different_backends_cannot_share_a_fit(tmp_path):
+    a = load_bench(write_bench(tmp_path / "a.json"))
+    b = BenchRun(**{**a.__dict__, "path": "b.json", "backend": "nccl"})
+    with pytest.raises(ValueError, match="different backends"):
+        fit_bench([a, b])

@@ -50,8 +50,8 @@ def register(subparsers) -> None:
                      "machine (per-gradient ready times) and write it as a step profile")
     cal.add_argument("--repeats", type=int, default=3, help="timed steps for --profile-step (default 3)")
     cal.add_argument("--threads", type=int, help="torch CPU threads for --profile-step")
-    cal.add_argument("--calibrate", metavar="BENCH", help="fit latency, link rate and reduction cost per "
-                     "level to `pyddl bench allreduce --json` output")
+    cal.add_argument("--calibrate", metavar="BENCH[,BENCH]", help="fit latency, link rate and reduction "
+                     "cost per level to `pyddl bench allreduce --json` output (several files share one fit)")
     cal.add_argument("--write-cluster", metavar="OUT", help="with --calibrate: write the fitted cluster TOML")
     cal.add_argument("--noise", type=float, default=0.02, help="relative spread of bench medians (default 0.02)")
     cal.add_argument("--validate", metavar="BENCH", help="compare predicted allreduce times with this bench's rows")
@@ -225,18 +225,22 @@ def _check(args) -> int:
     chunk = _mib(args.chunk_mb, "--chunk-mb")
     report: dict = {}
     if args.calibrate:
-        bench = load_bench(args.calibrate)
-        fit = fit_bench(bench, chunk, noise=args.noise)
-        cluster = fitted_cluster(fit, f"fitted-{bench.world_size}-ranks")
-        print(f"fit to {args.calibrate}: {fit.rows_used} rows ({fit.rows_skipped} skipped), dims "
-              f"{'x'.join(map(str, bench.dims))}, rms log error {fit.rms_log_error:.3f}")
+        paths = _csv(args.calibrate, "calibrate")
+        benches = [load_bench(p) for p in paths]
+        fit = fit_bench(benches, chunk, noise=args.noise)
+        cluster = fitted_cluster(fit, f"fitted-{'x'.join(map(str, fit.dims))}")
+        print(f"fit to {', '.join(paths)}: {fit.rows_used} rows ({fit.rows_skipped} skipped), "
+              f"rms log error {fit.rms_log_error:.3f}")
         for p in fit.params:
             shown = {"s": f"{p.value * 1e6:.2f} us", "B/s": f"{p.value * 8 / 1e9:.3f} Gbit/s",
                      "s/B": f"{p.value * 1e9:.4f} ns/byte"}[p.unit]
             print(f"  {p.name:>7} = {shown:>18}  {'' if p.identified else '(not identified: leans on the prior)'}")
-        rows = compare_allreduce(fit.fabric, bench, chunk, fit.pipeline)
-        _print_comparison(rows, "in-sample allreduce fit", "bytes")
-        report["fit"] = {"params": [p.__dict__ for p in fit.params], "rows": rows}
+        report["fit"] = {"params": [p.__dict__ for p in fit.params], "rows": []}
+        for bench in benches:
+            rows = compare_allreduce(fit.fabric(bench.dims), bench, chunk, fit.pipeline)
+            print(f"in-sample, {bench.path} ({'x'.join(map(str, bench.dims))}):")
+            _print_comparison(rows, "in-sample allreduce fit", "bytes")
+            report["fit"]["rows"] += [{"file": bench.path, **r} for r in rows]
         if args.write_cluster:
             held = [p.name for p in fit.params if not p.identified]
             note = f"Fitted by `pyddl simulate --calibrate {args.calibrate}`."
@@ -256,7 +260,8 @@ def _check(args) -> int:
                              f"{'x'.join(map(str, bench.dims))}; pass a cluster with "
                              f"{bench.dims[0]} GPUs per server")
         rows = compare_allreduce(fabric, bench, chunk, cluster.multiring_pipeline)
-        same = " (in-sample: these rows were fitted)" if args.validate == args.calibrate else ""
+        fitted = args.calibrate and args.validate in _csv(args.calibrate, "calibrate")
+        same = " (in-sample: these rows were fitted)" if fitted else ""
         print(f"allreduce on {cluster.name} vs {args.validate}{same}:")
         _print_comparison(rows, "allreduce", "bytes")
         report["allreduce"] = rows

@@ -120,9 +120,15 @@ class FitParam:
 
 @dataclass(frozen=True)
 class Fit:
-    """The fitted fabric (the bench's own layout), its parameters and the fit's quality."""
+    """Fitted links per level (innermost first) and reduction cost, and the fit's quality.
 
-    fabric: Fabric
+    `dims` is the largest layout the fitted runs cover (per level, the most ranks any run
+    had there); `fabric()` lays a job out on the fitted links.
+    """
+
+    levels: tuple[Level, ...]
+    gamma_s_per_byte: float
+    dims: tuple[int, ...]
     params: tuple[FitParam, ...]
     rms_log_error: float
     rows_used: int
@@ -130,34 +136,41 @@ class Fit:
     pipeline: bool
     chunk_bytes: int
 
+    def fabric(self, dims: tuple[int, ...] | None = None) -> Fabric:
+        """The fitted links under `dims` (default: the fit's largest layout)."""
+        dims = tuple(dims or self.dims)
+        if len(dims) > len(self.levels):
+            raise ValueError(f"dims {dims} have more levels than the fit's {len(self.levels)}")
+        return Fabric(self.levels[: len(dims)], dims, self.gamma_s_per_byte)
+
 
 def _level_name(j: int, n: int) -> str:
     return "intra-server" if j == 0 else ("inter-server" if n == 2 else f"level{j}")
 
 
-def _prior(run: BenchRun) -> tuple[list[str], np.ndarray]:
-    """Parameter names and prior values: alpha and rate per active dim, then gamma."""
+def _prior(runs: list[BenchRun]) -> tuple[list[str], np.ndarray]:
+    """Parameter names and prior values: alpha and rate per level some run uses, then gamma."""
+    depth = max(len(r.dims) for r in runs)
+    link_gbps = next((r.link_gbps for r in runs if r.link_gbps), None) or 10.0
     names, values = [], []
-    for j, d in enumerate(run.dims):
-        if d == 1:
+    for j in range(depth):
+        if all(len(r.dims) <= j or r.dims[j] == 1 for r in runs):
             continue
         # Priors: 50 us per message; loopback inside a server ~5 GB/s; the emulated link's
         # stated rate between servers (10 Gbit/s if unknown); ~1 GB/s reduction on a CPU core.
-        rate = 5e9 if j == 0 else (run.link_gbps or 10.0) * 1e9 / 8
         names += [f"alpha{j}", f"rate{j}"]
-        values += [50e-6, rate]
+        values += [50e-6, 5e9 if j == 0 else link_gbps * 1e9 / 8]
     names.append("gamma")
     values.append(1e-9)
     return names, np.array(values)
 
 
-def _fabric(run: BenchRun, names: list[str], values) -> Fabric:
+def _levels(depth: int, names: list[str], values) -> tuple[tuple[Level, ...], float]:
     p = dict(zip(names, map(float, values)))
     levels = tuple(
-        Level(_level_name(j, len(run.dims)), p.get(f"alpha{j}", 0.0), p.get(f"rate{j}", 1e9))
-        for j in range(len(run.dims))
+        Level(_level_name(j, depth), p.get(f"alpha{j}", 0.0), p.get(f"rate{j}", 1e9)) for j in range(depth)
     )
-    return Fabric(levels, run.dims, p["gamma"])
+    return levels, p["gamma"]
 
 
 def _lm(fun, x0: np.ndarray, max_iter: int = 200) -> np.ndarray:
@@ -193,37 +206,49 @@ def _jacobian(fun, x: np.ndarray, r: np.ndarray, h: float = 1e-6) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def fit_bench(run: BenchRun, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | None = None,
+def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | None = None,
               noise: float = 0.02) -> Fit:
-    """Fit latency and link rate per active dim, and the reduction cost, to `run`'s rows.
+    """Fit latency and link rate per level, and the reduction cost, to bench rows.
 
     A maximum-a-posteriori fit on log times: each row's log time has spread `noise`, each
-    log-parameter a wide prior around a generic value. A parameter whose posterior spread
-    stays above +-10% is reported as not identified (its value leans on the prior).
+    log-parameter a wide prior around a generic value. Several runs share one parameter set
+    per level (level 0 inside a server, level 1 between servers, ...), so runs of simple
+    layouts (2 ranks in one server; 1 rank on each of 2 servers) can calibrate a model that is
+    then held against a layout it never saw (2x2). A parameter whose posterior spread stays
+    above +-10% is reported as not identified (its value leans on the prior).
 
     Args:
+        runs: one `BenchRun` or a list of them (same backend).
         chunk_bytes: the multiring chunk the bench ran with (pyddl's default 4 MiB).
         pipeline: whether the multiring pipelined its chunks; default: unless on NCCL.
         noise: relative spread of one row's median time (about 2% for bench medians).
 
     Raises:
-        ValueError: fewer usable rows than parameters, or a single-rank job.
+        ValueError: fewer usable rows than parameters, only single-rank runs, or runs on
+            different backends.
     """
+    runs = [runs] if isinstance(runs, BenchRun) else list(runs)
+    if len({r.backend for r in runs}) > 1:
+        raise ValueError("bench files from different backends cannot share one fit: "
+                         + ", ".join(f"{r.path} ({r.backend})" for r in runs))
+    if all(r.world_size < 2 for r in runs):
+        raise ValueError("every bench file ran on 1 rank: nothing to fit")
     if pipeline is None:
-        pipeline = run.backend != "nccl"
-    rows = [r for r in run.rows if r["algorithm"] in _FITTABLE and r["bytes"] > 0 and r["median_s"] > 0]
-    names, prior = _prior(run)
-    if run.world_size < 2:
-        raise ValueError(f"bench file {run.path!r} ran on 1 rank: nothing to fit")
+        pipeline = runs[0].backend != "nccl"
+    rows = [(run, r) for run in runs for r in run.rows
+            if r["algorithm"] in _FITTABLE and r["bytes"] > 0 and r["median_s"] > 0]
+    names, prior = _prior(runs)
     if len(rows) < len(names):
-        raise ValueError(f"bench file {run.path!r} has {len(rows)} usable rows for {len(names)} parameters; "
-                         "bench more sizes, e.g. --sizes 4K,64K,1M,16M,64M --algorithms native,multiring")
-    measured = np.log([r["median_s"] for r in rows])
+        raise ValueError(f"{len(rows)} usable rows for {len(names)} parameters; bench more sizes, "
+                         "e.g. --sizes 4K,64K,1M,16M,64M --algorithms native,multiring")
+    depth = max(len(r.dims) for r in runs)
+    measured = np.log([r["median_s"] for _, r in rows])
     x0 = np.log(prior)
 
     def data_residuals(x):
-        fabric = _fabric(run, names, np.exp(x))
-        pred = [allreduce_s(fabric, r["algorithm"], r["bytes"], chunk_bytes, pipeline) for r in rows]
+        levels, gamma = _levels(depth, names, np.exp(x))
+        fabrics = {run.path: Fabric(levels[: len(run.dims)], run.dims, gamma) for run in runs}
+        pred = [allreduce_s(fabrics[run.path], r["algorithm"], r["bytes"], chunk_bytes, pipeline) for run, r in rows]
         return np.log(pred) - measured
 
     prior_weight = (noise / _PRIOR_LOG_SD) ** 2
@@ -237,30 +262,31 @@ def fit_bench(run: BenchRun, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: b
     cov = noise**2 * np.linalg.inv(jac.T @ jac + prior_weight * np.eye(len(x)))
     identified = np.sqrt(np.diag(cov)) < _IDENTIFIED_LOG_SD
     values = np.exp(x)
-    params = []
-    for name, value, ok in zip(names, values, identified):
-        unit = {"alpha": "s", "rate": "B/s", "gamma": "s/B"}[name.rstrip("0123456789")]
-        params.append(FitParam(name, float(value), unit, bool(ok)))
-    fabric = _fabric(run, names, values)
+    params = tuple(
+        FitParam(name, float(value), {"alpha": "s", "rate": "B/s", "gamma": "s/B"}[name.rstrip("0123456789")], bool(ok))
+        for name, value, ok in zip(names, values, identified)
+    )
+    levels, gamma = _levels(depth, names, values)
+    dims = tuple(max((run.dims[j] if j < len(run.dims) else 1) for run in runs) for j in range(depth))
     rms = float(np.sqrt(np.mean(r**2)))
-    return Fit(fabric, tuple(params), rms, len(rows), len(run.rows) - len(rows), pipeline, chunk_bytes)
+    total = sum(len(run.rows) for run in runs)
+    return Fit(levels, gamma, dims, params, rms, len(rows), total - len(rows), pipeline, chunk_bytes)
 
 
 def fitted_cluster(fit: Fit, name: str) -> Cluster:
     """Turn a fit into a cluster description (no [device]: pair it with a step profile)."""
-    dims = fit.fabric.dims
+    dims = fit.dims
     levels = tuple(
         LevelSpec(lv.name, lv.link_Bps * 8 / 1e9, lv.latency_s * 1e6, 1, dims[j] if 0 < j < len(dims) - 1 else None)
-        for j, lv in enumerate(fit.fabric.levels)
+        for j, lv in enumerate(fit.levels)
     )
-    gamma = fit.fabric.gamma_s_per_byte
     return Cluster(
         name=name,
         gpus_per_server=dims[0],
         servers=math.prod(dims[1:]),
         levels=levels,
         device=None,
-        reduce_gb_per_s=1.0 / gamma / 1e9 if gamma > 0 else None,
+        reduce_gb_per_s=1.0 / fit.gamma_s_per_byte / 1e9 if fit.gamma_s_per_byte > 0 else None,
         multiring_pipeline=fit.pipeline,
         description=f"fitted by pyddl simulate --calibrate ({fit.rows_used} rows, rms log error {fit.rms_log_error:.3f})",
     )
