@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
+import queue as queue_mod
 import socket
 import traceback
 
@@ -30,7 +32,9 @@ def _child(fn, rank, world, env, args, queue):
         OMP_NUM_THREADS="1",
     )
     try:
-        queue.put((rank, True, fn(rank, world, *args)))
+        # Plain pickle: tensors sent through a multiprocessing queue would otherwise be shared-
+        # memory handles that die with this process.
+        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
     except BaseException as exc:  # reported to the parent, which fails the test
         queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
@@ -54,10 +58,8 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 9
             rank, ok, value = queue.get(timeout=timeout)
             if not ok and not expect_errors:
                 raise RankFailure(f"rank {rank} failed:\n{value}")
-            results[rank] = value
-    except Exception as exc:
-        if isinstance(exc, RankFailure):
-            raise
+            results[rank] = pickle.loads(value) if ok else value
+    except queue_mod.Empty:
         missing = sorted(set(range(world)) - set(results))
         raise RankFailure(f"ranks {missing} did not finish within {timeout} s") from None
     finally:

@@ -23,6 +23,7 @@ from pyddl.comm.engine import Engine
 from pyddl.comm.guard import Monitor, OpInfo, check_fingerprints
 from pyddl.comm.multiring import Level
 from pyddl.errors import NotInitializedError, PyddlError
+from pyddl.timeline import TIMELINE_ENV, Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "device",
     "run_collective",
     "world_group",
+    "timeline",
     "Settings",
     "ALGORITHMS",
 ]
@@ -71,6 +73,7 @@ class _State:
     engine: Engine
     monitor: Monitor
     owns_world: bool
+    timeline: Timeline
     seq: int = 0
     tuned: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -195,6 +198,7 @@ def init(
             engine=Engine(wait_limit_s=settings.timeout_s * 2 + 60),
             monitor=Monitor(store, my_rank, world_size, settings.timeout_s),
             owns_world=owns_world,
+            timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank),
         )
     if settings.allreduce == "auto":
         from pyddl.comm.auto import tune
@@ -209,6 +213,12 @@ def shutdown() -> None:
         state, _state = _state, None
     if state is None:
         return
+    if state.timeline.enabled and dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier(group=state.world)  # every rank's file is complete before the merge
+        except RuntimeError:
+            pass  # a rank is gone: merge what is there
+    state.timeline.close(merge=dist.get_rank() == 0 if dist.is_initialized() else True)
     state.engine.close()
     state.monitor.close()
     if state.owns_world and dist.is_initialized():
@@ -277,6 +287,11 @@ def device() -> torch.device:
     return _get().device
 
 
+def timeline() -> Timeline:
+    """This rank's timeline recorder (disabled unless PYDDL_TIMELINE is set)."""
+    return _get().timeline
+
+
 def world_group():
     """The process group of all ranks (for adapters that issue their own collectives
     through `run_collective`)."""
@@ -296,10 +311,14 @@ def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = 
 
     def job():
         st.monitor.enter(seq, info)
+        start = st.timeline.now_us() if st.timeline.enabled else 0.0
         try:
             if st.settings.check and len(world_ranks) > 1:
                 check_fingerprints(info, seq, st.world, world_ranks, st.device)
-            return fn(seq)
+            result = fn(seq)
+            if st.timeline.enabled:
+                st.timeline.span(info.name, start, st.timeline.now_us(), "comm", {"seq": seq, "call": info.detail[:200]})
+            return result
         except PyddlError:
             raise
         except RuntimeError as exc:  # Gloo/NCCL timeouts and lost connections

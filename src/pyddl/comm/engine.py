@@ -29,6 +29,10 @@ class Handle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        """Call fn(result, error) on the engine thread when the collective ends."""
+        self._future.add_done_callback(lambda f: fn(None, f.exception()) if f.exception() else fn(f.result(), None))
+
     def wait(self) -> Any:
         """Block until the collective finished; return its result or raise its error."""
         try:

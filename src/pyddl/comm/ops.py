@@ -34,6 +34,9 @@ __all__ = [
     "allgather_async",
     "reduce_scatter",
     "barrier",
+    "reduce_buffer_",
+    "check_op",
+    "check_algorithm",
     "REDUCE_OPS",
     "DTYPES",
 ]
@@ -66,14 +69,14 @@ def _check_tensor(tensor, what: str = "tensor") -> None:
         raise TypeError(f"{what} has dtype {tensor.dtype}; pyddl collectives support {names}")
 
 
-def _check_op(op: str) -> str:
+def check_op(op: str) -> str:
     name = str(op).lower()
     if name not in REDUCE_OPS:
         raise ValueError(f"unknown reduction op {op!r}; choose one of {', '.join(REDUCE_OPS)}")
     return name
 
 
-def _check_algorithm(algorithm: str | None) -> str:
+def check_algorithm(algorithm: str | None) -> str:
     alg = (algorithm or runtime.settings().allreduce).lower()
     if alg not in runtime.ALGORITHMS:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(runtime.ALGORITHMS)}")
@@ -111,8 +114,12 @@ def _reduce_flat_(flat: torch.Tensor, op: str, algorithm: str, seq: int) -> None
         )
 
 
-def _reduce_tensor_(work: torch.Tensor, op: str, algorithm: str, codec, seq: int) -> None:
-    """Allreduce `work` (contiguous, on the collective device) in place, through `codec`."""
+def reduce_buffer_(work: torch.Tensor, op: str, algorithm: str, codec, seq: int) -> None:
+    """Allreduce `work` (contiguous, on the collective device) in place, through `codec`.
+
+    For adapters that pack their own buffers: call it only inside a `run_collective` job
+    (it is collective #seq); `op` and `algorithm` must already be validated names.
+    """
     flat = work.view(-1)
     if codec.applies_to(flat):
         world = dist.get_world_size()
@@ -133,12 +140,12 @@ def _to_work(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
 
 def _allreduce(tensor, op, algorithm, compression, inplace: bool, asynchronous: bool):
     _check_tensor(tensor)
-    op, alg, codec = _check_op(op), _check_algorithm(algorithm), get_codec(compression)
+    op, alg, codec = check_op(op), check_algorithm(algorithm), get_codec(compression)
     work = _to_work(tensor, copy=not inplace)
     info = OpInfo("allreduce", f"{_describe(tensor)} op={op} algorithm={alg} compression={codec.name}")
 
     def fn(seq: int) -> torch.Tensor:
-        _reduce_tensor_(work, op, alg, codec, seq)
+        reduce_buffer_(work, op, alg, codec, seq)
         if not inplace:
             return work.to(tensor.device) if work.device != tensor.device else work
         if work.data_ptr() != tensor.data_ptr():
@@ -189,7 +196,7 @@ def _grouped(tensors: Sequence[torch.Tensor], op, algorithm, compression, bucket
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         _check_tensor(t, f"tensors[{i}]")
-    op, alg, codec = _check_op(op), _check_algorithm(algorithm), get_codec(compression)
+    op, alg, codec = check_op(op), check_algorithm(algorithm), get_codec(compression)
     buckets = plan_buckets([(t.numel(), str(t.dtype), t.element_size()) for t in tensors], bucket_bytes)
     shapes = ";".join(_describe(t) for t in tensors)
     info = OpInfo("grouped_allreduce", f"[{shapes}] op={op} algorithm={alg} compression={codec.name}")
@@ -199,7 +206,7 @@ def _grouped(tensors: Sequence[torch.Tensor], op, algorithm, compression, bucket
         for bucket in buckets:
             members = [tensors[i] for i in bucket]
             flat = pack([m.detach().to(device) for m in members])
-            _reduce_tensor_(flat, op, alg, codec, seq)
+            reduce_buffer_(flat, op, alg, codec, seq)
             unpack(flat, [m.detach() for m in members])
         return tensors
 
@@ -328,7 +335,7 @@ def reduce_scatter(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     _check_tensor(tensor)
     if tensor.dim() == 0:
         raise ValueError("reduce_scatter needs a tensor with at least one axis")
-    op = _check_op(op)
+    op = check_op(op)
     work = _to_work(tensor, copy=True)
     info = OpInfo("reduce_scatter", f"{_describe(tensor)} op={op}")
 

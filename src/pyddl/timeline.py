@@ -1,0 +1,72 @@
+"""A Chrome-trace timeline of what each rank spends its time on (PYDDL_TIMELINE=file.json).
+
+Each rank appends events to `<file>.rank<N>` as it goes (so a crash keeps what happened up to
+it); at `pyddl.shutdown()` rank 0 merges the ranks' files into `<file>`, one trace process
+per rank. Open it in chrome://tracing or https://ui.perfetto.dev.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+import time
+
+__all__ = ["Timeline", "TIMELINE_ENV"]
+
+TIMELINE_ENV = "PYDDL_TIMELINE"
+
+
+class Timeline:
+    """Event recorder for one rank; all methods are cheap no-ops when disabled."""
+
+    def __init__(self, path: str | None, rank: int):
+        self.path, self.rank = path, rank
+        self.enabled = bool(path)
+        self._lock = threading.Lock()
+        self._fh = None
+        if self.enabled:
+            self._fh = open(f"{path}.rank{rank}", "w")
+
+    @staticmethod
+    def now_us() -> float:
+        return time.perf_counter_ns() / 1000.0
+
+    def _write(self, event: dict) -> None:
+        event.setdefault("pid", self.rank)
+        with self._lock:
+            if self._fh is not None:
+                self._fh.write(json.dumps(event) + "\n")
+
+    def span(self, name: str, start_us: float, end_us: float, lane: str, args: dict | None = None) -> None:
+        """Record a complete event [start, end) on `lane` (e.g. "compute", "comm")."""
+        if self.enabled:
+            self._write({"name": name, "ph": "X", "ts": start_us, "dur": max(0.0, end_us - start_us),
+                         "tid": lane, "args": args or {}})
+
+    def instant(self, name: str, lane: str, args: dict | None = None) -> None:
+        if self.enabled:
+            self._write({"name": name, "ph": "i", "s": "t", "ts": self.now_us(), "tid": lane, "args": args or {}})
+
+    def close(self, merge: bool) -> None:
+        """Flush this rank's file; with `merge`, combine every rank's file into `path`."""
+        if not self.enabled:
+            return
+        with self._lock:
+            self._fh.close()
+            self._fh = None
+        if merge:
+            events = []
+            parts = sorted(glob.glob(f"{glob.escape(self.path)}.rank*"))
+            for part in parts:
+                with open(part) as fh:
+                    events.extend(json.loads(line) for line in fh if line.strip())
+            for r in sorted({e["pid"] for e in events}):
+                events.append({"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}})
+            tmp = f"{self.path}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
+            os.replace(tmp, self.path)
+            for part in parts:
+                os.remove(part)

@@ -1,0 +1,71 @@
+"""DDP communication hooks: torch's DistributedDataParallel with pyddl's allreduce.
+
+    model = DistributedDataParallel(model)
+    model.register_comm_hook(None, pyddl.torch.allreduce_hook)          # or a HookState
+    model.register_comm_hook(HookState(algorithm="multiring"), pyddl.torch.fp16_allreduce_hook)
+
+DDP keeps its own bucketing and overlap; pyddl reduces each bucket (averaged over ranks) with
+the job's algorithm, through the same engine and guards as every other collective. (No `from __future__ import annotations`
+here: DDP checks the hooks' return annotation object.)
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from pyddl import runtime
+from pyddl.comm import ops as core_ops
+from pyddl.comm.codecs import get_codec
+from pyddl.comm.guard import OpInfo
+
+__all__ = ["HookState", "allreduce_hook", "fp16_allreduce_hook", "bf16_allreduce_hook", "noop_hook"]
+
+
+@dataclass(frozen=True)
+class HookState:
+    """Options of pyddl's DDP hooks (pass None for the job's defaults)."""
+
+    algorithm: str | None = None
+
+
+def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.Tensor]:
+    buffer = bucket.buffer()
+    algorithm = core_ops.check_algorithm(getattr(state, "algorithm", None))
+    codec = get_codec(codec_name)
+    info = OpInfo("ddp_bucket", f"#{bucket.index()} {buffer.dtype}[{buffer.numel()}] codec={codec.name}")
+    future: torch.futures.Future = torch.futures.Future()
+
+    def fn(seq: int) -> torch.Tensor:
+        core_ops.reduce_buffer_(buffer, "average", algorithm, codec, seq)
+        return buffer
+
+    def done(result, error) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    runtime.run_collective(info, fn, asynchronous=True).add_done_callback(done)
+    return future
+
+
+def allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a DDP gradient bucket over all ranks with pyddl's allreduce."""
+    return _hook(state, bucket, None)
+
+
+def fp16_allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """As `allreduce_hook`, sending fp16 on the wire (pre-divided, so no overflow)."""
+    return _hook(state, bucket, "fp16")
+
+
+def bf16_allreduce_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """As `allreduce_hook`, sending bfloat16 on the wire."""
+    return _hook(state, bucket, "bf16")
+
+
+def noop_hook(state, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Skip communication entirely: for measuring the compute-only step time (benchmarks)."""
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future

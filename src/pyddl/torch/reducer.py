@@ -1,0 +1,257 @@
+"""Gradient reduction overlapped with backward: buckets in ready order, launched in one order.
+
+Each parameter gets a post-accumulate-grad hook. When a bucket's last gradient is ready (on
+the k-th backward pass with gradient accumulation) and every bucket before it has been
+launched, it is handed to the engine, which packs, allreduces and unpacks it while backward
+goes on. Buckets are launched strictly by index, so every rank issues the same collectives
+in the same order (DDP does the same, Li et al. VLDB 2020). The first layout is the reverse
+parameter order; after the first step it is rebuilt from the order gradients really became
+ready (rank 0's order, broadcast, so all ranks agree).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from pyddl import runtime
+from pyddl.comm import ops as core_ops
+from pyddl.comm.codecs import get_codec
+from pyddl.comm.fusion import pack, plan_buckets, unpack
+from pyddl.comm.guard import OpInfo
+from pyddl.errors import CollectiveMismatchError
+
+__all__ = ["GradientReducer", "ReducerOptions"]
+
+# DDP starts with a small first bucket so communication begins early in backward.
+_FIRST_BUCKET_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ReducerOptions:
+    op: str = "average"  # core op name
+    codec: str | None = None  # core codec name, or None with `compressor`
+    compressor: object = None  # a Horovod-style Compressor without a core codec
+    algorithm: str | None = None
+    bucket_bytes: int = 25 * 1024 * 1024
+    backward_passes_per_step: int = 1
+    prescale: float = 1.0
+    postscale: float = 1.0
+
+
+@dataclass
+class _Bucket:
+    index: int
+    members: list[int]  # indices into the reducer's parameter list
+    waiting: int = 0  # gradients not yet ready this step
+    handle: object = None
+    buffer: torch.Tensor | None = None
+
+
+@dataclass
+class _StepState:
+    launched_upto: int = 0  # buckets [0, launched_upto) are handed to the engine
+    ready_order: list[int] = field(default_factory=list)
+    first_ready_us: float = 0.0
+    last_ready_us: float = 0.0
+
+
+class GradientReducer:
+    """Allreduce the gradients of `named_params` as they become ready.
+
+    Args:
+        named_params: (name, parameter) pairs; parameters without requires_grad are skipped.
+        options: how to reduce (op, codec, algorithm, bucket size, accumulation, scaling).
+    """
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], options: ReducerOptions):
+        self.options = options
+        self.names = [n for n, p in named_params if p.requires_grad]
+        self.params = [p for _, p in named_params if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self._passes = [0] * len(self.params)
+        self._lock = threading.Lock()
+        self._step = _StepState()
+        self._rebuilt = False
+        self._timeline = runtime.timeline()
+        order = list(reversed(range(len(self.params))))
+        self._set_layout(self._plan(order, first_bucket_bytes=_FIRST_BUCKET_BYTES))
+        self._check_layout_across_ranks()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    # Layout -----------------------------------------------------------------------------
+
+    def _plan(self, order: list[int], first_bucket_bytes: int | None = None) -> list[list[int]]:
+        items = [(self.params[i].numel(), str(self.params[i].dtype), self.params[i].element_size()) for i in order]
+        cap = self.options.bucket_bytes
+        if first_bucket_bytes is not None and len(order) > 1:
+            head = plan_buckets(items, min(first_bucket_bytes, cap))[0]
+            rest = plan_buckets(items[len(head):], cap)
+            return [[order[i] for i in head]] + [[order[len(head) + i] for i in b] for b in rest]
+        return [[order[i] for i in b] for b in plan_buckets(items, cap)]
+
+    def _set_layout(self, layout: list[list[int]]) -> None:
+        self.buckets = [_Bucket(i, members) for i, members in enumerate(layout)]
+        self._bucket_of = {}
+        for b in self.buckets:
+            for m in b.members:
+                self._bucket_of[m] = b
+        self._reset_step()
+
+    def layout(self) -> list[list[str]]:
+        """The current buckets, as parameter names, in launch order."""
+        return [[self.names[m] for m in b.members] for b in self.buckets]
+
+    def _check_layout_across_ranks(self) -> None:
+        """Every rank must hold the same parameters (names, shapes, dtypes) in the same buckets."""
+        import torch.distributed as dist
+
+        mine = [(n, tuple(p.shape), str(p.dtype)) for n, p in zip(self.names, self.params)]
+        layout = [b.members for b in self.buckets]
+
+        def fn(seq):
+            everyone: list = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, (mine, layout), group=runtime.world_group())
+            return everyone
+
+        everyone = runtime.run_collective(OpInfo("optimizer_layout_check", ""), fn)
+        ref_params, ref_layout = everyone[0]
+        for rank, (params, lay) in enumerate(everyone):
+            if params == ref_params and lay == ref_layout:
+                continue
+            for i in range(max(len(params), len(ref_params))):
+                a = ref_params[i] if i < len(ref_params) else None
+                b = params[i] if i < len(params) else None
+                if a != b:
+                    raise CollectiveMismatchError(
+                        f"pyddl: the model differs across ranks at parameter #{i}: rank 0 has "
+                        f"{_describe_param(a)}, rank {rank} has {_describe_param(b)}. Build the same "
+                        "model on every rank (and pass the same named_parameters)."
+                    )
+            raise CollectiveMismatchError(
+                f"pyddl: gradient buckets differ between rank 0 {ref_layout} and rank {rank} {lay}; "
+                "pass the same bucket size on every rank"
+            )
+
+    # Per step ---------------------------------------------------------------------------
+
+    def _reset_step(self) -> None:
+        for b in self.buckets:
+            b.waiting = len(b.members)
+            b.handle = None
+        self._step = _StepState()
+
+    def pending(self) -> bool:
+        """Whether any gradient of this step was seen or any bucket launched."""
+        return self._step.launched_upto > 0 or any(b.waiting < len(b.members) for b in self.buckets)
+
+    def _on_grad(self, param: torch.Tensor) -> None:
+        i = self._index[id(param)]
+        with self._lock:
+            self._passes[i] += 1
+            k = self.options.backward_passes_per_step
+            if self._passes[i] > k:
+                raise RuntimeError(
+                    f"pyddl: the gradient of {self.names[i]!r} was computed more than "
+                    f"backward_passes_per_step={k} times before optimizer.step(); increase "
+                    "backward_passes_per_step to accumulate gradients locally"
+                )
+            if self._passes[i] < k:
+                return
+            now = self._timeline.now_us() if self._timeline.enabled else 0.0
+            if not self._step.ready_order:
+                self._step.first_ready_us = now
+            self._step.last_ready_us = now
+            self._step.ready_order.append(i)
+            bucket = self._bucket_of[i]
+            bucket.waiting -= 1
+            if bucket.waiting == 0:
+                self._timeline.instant(f"bucket {bucket.index} ready", "compute")
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._step.launched_upto < len(self.buckets):
+            bucket = self.buckets[self._step.launched_upto]
+            if bucket.waiting:
+                return
+            bucket.handle = self._launch(bucket)
+            self._step.launched_upto += 1
+
+    def _launch(self, bucket: _Bucket):
+        opts = self.options
+        params = [self.params[m] for m in bucket.members]
+        for p in params:
+            if p.grad is None:  # unused this step on this rank: contribute zeros (as Horovod)
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        shapes = ",".join(f"{tuple(g.shape)}" for g in grads)
+        info = OpInfo("gradient_bucket", f"#{bucket.index} {grads[0].dtype} [{shapes}] op={opts.op}")
+        op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
+        alg = core_ops.check_algorithm(opts.algorithm)
+        codec = get_codec(opts.codec)
+
+        def fn(seq: int):
+            if bucket.buffer is None or bucket.buffer.numel() != sum(g.numel() for g in grads):
+                bucket.buffer = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=runtime.device())
+            flat = pack([g.detach() for g in grads], out=bucket.buffer)
+            if opts.prescale != 1.0:
+                flat.mul_(opts.prescale)
+            if opts.compressor is not None:
+                wire, ctx = opts.compressor.compress(flat)
+                core_ops.reduce_buffer_(wire, op, alg, codec, seq)
+                flat.copy_(opts.compressor.decompress(wire, ctx))
+            else:
+                core_ops.reduce_buffer_(flat, op, alg, codec, seq)
+            if opts.postscale != 1.0:
+                flat.mul_(opts.postscale)
+            unpack(flat, [g.detach() for g in grads])
+
+        return runtime.run_collective(info, fn, asynchronous=True)
+
+    def synchronize(self) -> None:
+        """Launch what is left (filling unused gradients with zeros), wait for every bucket."""
+        with self._lock:
+            for b in self.buckets[self._step.launched_upto:]:
+                for m in b.members:
+                    if self._passes[m] < self.options.backward_passes_per_step:
+                        self._passes[m] = self.options.backward_passes_per_step
+                b.waiting = 0
+            self._launch_ready()
+        backward_end = self._timeline.now_us() if self._timeline.enabled else 0.0
+        for b in self.buckets:
+            b.handle.wait()
+        if self._timeline.enabled:
+            st = self._step
+            if st.ready_order:
+                self._timeline.span("backward", st.first_ready_us, st.last_ready_us, "compute")
+            self._timeline.span("wait for gradients", backward_end, self._timeline.now_us(), "compute")
+        order = self._step.ready_order
+        self._passes = [0] * len(self.params)
+        if self._rebuilt:
+            self._reset_step()
+            return
+        # Every rank rebuilds at its first synchronize (a collective); parameters that got no
+        # gradient keep their reverse-registration place at the end.
+        seen = set(order)
+        self._rebuild(order + [i for i in reversed(range(len(self.params))) if i not in seen])
+
+    def _rebuild(self, order: list[int]) -> None:
+        # Rank 0's observed order decides, so all ranks agree on the new layout.
+        self._rebuilt = True
+        order_t = torch.tensor(order, dtype=torch.int64)
+        core_ops.broadcast_(order_t, root=0)
+        self._set_layout(self._plan(order_t.tolist()))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def _describe_param(entry) -> str:
+    if entry is None:
+        return "no parameter there"
+    name, shape, dtype = entry
+    return f"{name!r} {dtype.replace('torch.', '')}{list(shape)}"

@@ -1,0 +1,171 @@
+"""DistributedOptimizer and the DDP hook, by equivalence: 4 workers x batch 8 for 5 SGD-momentum
+steps end with the parameters of 1 worker x batch 32 (float32: 1e-5; fp16 wire: 2e-3)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(240)]
+
+WORLD, LOCAL_BATCH, STEPS = 4, 8, 5
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(WORLD * LOCAL_BATCH, 1, 8, 8, generator=g), torch.randint(0, 10, (WORLD * LOCAL_BATCH,), generator=g)
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _reference(clip=None):
+    model = _model()
+    opt = _sgd(model)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _mine(step, rank):
+    x, y = _data(step)
+    sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return x[sl], y[sl]
+
+
+def _train_variants(rank, world):
+    import pyddl
+    from pyddl.torch.ddp_hook import HookState, allreduce_hook, fp16_allreduce_hook
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(topology="2x2", timeout_s=60)
+    results = {}
+    for alg in ("native", "multiring"):
+        for comp in ("none", "fp16"):
+            codec = type("C", (), {"codec": comp})()  # the core codec name, as Compression.* carry it
+            model = _model()
+            opt = DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters(),
+                                       compression=codec, algorithm=alg, bucket_bytes=600)
+            for step in range(STEPS):
+                x, y = _mine(step, rank)
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            results[("opt", alg, comp)] = [p.detach().clone() for p in model.parameters()]
+
+            model = _model()
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
+            ddp.register_comm_hook(HookState(algorithm=alg), fp16_allreduce_hook if comp == "fp16" else allreduce_hook)
+            sgd = _sgd(ddp)
+            for step in range(STEPS):
+                x, y = _mine(step, rank)
+                sgd.zero_grad()
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                sgd.step()
+            results[("ddp", alg, comp)] = [p.detach().clone() for p in model.parameters()]
+
+    # Gradient accumulation: two micro-batches of 4 per step, the loss halved as Horovod asks.
+    model = _model()
+    opt = DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters(), backward_passes_per_step=2)
+    for step in range(STEPS):
+        x, y = _mine(step, rank)
+        opt.zero_grad()
+        for half in (slice(0, 4), slice(4, 8)):
+            (nn.functional.cross_entropy(model(x[half]), y[half]) / 2).backward()
+        opt.step()
+    results["accumulate"] = [p.detach().clone() for p in model.parameters()]
+
+    # Clipping the global gradient: synchronize, clip, step inside skip_synchronize.
+    model = _model()
+    opt = DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters())
+    for step in range(STEPS):
+        x, y = _mine(step, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        with opt.skip_synchronize():
+            opt.step()
+    results["clip"] = [p.detach().clone() for p in model.parameters()]
+    pyddl.shutdown()
+    return results
+
+
+def test_equivalent_to_one_worker_with_the_global_batch():
+    ref, ref_clip = _reference(), _reference(clip=0.05)
+    for rank, results in enumerate(run_ranks(_train_variants, WORLD, timeout=230)):
+        for key, params in results.items():
+            expected = ref_clip if key == "clip" else ref
+            tol = 2e-3 if "fp16" in key else 1e-5
+            for p, q in zip(params, expected):
+                assert torch.allclose(p, q, atol=tol, rtol=tol), f"rank {rank} {key}: max diff {(p - q).abs().max()}"
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self, wide=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(3, wide)
+        self.head_a = nn.Linear(wide, 1)
+        self.head_b = nn.Linear(wide, 1)
+
+    def forward(self, x, use_b):
+        h = self.body(x)
+        return self.head_b(h) if use_b else self.head_a(h)
+
+
+def _unused_and_misuse(rank, world):
+    import pyddl
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(timeout_s=30)
+    out = {}
+    model = _TwoHeads()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), named_parameters=model.named_parameters())
+    for step in range(3):
+        opt.zero_grad()
+        # Rank 0 never uses head_b, rank 1 alternates: no hang, equal parameters everywhere.
+        model(torch.ones(2, 3) * (rank + 1), use_b=(rank == 1 and step % 2 == 0)).sum().backward()
+        opt.step()
+    out["params"] = [p.detach().clone() for p in model.parameters()]
+    out["layout"] = opt._reducer.layout()
+    model(torch.ones(1, 3), use_b=False).sum().backward()
+    try:
+        opt.zero_grad()
+        out["zero_grad"] = "no error"
+    except RuntimeError as err:
+        out["zero_grad"] = str(err)
+    opt.step()
+    wrong = _TwoHeads(wide=5 if rank == 1 else 4)
+    try:
+        DistributedOptimizer(torch.optim.SGD(wrong.parameters(), lr=0.1), named_parameters=wrong.named_parameters())
+        out["mismatch"] = "no error"
+    except pyddl.CollectiveMismatchError as err:
+        out["mismatch"] = str(err)
+    pyddl.shutdown()
+    return out
+
+
+def test_unused_parameters_zero_grad_misuse_and_mismatched_models():
+    a, b = run_ranks(_unused_and_misuse, 2, timeout=120)
+    for p, q in zip(a["params"], b["params"]):
+        assert torch.equal(p, q)
+    assert a["layout"] == b["layout"]
+    # head_b (used on rank 1 at steps 0 and 2) moved; its average gradient is half of rank 1's.
+    assert not torch.equal(a["params"][4], _TwoHeads().head_b.weight.detach())
+    for out in (a, b):
+        assert "zero_grad() was called after loss.backward() but before optimizer.step()" in out["zero_grad"]
+        assert "the model differs across ranks at parameter #0" in out["mismatch"]
+        assert "rank 0 has 'body.weight' float32[4, 3], rank 1 has 'body.weight' float32[5, 3]" in out["mismatch"]
