@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     what.add_argument("--model", help="torchvision model name (default resnet50)")
     what.add_argument("--batch", type=int, help="images per GPU (default 32)")
     what.add_argument("--image-size", type=int, default=224, help="square input size in pixels (default 224)")
+    what.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000; "
+                      "ImageNet-22K: 21841)")
     what.add_argument("--cluster", default="powerai-ddl-2017",
                       help="shipped cluster name (powerai-ddl-2017, dgx-a100) or a .toml path")
     what.add_argument("--gpus", default=None, help=f"comma-separated GPU counts (default {_DEFAULT_GPUS})")
@@ -117,7 +119,7 @@ def _profile_for(args, cluster):
     batch = 32 if args.batch is None else args.batch
     if batch < 1:
         raise ValueError(f"--batch must be >= 1, got {batch}")
-    return flop_profile(args.model or "resnet50", batch, cluster.device, args.image_size)
+    return flop_profile(args.model or "resnet50", batch, cluster.device, args.image_size, args.num_classes)
 
 
 def _predict(args) -> int:
@@ -196,8 +198,9 @@ def _profile(args) -> int:
         torch.set_num_threads(args.threads)
     batch = 32 if args.batch is None else args.batch
     name = args.model or "resnet50"
-    model = build_model(name)
-    profile = measure_profile(model, batch, (3, args.image_size, args.image_size), args.repeats, name=name)
+    model = build_model(name, num_classes=args.num_classes)
+    profile = measure_profile(model, batch, (3, args.image_size, args.image_size), args.repeats, name=name,
+                              num_classes=args.num_classes)
     profile.save(args.profile_step)
     print(f"{name}, batch {batch}, {args.image_size} px, {profile.source}: forward {profile.forward_s * 1e3:.1f} ms, "
           f"backward {profile.backward_s * 1e3:.1f} ms, update {profile.optimizer_s * 1e3:.1f} ms, "

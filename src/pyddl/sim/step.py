@@ -254,12 +254,15 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    order: list[str] = []
-    handles = []
-    for mod_name, mod in model.named_modules():
-        if any(True for _ in mod.parameters(recurse=False)):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, n=mod_name: order.append(n) if n not in order else None))
+    order: dict[str, None] = {}  # modules owning parameters, in first-call order
+
+    def seen(name: str):
+        def hook(_module, _inputs) -> None:
+            order.setdefault(name)
+        return hook
+
+    handles = [mod.register_forward_pre_hook(seen(name)) for name, mod in model.named_modules()
+               if any(True for _ in mod.parameters(recurse=False))]
     device = next(model.parameters()).device
     x = torch.randn(*input_shape, device=device) if device.type != "meta" else torch.empty(*input_shape, device=device)
     counter = FlopCounterMode(display=False)
@@ -277,16 +280,15 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
             h.remove()
     root = type(model).__name__
     modules = dict(model.named_modules())
-    seen = set(order)
     rows = []
-    for mod_name in order + [n for n, m in modules.items() if n not in seen]:
+    for mod_name in list(order) + [n for n in modules if n not in order]:
         own = [(f"{mod_name}.{p}" if mod_name else p, t.numel(), t.element_size(), str(t.dtype).removeprefix("torch."))
                for p, t in modules[mod_name].named_parameters(recurse=False) if t.requires_grad]
         if not own:
             continue
         key = f"{root}.{mod_name}" if mod_name else root
-        f = fwd.get(key, 0) if mod_name in seen else 0
-        b = total.get(key, 0) - f if mod_name in seen else 0
+        f = fwd.get(key, 0) if mod_name in order else 0
+        b = total.get(key, 0) - f if mod_name in order else 0
         rows.append({"name": mod_name, "fwd_flops": f, "bwd_flops": b, "params": own})
     return rows
 
@@ -308,14 +310,14 @@ def device_flops_per_s(device) -> float:
     return per_image * device.reference_batch / (step - opt)
 
 
-def flop_profile(model_name: str, batch: int, device, image_size: int = 224) -> StepProfile:
+def flop_profile(model_name: str, batch: int, device, image_size: int = 224, num_classes: int = 1000) -> StepProfile:
     """Build a step profile from the model's FLOPs and the device's effective rate.
 
     Each module's backward takes bwd FLOPs / rate, in reverse forward order; its gradients
     are ready when it ends. Memory-bound layers (BN, ReLU) carry no FLOPs here: their time is
     spread over the others through the rate, which comes from a whole measured step.
     """
-    model = build_model(model_name, device="meta")
+    model = build_model(model_name, device="meta", num_classes=num_classes)
     rows = count_flops(model, (1, 3, image_size, image_size))
     rate = device_flops_per_s(device)
     forward_s = batch * sum(r["fwd_flops"] for r in rows) / rate
