@@ -165,3 +165,11 @@ def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="positive integers"):
         Fabric((Level("x", 0, 1e9),), (0,))
     assert math.isfinite(tree_s(flat(5), MIB))
+
+
+def test_pipelining_cannot_overlap_a_ranks_own_reductions():
+    # Free links: only reductions cost, and one rank's reductions share its processor, so
+    # pipelining 2x2 gains nothing over reducing (1/2 + 1/4) of the buffer in turn.
+    f = Fabric((Level("in", 0.0, 1e30), Level("out", 0.0, 1e30)), (2, 2), 1e-9)
+    s = 64 * MIB
+    assert multiring_s(f, s, chunk_bytes=MIB) == pytest.approx(0.75 * s * 1e-9, rel=1e-9)

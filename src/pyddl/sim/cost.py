@@ -173,8 +173,8 @@ def native_s(fabric: Fabric, nbytes: float) -> float:
     return 2 * (p - 1) * max(hops) + (p - 1) * m * fabric.gamma_s_per_byte
 
 
-def _level_stage_times(fabric: Fabric, chunk: float) -> list[tuple[Level, float, float, float]]:
-    """(link, reduce-scatter, allgather, wire time of both) of one chunk at each active dim."""
+def _level_stage_times(fabric: Fabric, chunk: float) -> list[tuple[Level, float, float, float, float]]:
+    """(link, reduce-scatter, allgather, wire time of both, reduction time) of one chunk per active dim."""
     out = []
     for j, d in enumerate(fabric.dims):
         if d == 1:
@@ -187,7 +187,7 @@ def _level_stage_times(fabric: Fabric, chunk: float) -> list[tuple[Level, float,
         wire = m / rate
         rs = (d - 1) * (lat + wire + m * fabric.gamma_s_per_byte)
         ag = (d - 1) * (lat + wire)
-        out.append((fabric.levels[j], rs, ag, 2 * (d - 1) * wire))
+        out.append((fabric.levels[j], rs, ag, 2 * (d - 1) * wire, (d - 1) * m * fabric.gamma_s_per_byte))
     return out
 
 
@@ -199,21 +199,23 @@ def multiring_s(
     The buffer is cut into ceil(S / chunk_bytes) equal chunks that flow through the 2k stages
     (reduce-scatter of each level, then allgather of each level in reverse). pyddl runs each
     stage on its own thread, so with `pipeline` the time is one chunk through every stage plus
-    (chunks - 1) periods of the bottleneck: the slowest stage, or a link, which the
-    reduce-scatters and allgathers of every dim on it share. Without `pipeline` (pyddl on
-    NCCL) chunks run in turn.
+    (chunks - 1) periods of the bottleneck: the slowest stage; a link, whose wire time the
+    reduce-scatters and allgathers of every dim on it share; or the rank's own reductions,
+    which share its processor. Without `pipeline` (pyddl on NCCL) chunks run in turn.
     """
     if fabric.size <= 1 or nbytes <= 0:
         return 0.0
     n_chunks = max(1, math.ceil(nbytes / chunk_bytes))
     stages = _level_stage_times(fabric, nbytes / n_chunks)
-    one_chunk = sum(rs + ag for _, rs, ag, _ in stages)
+    one_chunk = sum(rs + ag for _, rs, ag, _, _ in stages)
     if not pipeline:
         return n_chunks * one_chunk
     link_busy: dict[Level, float] = {}
-    for link, _, _, wire in stages:
+    for link, _, _, wire, _ in stages:
         link_busy[link] = link_busy.get(link, 0.0) + wire
-    period = max(max(max(rs, ag) for _, rs, ag, _ in stages), max(link_busy.values()))
+    slowest_stage = max(max(rs, ag) for _, rs, ag, _, _ in stages)
+    reductions = sum(red for *_, red in stages)
+    period = max(slowest_stage, max(link_busy.values()), reductions)
     return one_chunk + (n_chunks - 1) * period
 
 
