@@ -19,6 +19,7 @@ from pyddl.comm.ops import (
     broadcast_async_,
     grouped_allreduce_,
     grouped_allreduce_async_,
+    join,
     reduce_scatter,
 )
 from pyddl.errors import (
@@ -71,6 +72,7 @@ __all__ = [
     "allgather_async",
     "reduce_scatter",
     "barrier",
+    "join",
     "get_codec",
     "Handle",
     "PyddlError",

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pyddl import env as _env
 from pyddl.comm.engine import Engine
-from pyddl.comm.guard import Monitor, OpInfo, check_fingerprints
+from pyddl.comm.guard import Monitor, OpInfo, exchange
 from pyddl.comm.multiring import Level
 from pyddl.errors import NotInitializedError, PyddlError
 from pyddl.timeline import TIMELINE_ENV, Timeline
@@ -41,6 +41,7 @@ __all__ = [
     "device",
     "run_collective",
     "world_group",
+    "resync_seq",
     "timeline",
     "Settings",
     "ALGORITHMS",
@@ -292,16 +293,24 @@ def timeline() -> Timeline:
     return _get().timeline
 
 
+def resync_seq(seq: int) -> None:
+    """Set the collective counter after join(), which the ranks left at different numbers."""
+    st = _get()
+    with st.lock:
+        st.seq = max(st.seq, seq)
+
+
 def world_group():
     """The process group of all ranks (for adapters that issue their own collectives
     through `run_collective`)."""
     return _get().world
 
 
-def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False) -> Any:
+def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False, checked: bool = True) -> Any:
     """Run `fn(seq)` on the engine as world collective #seq, checked and guarded.
 
-    Returns fn's result, or a Handle when `asynchronous`.
+    Returns fn's result, or a Handle when `asynchronous`. `checked=False` skips the cross-rank
+    call comparison (for join(), whose loop does its own).
     """
     st = _get()
     with st.lock:
@@ -313,8 +322,8 @@ def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = 
         st.monitor.enter(seq, info)
         start = st.timeline.now_us() if st.timeline.enabled else 0.0
         try:
-            if st.settings.check and len(world_ranks) > 1:
-                check_fingerprints(info, seq, st.world, world_ranks, st.device)
+            if checked and st.settings.check and len(world_ranks) > 1:
+                exchange(info, seq, st.world, world_ranks, st.device, dist.get_rank())
             result = fn(seq)
             if st.timeline.enabled:
                 st.timeline.span(info.name, start, st.timeline.now_us(), "comm", {"seq": seq, "call": info.detail[:200]})

@@ -136,3 +136,46 @@ def test_bad_input_is_rejected_before_any_collective():
         assert "unknown allreduce algorithm 'tree'" in errors[5]
         assert "at least one axis" in errors[6]
         assert ok == 2.0
+
+
+def _uneven(rank, world):
+    import torch.nn as nn
+
+    import pyddl
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(timeout_s=20, allreduce="auto")
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), named_parameters=model.named_parameters())
+    sums = []
+    for step in range(rank + 1):  # rank r has r+1 batches: uneven inputs
+        opt.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        sums.append(pyddl.allreduce(torch.tensor([1.0]), algorithm="multiring").item())
+    last = pyddl.join()
+    after = pyddl.allreduce(torch.tensor([rank + 1]), algorithm="multiring").item()  # the job goes on
+    try:
+        pyddl.join() if rank else pyddl.broadcast(torch.ones(1))
+        refused = "no error"
+    except pyddl.CollectiveError as err:
+        refused = str(err)
+    return sums, last, after, [p.detach().clone() for p in model.parameters()], refused
+
+
+def test_join_serves_uneven_batches_then_the_job_goes_on():
+    results = run_ranks(_uneven, 3)
+    # Step k runs on ranks >= k; the joined ones add zeros to the count.
+    assert [r[0] for r in results] == [[3.0], [3.0, 2.0], [3.0, 2.0, 1.0]]
+    assert {r[1] for r in results} == {2}
+    assert {r[2] for r in results} == {6}
+    # d(sum of outputs)/dW = 4 per element on a batch of 4 ones; averaged over 3 ranks with
+    # joined ranks adding zeros, step k moves W by lr x 4 x (3 - k) / 3.
+    torch.manual_seed(0)
+    w0 = torch.nn.Linear(3, 2).weight.detach()
+    moved = [0.4, 0.4 + 0.4 * 2 / 3, 0.8]
+    for rank, r in enumerate(results):
+        assert torch.allclose(r[3][0], w0 - moved[rank], atol=1e-6)
+    for r in results:
+        assert "ranks 1,2 have called join(), and broadcast(float32[1] root=0) cannot run" in r[4]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-__all__ = ["Monitor", "OpInfo", "check_fingerprints", "fingerprint"]
+__all__ = ["Monitor", "OpInfo", "Round", "exchange", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class OpInfo:
 
     name: str  # e.g. "allreduce"
     detail: str  # e.g. "float32[1024] op=sum algorithm=multiring"
+    # How a rank that has called join() takes part: the flat buffers (numel, dtype name) this
+    # collective reduces, in order, with (op, algorithm, codec). None: not joinable.
+    join_spec: tuple | None = None
 
     def __str__(self) -> str:
         return f"{self.name}({self.detail})"
@@ -39,27 +42,63 @@ def fingerprint(info: OpInfo) -> int:
     return int.from_bytes(digest, "little") >> 2
 
 
-def check_fingerprints(info: OpInfo, seq: int, group, group_ranks: list[int], device) -> None:
-    """Raise CollectiveMismatchError on every rank if the ranks' calls differ.
+@dataclass(frozen=True)
+class Round:
+    """What one exchange learned: whether some or all ranks have joined, and for a joined
+    rank the collective it must serve (its join_spec and sequence number)."""
 
-    One 2-element MAX allreduce compares max(fp) with min(fp); only on a mismatch are the
-    descriptions gathered to name who called what.
+    some_joined: bool
+    all_joined: bool
+    last_joined: int  # with all_joined: the rank that joined last (highest collective number)
+    max_seq: int  # with all_joined: the highest collective number of any rank
+    serve: tuple | None = None  # (join_spec, seq) of the collective the others are running
+
+
+_JOINED_FP = -1
+_NO_FP = -(1 << 62)
+
+
+def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], device, rank: int) -> Round:
+    """Compare every rank's call before a collective; `info=None` means "I have joined".
+
+    One 4-element MAX allreduce: [fp, -fp] compares the calls of the ranks that have not
+    joined (joined ranks send values below any fingerprint), the third says whether any rank
+    joined, the fourth packs (seq, rank) so that the all-joined round names the last joiner.
+    A difference gathers the descriptions to name who called what, and raises
+    CollectiveMismatchError on every rank.
     """
-    fp = fingerprint(info)
-    t = torch.tensor([fp, -fp], dtype=torch.int64, device=device)
+    if info is None:
+        t = torch.tensor([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank], dtype=torch.int64, device=device)
+    else:
+        fp = fingerprint(info)
+        t = torch.tensor([fp, -fp, 0, 0], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    if int(t[0]) == -int(t[1]):
-        return
+    high, neg_low, some_joined, packed = (int(v) for v in t)
+    if high == _JOINED_FP:
+        return Round(True, True, packed & ((1 << 20) - 1), packed >> 20)
+    if high == -neg_low and not some_joined:
+        return Round(False, False, -1, -1)
     described: list = [None] * len(group_ranks)
-    dist.all_gather_object(described, str(info), group=group)
-    calls: dict[str, list[int]] = {}
-    for rank, text in zip(group_ranks, described):
-        calls.setdefault(text, []).append(rank)
-    listing = "; ".join(f"ranks {_ranks(rs)}: {text}" for text, rs in calls.items())
-    raise CollectiveMismatchError(
-        f"pyddl: collective #{seq} differs across ranks — {listing}. Every rank must call the "
-        "same collectives in the same order with the same shapes and dtypes."
-    )
+    mine = None if info is None else (str(info), info.join_spec, seq)
+    dist.all_gather_object(described, mine, group=group)
+    if high != -neg_low:
+        calls: dict[str, list[int]] = {}
+        for r, entry in zip(group_ranks, described):
+            calls.setdefault("join()" if entry is None else entry[0], []).append(r)
+        listing = "; ".join(f"ranks {_ranks(rs)}: {text}" for text, rs in calls.items())
+        raise CollectiveMismatchError(
+            f"pyddl: collective #{seq} differs across ranks — {listing}. Every rank must call the "
+            "same collectives in the same order with the same shapes and dtypes."
+        )
+    active = next(entry for entry in described if entry is not None)
+    if active[1] is None:
+        joined = [r for r, entry in zip(group_ranks, described) if entry is None]
+        raise CollectiveError(
+            f"pyddl: ranks {_ranks(joined)} have called join(), and {active[0]} cannot run while "
+            "ranks are joined (only allreduce-type collectives can: joined ranks contribute "
+            "zeros). Call it before join(), or join later."
+        )
+    return Round(True, False, -1, -1, serve=(active[1], active[2]))
 
 
 def _ranks(ranks: list[int]) -> str:

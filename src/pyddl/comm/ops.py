@@ -16,7 +16,8 @@ from pyddl import runtime
 from pyddl.comm.codecs import get_codec
 from pyddl.comm.engine import Handle
 from pyddl.comm.fusion import DEFAULT_BUCKET_BYTES, pack, plan_buckets, unpack
-from pyddl.comm.guard import OpInfo
+from pyddl.comm.guard import OpInfo, exchange
+from pyddl.errors import PyddlError
 from pyddl.comm.multiring import multiring_allreduce_
 from pyddl.comm.ring import equal_parts, ring_reduce_scatter_
 
@@ -34,6 +35,7 @@ __all__ = [
     "allgather_async",
     "reduce_scatter",
     "barrier",
+    "join",
     "reduce_buffer_",
     "check_op",
     "check_algorithm",
@@ -142,7 +144,11 @@ def _allreduce(tensor, op, algorithm, compression, inplace: bool, asynchronous: 
     _check_tensor(tensor)
     op, alg, codec = check_op(op), check_algorithm(algorithm), get_codec(compression)
     work = _to_work(tensor, copy=not inplace)
-    info = OpInfo("allreduce", f"{_describe(tensor)} op={op} algorithm={alg} compression={codec.name}")
+    info = OpInfo(
+        "allreduce",
+        f"{_describe(tensor)} op={op} algorithm={alg} compression={codec.name}",
+        join_spec=(((work.numel(), str(work.dtype)),), op, alg, codec.name),
+    )
 
     def fn(seq: int) -> torch.Tensor:
         reduce_buffer_(work, op, alg, codec, seq)
@@ -199,7 +205,12 @@ def _grouped(tensors: Sequence[torch.Tensor], op, algorithm, compression, bucket
     op, alg, codec = check_op(op), check_algorithm(algorithm), get_codec(compression)
     buckets = plan_buckets([(t.numel(), str(t.dtype), t.element_size()) for t in tensors], bucket_bytes)
     shapes = ";".join(_describe(t) for t in tensors)
-    info = OpInfo("grouped_allreduce", f"[{shapes}] op={op} algorithm={alg} compression={codec.name}")
+    flats = tuple((sum(tensors[i].numel() for i in b), str(tensors[b[0]].dtype)) for b in buckets)
+    info = OpInfo(
+        "grouped_allreduce",
+        f"[{shapes}] op={op} algorithm={alg} compression={codec.name}",
+        join_spec=(flats, op, alg, codec.name),
+    )
     device = runtime.device()
 
     def fn(seq: int) -> list[torch.Tensor]:
@@ -363,3 +374,54 @@ def barrier() -> None:
     runtime._get()
     info = OpInfo("barrier", "")
     runtime.run_collective(info, lambda seq: dist.barrier(group=runtime._get().world))
+
+
+def _identity(op: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The element that leaves a reduction unchanged: what a joined rank contributes."""
+    device = runtime.device()
+    if op in ("sum", "average"):
+        return torch.zeros(numel, dtype=dtype, device=device)
+    if op == "product":
+        return torch.ones(numel, dtype=dtype, device=device)
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    fill = (float("inf") if op == "min" else float("-inf")) if dtype.is_floating_point else (info.max if op == "min" else info.min)
+    return torch.full((numel,), fill, dtype=dtype, device=device)
+
+
+def join() -> int:
+    """Declare that this rank has no more data; serve the others' allreduces until all join.
+
+    While this rank waits, every allreduce-type collective the other ranks run (allreduce,
+    grouped allreduce, gradient buckets) gets this rank's identity element (zeros for a sum,
+    so an average still divides by the full size, as in Horovod). Other collectives raise a
+    clear error on every rank. Uneven data (a rank with fewer batches) then ends without a hang.
+
+    Returns:
+        The rank that joined last.
+    """
+    st = runtime._get()
+    if dist.get_world_size() == 1:
+        return 0
+    if not st.settings.check:
+        raise PyddlError("join() needs the per-collective exchange, which PYDDL_CHECK=0 turned off")
+    me, ranks = dist.get_rank(), list(range(dist.get_world_size()))
+
+    def fn(seq: int):
+        while True:
+            rnd = exchange(None, seq, st.world, ranks, st.device, me)
+            if rnd.all_joined:
+                return rnd
+            (buffers, op, alg, codec), op_seq = rnd.serve
+            if alg == "auto":
+                if st.tuned is None:
+                    raise PyddlError("an auto allreduce ran while ranks were joined before auto was tuned; "
+                                     "start the job with allreduce='auto' so every rank tunes at init")
+                alg = None
+            for numel, dtype_name in buffers:
+                buf = _identity(op, getattr(torch, dtype_name.replace("torch.", "")), numel)
+                chosen = alg or st.tuned.pick(buf.numel() * buf.element_size())
+                reduce_buffer_(buf, op, chosen, get_codec(codec), op_seq)
+
+    rnd = runtime.run_collective(OpInfo("join", ""), fn, checked=False)
+    runtime.resync_seq(rnd.max_seq)
+    return rnd.last_joined

@@ -32,7 +32,11 @@ def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.T
     buffer = bucket.buffer()
     algorithm = core_ops.check_algorithm(getattr(state, "algorithm", None))
     codec = get_codec(codec_name)
-    info = OpInfo("ddp_bucket", f"#{bucket.index()} {buffer.dtype}[{buffer.numel()}] codec={codec.name}")
+    info = OpInfo(
+        "ddp_bucket",
+        f"#{bucket.index()} {buffer.dtype}[{buffer.numel()}] codec={codec.name}",
+        join_spec=(((buffer.numel(), str(buffer.dtype)),), "average", algorithm, codec.name),
+    )
     future: torch.futures.Future = torch.futures.Future()
 
     def fn(seq: int) -> torch.Tensor:

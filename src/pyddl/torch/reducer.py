@@ -188,14 +188,18 @@ class GradientReducer:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in params]
         shapes = ",".join(f"{tuple(g.shape)}" for g in grads)
-        info = OpInfo("gradient_bucket", f"#{bucket.index} {grads[0].dtype} [{shapes}] op={opts.op}")
         op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
         alg = core_ops.check_algorithm(opts.algorithm)
         codec = get_codec(opts.codec)
+        numel = sum(g.numel() for g in grads)
+        # A user's own Compressor may change the wire dtype: such buckets cannot be served by
+        # joined ranks.
+        spec = None if opts.compressor is not None else (((numel, str(grads[0].dtype)),), op, alg, codec.name)
+        info = OpInfo("gradient_bucket", f"#{bucket.index} {grads[0].dtype} [{shapes}] op={opts.op}", join_spec=spec)
 
         def fn(seq: int):
-            if bucket.buffer is None or bucket.buffer.numel() != sum(g.numel() for g in grads):
-                bucket.buffer = torch.empty(sum(g.numel() for g in grads), dtype=grads[0].dtype, device=runtime.device())
+            if bucket.buffer is None or bucket.buffer.numel() != numel:
+                bucket.buffer = torch.empty(numel, dtype=grads[0].dtype, device=runtime.device())
             flat = pack([g.detach() for g in grads], out=bucket.buffer)
             if opts.prescale != 1.0:
                 flat.mul_(opts.prescale)
