@@ -123,3 +123,13 @@ def test_predict_scaling_rows_are_consistent():
     assert rows[0]["scaling_efficiency"] == 1.0 and rows[0]["exposed_s"] == 0
     at256 = {r["algorithm"]: r for r in rows if r["gpus"] == 256}
     assert at256["native"]["topology"] == "4x64"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measured_profile_on_cuda_dates_gradients_after_their_kernels():
+    model = build_model("resnet18", device="cuda")
+    prof = measure_profile(model, 8, (3, 64, 64), repeats=2, name="resnet18")
+    ready = [g.ready_s for g in prof.gradients]
+    assert prof.gradients[-1].name == "conv1.weight"
+    assert 0 < ready[0] < ready[-1] <= prof.backward_s * 1.001

@@ -341,7 +341,9 @@ def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int 
 
     Gradient ready times come from `register_post_accumulate_grad_hook`, the hook pyddl's
     buckets use, so they are what the engine would see; medians over `repeats` timed steps
-    after one warm-up step. Runs on the model's device with torch's current thread count.
+    after one warm-up step. Runs on the model's device with torch's current thread count; on
+    CUDA every timestamp waits for the queued kernels (hooks fire when work is launched, not
+    done), which serialises the step a little but dates each gradient right.
 
     Args:
         model: a torch module taking a batch of `input_shape` (without the batch axis) and
@@ -354,10 +356,16 @@ def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int 
     device = next(model.parameters()).device
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     stamps: dict[str, float] = {}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *_: None)
+
+    def now() -> float:
+        sync(device)
+        return time.perf_counter()
 
     def stamp(name: str):
         def hook(_param) -> None:
-            stamps.setdefault(name, time.perf_counter())
+            if name not in stamps:
+                stamps[name] = now()
         return hook
 
     handles = [p.register_post_accumulate_grad_hook(stamp(n)) for n, p in params]
@@ -369,14 +377,14 @@ def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int 
     try:
         for i in range(repeats + 1):
             stamps.clear()
-            t0 = time.perf_counter()
+            t0 = now()
             loss = loss_fn(model(x), y)
-            t1 = time.perf_counter()
+            t1 = now()
             loss.backward()
-            t2 = time.perf_counter()
+            t2 = now()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            t3 = time.perf_counter()
+            t3 = now()
             if i == 0:
                 continue  # warm-up: allocator, kernels, momentum buffers
             fwd.append(t1 - t0)
