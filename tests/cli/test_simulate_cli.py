@@ -56,6 +56,8 @@ def test_predictions_from_a_measured_step_profile(tmp_path, capsys):
     (["--gpus", "8,x"], "not a comma-separated list"),
     (["--algorithm", "native,ring2"], "unknown algorithm(s) ring2"),
     (["--algorithm", "hd", "--gpus", "12"], "power-of-two"),
+    (["--write-cluster", "x.toml"], "add --calibrate BENCH"),
+    (["--validate", "missing.json"], "bench file 'missing.json' does not exist"),
 ])
 def test_user_errors_exit_2_with_a_clear_message(args, text, capsys):
     assert main(["simulate", *args]) == 2

@@ -65,6 +65,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     """Run `pyddl simulate` with parsed `args`; return the exit code."""
     try:
+        if args.write_cluster and not args.calibrate:
+            raise ValueError("--write-cluster writes what --calibrate fitted; add --calibrate BENCH")
         if args.profile_step:
             return _profile(args)
         if args.calibrate or args.validate or args.measured_steps:

@@ -2,9 +2,9 @@
 
 `fit_bench` fits each topology level's latency and link rate, and the reduction cost, to the
 rows of `pyddl bench allreduce --json` by least squares on log time (Levenberg-Marquardt with
-a weak prior). A parameter the rows cannot pin down (e.g. the reduction cost next to an inner
-link that only ever carries it together) keeps its prior value and is reported as such.
-`compare_allreduce` and `compare_steps` print predicted against measured with their ratio.
+a weak prior). A parameter the rows cannot pin down (e.g. a flat ring shows its wire time and
+its reduction cost only as their sum) leans on its prior and is reported as not identified.
+`compare_allreduce` and `compare_steps` pair predicted with measured times and their ratio.
 """
 
 from __future__ import annotations
