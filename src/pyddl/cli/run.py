@@ -19,9 +19,17 @@ def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None
     parser.add_argument("--timeout", type=float, metavar="S", help="seconds a collective may wait (default 300)")
     parser.add_argument("--chunk-bytes", type=int, metavar="B", help="multiring pipelining chunk (default 4 MiB)")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all workers up to K times")
+    emu = parser.add_argument_group("emulated cluster (root; see docs/emulation.md)")
+    emu.add_argument("--emulate-nodes", type=int, metavar="M",
+                     help="run the workers on M emulated servers (network namespaces), N/M consecutive ranks each")
+    emu.add_argument("--emulate-link-gbps", type=float, metavar="G",
+                     help="limit each emulated server's link to G Gbit/s each way (default: unlimited)")
+    emu.add_argument("--emulate-pin", action="store_true",
+                     help="pin each emulated server's ranks to its own CPU cores")
 
 
 def config_from_args(args, command: tuple[str, ...]) -> RunConfig:
+    """Build the RunConfig the job flags of `add_job_flags` describe, for `command`."""
     return RunConfig(
         nproc=args.nproc,
         command=command,
@@ -30,6 +38,9 @@ def config_from_args(args, command: tuple[str, ...]) -> RunConfig:
         timeout_s=args.timeout,
         chunk_bytes=args.chunk_bytes,
         max_restarts=args.max_restarts,
+        emulate_nodes=args.emulate_nodes,
+        emulate_link_gbps=args.emulate_link_gbps,
+        emulate_pin=args.emulate_pin,
     )
 
 
@@ -54,7 +65,8 @@ def register(subparsers) -> None:
         help="start N local workers of a script",
         description="Start N workers on this machine. Examples:\n"
         "  pyddl run -np 4 train.py --epochs 1\n"
-        "  pyddl run -np 4 --topology 2x2 --allreduce multiring python -m mypkg.train",
+        "  pyddl run -np 4 --topology 2x2 --allreduce multiring python -m mypkg.train\n"
+        "  pyddl run -np 4 --emulate-nodes 2 --emulate-link-gbps 1 train.py   # as root",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_flags(parser, default_np=1)

@@ -3,7 +3,8 @@
 The agent gives us the rendezvous, the environment contract (RANK, LOCAL_RANK, ...), rank-
 prefixed output, restarts and the stop-everyone-on-failure policy. pyddl adds its own settings
 as PYDDL_* variables and turns a failure into one message naming the rank, its exit code or
-signal, and the last lines it wrote to stderr.
+signal, and the last lines it wrote to stderr. With `emulate_nodes` the workers run on an
+emulated cluster (pyddl.launch.emulate) that lives exactly as long as the job.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class RunConfig:
     chunk_bytes: int | None = None
     max_restarts: int = 0
     extra_env: dict = field(default_factory=dict)
+    emulate_nodes: int | None = None
+    emulate_link_gbps: float | None = None
+    emulate_pin: bool = False
 
     def __post_init__(self):
         if not isinstance(self.nproc, int) or self.nproc < 1:
@@ -61,6 +65,26 @@ class RunConfig:
             from pyddl.topology import parse_topology
 
             parse_topology(self.topology, self.nproc)
+        self._check_emulation()
+
+    def _check_emulation(self) -> None:
+        if self.emulate_nodes is None:
+            if self.emulate_link_gbps is not None or self.emulate_pin:
+                raise ValueError(
+                    "--emulate-link-gbps and --emulate-pin describe an emulated cluster; add "
+                    "--emulate-nodes M to create one"
+                )
+            return
+        m = self.emulate_nodes
+        if not isinstance(m, int) or m < 1:
+            raise ValueError(f"--emulate-nodes must be a positive number of servers, got {m!r}")
+        if self.nproc % m:
+            raise ValueError(
+                f"-np {self.nproc} workers do not split evenly over --emulate-nodes {m} servers; "
+                f"pass a multiple of {m} to -np or a divisor of {self.nproc} to --emulate-nodes"
+            )
+        if self.emulate_link_gbps is not None and not self.emulate_link_gbps > 0:
+            raise ValueError(f"--emulate-link-gbps must be a positive rate in Gbit/s, got {self.emulate_link_gbps}")
 
     def worker_env(self) -> dict[str, str]:
         """The PYDDL_* variables every worker gets (on top of torchrun's)."""
@@ -73,6 +97,15 @@ class RunConfig:
             out[_env.PYDDL_TIMEOUT] = str(self.timeout_s)
         if self.chunk_bytes is not None:
             out[_env.PYDDL_CHUNK_BYTES] = str(self.chunk_bytes)
+        if self.emulate_nodes:
+            from pyddl.launch.emulate import LINK_GBPS_ENV, NS_IFNAME
+
+            # Emulated servers share one host name, so say who is where (innermost = ranks
+            # per server) unless the user did.
+            out.setdefault(_env.PYDDL_TOPOLOGY, f"{self.nproc // self.emulate_nodes}x{self.emulate_nodes}")
+            out["GLOO_SOCKET_IFNAME"] = NS_IFNAME
+            if self.emulate_link_gbps is not None:
+                out[LINK_GBPS_ENV] = repr(float(self.emulate_link_gbps))
         out.update({k: str(v) for k, v in self.extra_env.items()})
         return out
 
@@ -88,7 +121,7 @@ def worker_command(command: tuple[str, ...]) -> tuple[str, list[str]]:
     return first, list(command[1:])
 
 
-def _launch_config(cfg: RunConfig, log_dir: str):
+def _launch_config(cfg: RunConfig, log_dir: str, local_addr: str = "127.0.0.1"):
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -104,7 +137,7 @@ def _launch_config(cfg: RunConfig, log_dir: str):
         start_method="spawn",
         log_line_prefix_template="[rank${rank}] ",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL),
-        local_addr="127.0.0.1",
+        local_addr=local_addr,
         shutdown_timeout=5,
     )
     # Keep to the fields this torch release knows (LaunchConfig grew over 2.4 -> 2.14).
@@ -142,11 +175,33 @@ def _describe_failures(err, log_dir: str) -> str:
     return "\n".join(lines)
 
 
+def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[str]) -> None:
+    from torch.distributed.launcher.api import elastic_launch
+
+    from pyddl.launch import netns_exec
+    from pyddl.launch.emulate import EmulatedCluster, EmulationError, cpu_sets
+
+    try:
+        with EmulatedCluster(cfg.emulate_nodes, cfg.emulate_link_gbps) as cluster:
+            # The agent's store is reached at local_addr (MASTER_ADDR): the bridge's address is
+            # the one every namespace can route to.
+            wrapper = ["-I", netns_exec.__file__, "--netns", cluster.netns_prefix,
+                       "--per-server", str(cfg.nproc // cfg.emulate_nodes)]
+            if cfg.emulate_pin:
+                sets = cpu_sets(cfg.emulate_nodes, sorted(os.sched_getaffinity(0)))
+                wrapper += ["--cpus", netns_exec.format_cpu_sets(sets)]
+            config = _launch_config(cfg, log_dir, local_addr=cluster.bridge_address)
+            elastic_launch(config, sys.executable)(*wrapper, "--", executable, *args)
+    except EmulationError as err:
+        raise LaunchError(f"pyddl run: {err}", 2) from None
+
+
 def launch(cfg: RunConfig) -> None:
     """Run `cfg.command` on `cfg.nproc` local workers; return when all succeeded.
 
     Raises:
-        LaunchError: a worker failed (named, with its stderr tail) or the run was interrupted.
+        LaunchError: a worker failed (named, with its stderr tail), the run was interrupted,
+            or the emulated cluster could not be created (exit code 2).
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -161,7 +216,10 @@ def launch(cfg: RunConfig) -> None:
     executable, args = worker_command(cfg.command)
     with tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
         try:
-            elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
+            if cfg.emulate_nodes:
+                _launch_emulated(cfg, log_dir, executable, args)
+            else:
+                elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
         except ChildFailedError as err:
             raise LaunchError(_describe_failures(err, log_dir)) from None
         except SignalException as sig:

@@ -1,0 +1,292 @@
+"""An emulated cluster on one machine: M "servers" as network namespaces joined by a bridge.
+
+Each server is a namespace holding one veth link (named `eth0` inside, so GLOO_SOCKET_IFNAME
+is the same for every rank) to a bridge in the root namespace; tc tbf limits that link to G
+Gbit/s each way (issue 4). Ranks of one server talk over its own address, which the kernel
+routes through `lo`, so only traffic between servers is limited. Needs root and iproute2.
+A live cluster holds a lock on its slot, so a later start cleans a killed run's leftovers
+(slot unlocked) and never a running neighbour's (slot locked).
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+
+__all__ = [
+    "EmulatedCluster",
+    "EmulationError",
+    "ServerSpec",
+    "tbf_params",
+    "cpu_sets",
+    "NS_IFNAME",
+    "LINK_GBPS_ENV",
+    "NO_ROOT_MESSAGE",
+]
+
+NS_IFNAME = "eth0"  # the link's name inside every server's namespace
+LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' link rate, for the bound in pyddl.bench.allreduce
+NO_ROOT_MESSAGE = "--emulate-nodes needs root (network namespaces and tc); run as root or drop the flag"
+_NETWORK = "10.213.{slot}.0/24"  # one /24 per live cluster, never routed beyond its bridge
+_MAX_SLOTS = 16
+_MAX_NODES = 200
+_LOCK_DIR = "/run/pyddl-emulate"
+_IFNAMSIZ = 15
+
+
+class EmulationError(RuntimeError):
+    """The emulated cluster could not be set up (no root, no iproute2, no free slot, ...)."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One emulated server: its namespace, its link's bridge-side name and its address."""
+
+    index: int
+    netns: str
+    host_link: str
+    address: str
+
+
+def tbf_params(link_gbps: float) -> tuple[int, int]:
+    """Return (burst_bytes, limit_bytes) for a tbf qdisc of `link_gbps`.
+
+    The burst covers 2 ms at the rate (at least 64 KiB, so a whole GSO segment fits and is
+    never split) and the queue 20 ms: measured on this kernel, a single TCP flow then reaches
+    the configured rate, while a larger queue only adds latency (docs/emulation.md).
+    """
+    if link_gbps <= 0:
+        raise ValueError(f"--emulate-link-gbps must be a positive rate in Gbit/s, got {link_gbps}")
+    bytes_per_s = link_gbps * 1e9 / 8
+    burst = max(64 * 1024, int(bytes_per_s * 0.002))
+    limit = max(2 * burst, int(bytes_per_s * 0.020))
+    return burst, limit
+
+
+def cpu_sets(nodes: int, cpus: list[int]) -> list[list[int]]:
+    """Split `cpus` into one set per server: equal consecutive shares, or one core each in
+    turn when there are fewer cores than servers (with 2 cores and 2 servers, server i gets
+    core i)."""
+    cpus = sorted(cpus)
+    if not cpus:
+        raise ValueError("no CPU to pin to: the launcher's affinity mask is empty")
+    if len(cpus) < nodes:
+        return [[cpus[i % len(cpus)]] for i in range(nodes)]
+    share = len(cpus) // nodes
+    return [cpus[i * share:(i + 1) * share] for i in range(nodes)]
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise EmulationError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _tc(*args: str) -> None:
+    proc = subprocess.run(["tc", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EmulationError(f"`tc {' '.join(args)}` failed: {proc.stderr.strip()}")
+
+
+def _json_list(text: str) -> list:
+    # `ip -j netns list` prints nothing at all when there is no namespace.
+    return json.loads(text) if text.strip() else []
+
+
+class EmulatedCluster:
+    """Create M emulated servers for the life of a `with` block, then remove every trace.
+
+    Args:
+        nodes: the number of servers M (namespaces), at least 1.
+        link_gbps: each server's link rate in Gbit/s, both directions; None leaves it
+            unlimited (still a real veth hop, useful as the reference).
+        prefix: names of namespaces and links start with it (letters/digits, at most 6).
+
+    Raises:
+        EmulationError: not root, `ip`/`tc` missing, or every slot held by a live cluster.
+        ValueError: bad nodes, link_gbps or prefix.
+
+    Example:
+        >>> with EmulatedCluster(2, 1.0) as cluster:
+        ...     cluster.servers[1].netns, cluster.bridge_address
+        ('pyddl0s1', '10.213.0.1')
+    """
+
+    def __init__(self, nodes: int, link_gbps: float | None = None, prefix: str = "pyddl"):
+        if not isinstance(nodes, int) or not 1 <= nodes <= _MAX_NODES:
+            raise ValueError(f"--emulate-nodes must be a number of servers from 1 to {_MAX_NODES}, got {nodes!r}")
+        if link_gbps is not None:
+            tbf_params(link_gbps)
+        if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
+            raise ValueError(f"emulation prefix must be 1-6 lower-case letters/digits starting with a letter, got {prefix!r}")
+        self.nodes = nodes
+        self.link_gbps = link_gbps
+        self.prefix = prefix
+        self.slot: int | None = None
+        self.servers: list[ServerSpec] = []
+        self.bridge = ""
+        self.bridge_address = ""
+        self._lock_fd: int | None = None
+        self._old_handlers: dict = {}
+
+    # -- names -------------------------------------------------------------------------------
+
+    def _names(self, slot: int) -> re.Pattern:
+        return re.compile(rf"{self.prefix}{slot}(br|s\d+|v\d+)")
+
+    def _owned(self, slot: int) -> tuple[list[str], list[str]]:
+        """The namespaces and root-namespace links that belong to `slot`, live or stale."""
+        pattern = self._names(slot)
+        netns = [n["name"] for n in _json_list(_ip("-j", "netns", "list")) if pattern.fullmatch(n["name"])]
+        links = [ln["ifname"] for ln in _json_list(_ip("-j", "link", "show")) if pattern.fullmatch(ln["ifname"])]
+        return netns, links
+
+    # -- slots -------------------------------------------------------------------------------
+
+    def _try_lock(self, slot: int) -> int | None:
+        os.makedirs(_LOCK_DIR, exist_ok=True)
+        fd = os.open(os.path.join(_LOCK_DIR, f"{self.prefix}{slot}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def _network_is_free(self, slot: int) -> bool:
+        # Never shadow a network the machine really uses: skip a slot whose /24 overlaps a route
+        # on a link that is not one of ours.
+        net = ipaddress.ip_network(_NETWORK.format(slot=slot))
+        pattern = re.compile(rf"{self.prefix}\d+(br|s\d+|v\d+)")
+        for route in _json_list(_ip("-j", "-4", "route", "show", "table", "all")):
+            dst = route.get("dst", "")
+            if dst in ("default", "") or pattern.fullmatch(route.get("dev", "")):
+                continue
+            try:
+                if ipaddress.ip_network(dst, strict=False).overlaps(net):
+                    return False
+            except ValueError:
+                continue
+        return True
+
+    def _clean_slot(self, slot: int) -> None:
+        """Remove everything `slot` left behind: processes in its namespaces, links, namespaces."""
+        netns, links = self._owned(slot)
+        for ns in netns:
+            # Workers of a killed launcher live on inside their namespace; they are ours.
+            for pid in _ip("netns", "pids", ns, check=False).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+        for link in sorted(links, key=lambda name: name.endswith("br")):
+            _ip("link", "del", link, check=False)
+        for ns in netns:
+            _ip("netns", "del", ns, check=False)
+
+    def _claim_slot(self) -> int:
+        chosen = None
+        for slot in range(_MAX_SLOTS):
+            fd = self._try_lock(slot)
+            if fd is None:
+                continue
+            self._clean_slot(slot)
+            if chosen is None and self._network_is_free(slot):
+                chosen, self._lock_fd = slot, fd
+            else:
+                os.close(fd)
+        if chosen is None:
+            raise EmulationError(
+                f"no free emulation slot: {_MAX_SLOTS} emulated clusters are running (or their "
+                f"networks 10.213.0-{_MAX_SLOTS - 1}.0/24 are in use); wait for one to end"
+            )
+        return chosen
+
+    # -- set up / tear down ------------------------------------------------------------------
+
+    def _check_can_run(self) -> None:
+        if os.geteuid() != 0:
+            raise EmulationError(NO_ROOT_MESSAGE)
+        missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
+        if missing:
+            raise EmulationError(
+                f"--emulate-nodes needs {' and '.join(missing)} (iproute2); install it, e.g. "
+                "`apt-get install iproute2`, or drop the flag"
+            )
+
+    def _limit(self, *dev: str) -> None:
+        burst, limit = tbf_params(self.link_gbps)
+        _tc(*dev, "root", "tbf", "rate", f"{self.link_gbps * 1000:g}mbit", "burst", str(burst), "limit", str(limit))
+
+    def _build(self, slot: int) -> None:
+        net = ipaddress.ip_network(_NETWORK.format(slot=slot))
+        hosts = list(net.hosts())
+        self.bridge = f"{self.prefix}{slot}br"
+        self.bridge_address = str(hosts[0])
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.bridge_address}/{net.prefixlen}", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i in range(self.nodes):
+            server = ServerSpec(i, f"{self.prefix}{slot}s{i}", f"{self.prefix}{slot}v{i}", str(hosts[1 + i]))
+            self.servers.append(server)
+            _ip("netns", "add", server.netns)
+            _ip("link", "add", server.host_link, "type", "veth", "peer", "name", NS_IFNAME, "netns", server.netns)
+            _ip("link", "set", server.host_link, "master", self.bridge)
+            _ip("link", "set", server.host_link, "up")
+            _ip("-n", server.netns, "link", "set", "lo", "up")
+            _ip("-n", server.netns, "addr", "add", f"{server.address}/{net.prefixlen}", "dev", NS_IFNAME)
+            _ip("-n", server.netns, "link", "set", NS_IFNAME, "up")
+            if self.link_gbps is not None:
+                self._limit("qdisc", "add", "dev", server.host_link)  # into the server: download
+                self._limit("-n", server.netns, "qdisc", "add", "dev", NS_IFNAME)  # out of it: upload
+
+    def _on_signal(self, signum, frame):
+        raise SystemExit(128 + signum)
+
+    def __enter__(self) -> "EmulatedCluster":
+        self._check_can_run()
+        self.slot = self._claim_slot()
+        atexit.register(self.close)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self._build(self.slot)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the namespaces, links and lock of this cluster; safe to call twice."""
+        if self.slot is None:
+            return
+        slot, self.slot = self.slot, None
+        try:
+            self._clean_slot(slot)
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
+            self._old_handlers.clear()
+            atexit.unregister(self.close)
+
+    @property
+    def netns_prefix(self) -> str:
+        """Server i's namespace is this prefix followed by i."""
+        return f"{self.prefix}{self.slot}s"

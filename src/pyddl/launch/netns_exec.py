@@ -1,0 +1,67 @@
+"""Worker entry point under emulation: enter this rank's server namespace, pin, exec the job.
+
+The agent starts every worker as `python -I netns_exec.py --netns PREFIX --per-server K
+[--cpus SETS] -- program args...`; rank LOCAL_RANK belongs to server LOCAL_RANK // K. It runs
+as a plain script (no `import pyddl`, which would load torch) and replaces itself with the
+program, so the agent's signals reach the worker directly. Linux only; needs CAP_SYS_ADMIN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import sys
+
+__all__ = ["main", "parse_cpu_sets", "format_cpu_sets"]
+
+_CLONE_NEWNET = 0x40000000
+_PR_SET_PDEATHSIG = 1
+_NETNS_DIR = "/run/netns"
+
+
+def format_cpu_sets(sets: list[list[int]]) -> str:
+    """Encode per-server CPU sets for the command line: "0,1;2,3" (server 0: cores 0-1)."""
+    return ";".join(",".join(map(str, s)) for s in sets)
+
+
+def parse_cpu_sets(text: str) -> list[list[int]]:
+    """Decode what `format_cpu_sets` wrote."""
+    return [[int(c) for c in part.split(",")] for part in text.split(";")]
+
+
+def _enter_netns(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(os.path.join(_NETNS_DIR, name), os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot enter network namespace {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    # A worker must not outlive a launcher killed with SIGKILL (it could not tear the
+    # namespace down); the next start also kills such orphans, this just does it at once.
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Enter the namespace of this rank's server, pin it if asked, and exec the program."""
+    parser = argparse.ArgumentParser(prog="netns_exec")
+    parser.add_argument("--netns", required=True, help="namespace name without the server index")
+    parser.add_argument("--per-server", type=int, required=True, help="consecutive ranks per server")
+    parser.add_argument("--cpus", help="per-server CPU sets, e.g. '0;1'")
+    parser.add_argument("program", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        parser.error("no program to run after --")
+    server = int(os.environ["LOCAL_RANK"]) // args.per_server
+    _enter_netns(f"{args.netns}{server}")
+    if args.cpus:
+        os.sched_setaffinity(0, parse_cpu_sets(args.cpus)[server])
+    os.execvp(program[0], program)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
