@@ -112,3 +112,31 @@ def test_bench_allreduce_table_and_json(tmp_path):
 def test_bench_rejects_bad_sizes(tmp_path):
     proc = _run(["bench", "allreduce", "--sizes", "12Q"], tmp_path)
     assert proc.returncode == 2 and "not a number" in proc.stderr
+
+
+def test_bench_step_compares_systems(tmp_path):
+    out = tmp_path / "step.json"
+    proc = _run(
+        ["bench", "step", "-np", "2", "--model", "small_cnn", "--batch", "4", "--image-size", "16",
+         "--steps", "2", "--warmup", "1", "--systems", "single,ddp,ddp-noop,pyddl-multiring-fp16,pyddl-noop",
+         "--json", str(out)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"single", "ddp", "ddp-noop", "pyddl-multiring-fp16", "pyddl-noop"}
+    single = rows["single"]
+    assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
+    for name in ("ddp", "pyddl-multiring-fp16"):
+        r = rows[name]
+        noop = rows["ddp-noop" if name == "ddp" else "pyddl-noop"]
+        assert r["comm_efficiency"] == pytest.approx(noop["median_step_s"] / r["median_step_s"])
+        assert r["exposed_comm_fraction"] == pytest.approx(1 - r["comm_efficiency"])
+        assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (2 * single["images_per_s"]))
+        assert r["images_per_s"] == pytest.approx(2 * 4 / r["median_step_s"])
+
+
+def test_bench_step_rejects_unknown_system(tmp_path):
+    proc = _run(["bench", "step", "--systems", "ddp,horovod"], tmp_path)
+    assert proc.returncode == 2 and "unknown system(s) horovod" in proc.stderr

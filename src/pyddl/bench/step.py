@@ -1,0 +1,150 @@
+"""Training-step benchmark: one model under one worker, torch DDP and pyddl, side by side.
+
+`pyddl bench step --model resnet18 -np 2` first times the model alone on one worker, then
+starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop hook) and
+pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
+no communication). Same model, seed and synthetic batch everywhere; data loading is left out.
+
+Figures per system: the median step time (the slowest rank's), images/s, the communication
+efficiency = (its own family's no-communication step time) / (its step time), whose
+complement is the exposed-communication fraction, and the scaling efficiency against the
+one worker alone = throughput(n) / (n x throughput(1)).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+__all__ = ["SYSTEMS", "run_systems", "summarize", "format_table", "default_systems"]
+
+# name -> (family, what it runs); the family's "-noop" member is its no-communication time.
+SYSTEMS = {
+    "single": "one worker alone, plain optimizer",
+    "ddp": "torch DDP, the backend's allreduce",
+    "ddp-fp16": "torch DDP with torch's fp16_compress_hook",
+    "ddp-noop": "torch DDP with a no-op hook (no communication)",
+    "pyddl-native": "pyddl DistributedOptimizer, native allreduce",
+    "pyddl-native-fp16": "pyddl, native allreduce, fp16 on the wire",
+    "pyddl-multiring": "pyddl DistributedOptimizer, multiring allreduce",
+    "pyddl-multiring-fp16": "pyddl, multiring allreduce, fp16 on the wire",
+    "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
+}
+
+
+def default_systems() -> list[str]:
+    return [s for s in SYSTEMS if s != "single"]
+
+
+def _family(system: str) -> str:
+    return "ddp" if system.startswith("ddp") else "pyddl"
+
+
+def _build(system: str, model_name: str, num_classes: int, image_size: int, bucket_mb: float):
+    from pyddl.train.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes, (3, image_size, image_size))
+    sgd = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)  # noqa: E731
+    if system in ("single", "pyddl-noop"):
+        return model, model, sgd(model.parameters())
+    if system.startswith("ddp"):
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        from pyddl.torch.ddp_hook import noop_hook
+
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+        if system == "ddp-fp16":
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif system == "ddp-noop":
+            ddp.register_comm_hook(None, noop_hook)
+        return model, ddp, sgd(ddp.parameters())
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    parts = system.split("-")
+    codec = type("Codec", (), {"codec": "fp16" if parts[-1] == "fp16" else "none"})()
+    opt = DistributedOptimizer(
+        sgd(model.parameters()), named_parameters=model.named_parameters(), compression=codec,
+        algorithm=parts[1], bucket_bytes=int(bucket_mb * 1024 * 1024),
+    )
+    return model, model, opt
+
+
+def _time_system(system: str, model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> list[float]:
+    num_classes = 1000
+    model, forward, opt = _build(system, model_name, num_classes, image_size, bucket_mb)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss_fn(forward(x), y).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> tuple[int, list[dict]]:
+    """Inside a job: time each system on every rank; return (rank, rows), each row holding
+    the slowest rank's median."""
+    import pyddl
+
+    pyddl.init()
+    rank = pyddl.rank()
+    rows = []
+    for system in systems:
+        pyddl.barrier()
+        times = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
+        med = torch.tensor([statistics.median(times)], dtype=torch.float64)
+        worst = pyddl.allreduce(med, op="max").item()
+        rows.append({"system": system, "workers": pyddl.size(), "batch_per_worker": batch,
+                     "median_step_s": worst, "images_per_s": pyddl.size() * batch / worst,
+                     "step_times_s": times})
+        if rank == 0:
+            print(f"  {system:<22} {worst * 1e3:8.1f} ms/step", flush=True)
+    pyddl.shutdown()
+    return rank, rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Add communication and scaling efficiencies to the rows (the bench's derived figures)."""
+    by = {(r["system"], r["workers"]): r for r in rows}
+    single = next((r for r in rows if r["system"] == "single"), None)
+    out = []
+    for r in rows:
+        r = dict(r)
+        noop = by.get((f"{_family(r['system'])}-noop", r["workers"]))
+        if r["system"] != "single" and noop is not None:
+            r["comm_efficiency"] = noop["median_step_s"] / r["median_step_s"]
+            r["exposed_comm_fraction"] = 1 - r["comm_efficiency"]
+        if single is not None:
+            r["scaling_efficiency"] = r["images_per_s"] / (r["workers"] * single["images_per_s"])
+        out.append(r)
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'system':<22} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'exposed':>8} {'scaling eff':>11}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ce = f"{r['comm_efficiency']:9.3f}" if "comm_efficiency" in r else f"{'-':>9}"
+        ex = f"{r['exposed_comm_fraction']:8.3f}" if "exposed_comm_fraction" in r else f"{'-':>8}"
+        se = f"{r['scaling_efficiency']:11.3f}" if "scaling_efficiency" in r else f"{'-':>11}"
+        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} {ce} {ex} {se}")
+    return "\n".join(lines)
+
+
+def worker_main(out_path: str, systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> None:
+    """The body run by each worker of a step-bench job; rank 0 writes the rows to out_path."""
+    rank, rows = run_systems(systems, model_name, batch, image_size, steps, warmup, bucket_mb)
+    if rank == 0:
+        with open(out_path, "w") as fh:
+            json.dump(rows, fh)
