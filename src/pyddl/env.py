@@ -23,6 +23,7 @@ __all__ = [
     "PYDDL_TIMEOUT",
     "PYDDL_CHUNK_BYTES",
     "PYDDL_CHECK",
+    "PYDDL_STALL_WARN",
 ]
 
 # pyddl's own settings (each also a keyword of pyddl.init and a flag of `pyddl run`).
@@ -31,6 +32,7 @@ PYDDL_ALLREDUCE = "PYDDL_ALLREDUCE"  # native | multiring | auto
 PYDDL_TIMEOUT = "PYDDL_TIMEOUT"  # seconds any collective may wait
 PYDDL_CHUNK_BYTES = "PYDDL_CHUNK_BYTES"  # pipelining chunk of the multiring allreduce
 PYDDL_CHECK = "PYDDL_CHECK"  # "1" (default): cross-rank fingerprint check of every collective
+PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective warns about slow ranks
 
 _DEFAULT_PORT = 29500
 

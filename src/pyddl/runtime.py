@@ -60,6 +60,7 @@ class Settings:
     timeout_s: float = _DEFAULT_TIMEOUT_S
     chunk_bytes: int = _DEFAULT_CHUNK_BYTES
     check: bool = True
+    stall_warn_s: float | None = None  # default: min(60 s, timeout / 2)
 
 
 @dataclass
@@ -98,7 +99,8 @@ def _resolve_settings(allreduce, timeout_s, chunk_bytes) -> Settings:
     if chunk <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk}")
     check = os.environ.get(_env.PYDDL_CHECK, "1") not in ("0", "false", "off")
-    return Settings(alg, timeout, chunk, check)
+    stall = os.environ.get(_env.PYDDL_STALL_WARN)
+    return Settings(alg, timeout, chunk, check, float(stall) if stall else None)
 
 
 def _detect_topology(job: _env.JobEnv, spec: str | None, world) -> Topology:
@@ -197,7 +199,7 @@ def init(
             levels=levels,
             world=world,
             engine=Engine(wait_limit_s=settings.timeout_s * 2 + 60),
-            monitor=Monitor(store, my_rank, world_size, settings.timeout_s),
+            monitor=Monitor(store, my_rank, world_size, settings.timeout_s, settings.stall_warn_s),
             owns_world=owns_world,
             timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank),
         )
@@ -325,6 +327,7 @@ def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = 
             if checked and st.settings.check and len(world_ranks) > 1:
                 exchange(info, seq, st.world, world_ranks, st.device, dist.get_rank())
             result = fn(seq)
+            st.monitor.leave()
             if st.timeline.enabled:
                 st.timeline.span(info.name, start, st.timeline.now_us(), "comm", {"seq": seq, "call": info.detail[:200]})
             return result

@@ -1,5 +1,6 @@
 """Error paths: mismatched calls, a rank that never arrives, misuse before init, bad input."""
 
+import os
 import time
 
 import pytest
@@ -179,3 +180,29 @@ def test_join_serves_uneven_batches_then_the_job_goes_on():
         assert torch.allclose(r[3][0], w0 - moved[rank], atol=1e-6)
     for r in results:
         assert "ranks 1,2 have called join(), and broadcast(float32[1] root=0) cannot run" in r[4]
+
+
+def _straggler(rank, world):
+    import contextlib
+    import io
+
+    import pyddl
+
+    os.environ["PYDDL_STALL_WARN"] = "1"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        pyddl.init(timeout_s=30)
+        pyddl.allreduce(torch.ones(1))
+        if rank == 1:
+            time.sleep(4)  # slow, but well within the timeout
+        value = pyddl.allreduce(torch.ones(1)).item()
+        pyddl.shutdown()
+    return value, err.getvalue()
+
+
+def test_a_straggler_is_a_warning_naming_it_not_an_error():
+    (v0, err0), (v1, err1) = run_ranks(_straggler, 2)
+    assert v0 == v1 == 2.0
+    assert "pyddl: warning: rank 0 has waited" in err0
+    assert "in collective #2 (allreduce) for slower ranks: rank 1 is 1 collective(s) behind, at #1 (allreduce)" in err0
+    assert "warning" not in err1

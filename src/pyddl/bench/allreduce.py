@@ -120,6 +120,7 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
                 "dims": list(topo.dims),
                 "backend": torch.distributed.get_backend(),
                 "emulate": {"nodes": pyddl.cross_size(), "link_gbps": link} if link else None,
+                "chunk_bytes": pyddl.settings().chunk_bytes,
                 "torch": torch.__version__.split("+")[0],
             }
             with open(json_path, "w") as fh:

@@ -9,6 +9,7 @@ arrived (their number is behind) and which are silent (exited or frozen).
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -108,11 +109,16 @@ def _ranks(ranks: list[int]) -> str:
 class Monitor:
     """Heartbeat publisher and post-mortem reader for one process."""
 
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float, stall_warn_s: float | None = None):
         self._store = dist.PrefixStore("pyddl/hb", store) if store is not None else None
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        # A collective waiting this long names the ranks behind (Horovod's stall check warns
+        # after 60 s); it is a warning, the timeout is the error.
+        self.stall_warn_s = stall_warn_s if stall_warn_s is not None else min(60.0, timeout_s / 2)
         self.seq = 0
         self.current = "init"
+        self._entered_at: float | None = None
+        self._warned_seq = -1
         self._beat = 0
         self.interval_s = min(1.0, max(0.1, timeout_s / 10))
         self._stop = threading.Event()
@@ -124,6 +130,10 @@ class Monitor:
 
     def enter(self, seq: int, info: OpInfo) -> None:
         self.seq, self.current = seq, info.name
+        self._entered_at = time.monotonic()
+
+    def leave(self) -> None:
+        self._entered_at = None
 
     def _publish(self) -> None:
         self._beat += 1
@@ -133,8 +143,33 @@ class Monitor:
         while not self._stop.wait(self.interval_s):
             try:
                 self._publish()
+                self._check_stall()
             except Exception:
                 return  # the store is gone (rank 0 exited); post-mortems will say so
+
+    def _check_stall(self) -> None:
+        entered, seq = self._entered_at, self.seq
+        if entered is None or seq == self._warned_seq:
+            return
+        waited = time.monotonic() - entered
+        if waited < self.stall_warn_s:
+            return
+        others = [r for r in range(self.world_size) if r != self.rank]
+        behind = [(r, hb) for r, hb in self._read(others).items() if hb is None or hb[0] < seq]
+        if not behind:
+            return
+        self._warned_seq = seq
+        notes = ", ".join(
+            f"rank {r} " + ("has not started" if hb is None else f"is {seq - hb[0]} collective(s) behind, at #{hb[0]} ({hb[1]})")
+            for r, hb in behind
+        )
+        print(
+            f"pyddl: warning: rank {self.rank} has waited {waited:.0f} s in collective #{seq} "
+            f"({self.current}) for slower ranks: {notes}. Not an error yet: the timeout is "
+            f"{self.timeout_s:g} s.",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self) -> None:
         self._stop.set()
