@@ -12,9 +12,9 @@ from pyddl.train.config import (
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(prog="pyddl train")
-    add_train_arguments(parser)
-    return config_from_args(parser.parse_args(argv))
+    from pyddl.cli.train import build_parser
+
+    return config_from_args(build_parser(argparse.ArgumentParser(prog="pyddl train")).parse_args(argv))
 
 
 def test_defaults_are_the_digits_run():
@@ -33,7 +33,8 @@ def test_every_flag_reaches_the_config():
         "--batch-size", "64", "--base-lr", "0.2", "--base-batch", "512", "--warmup-epochs", "3",
         "--decay", "step", "--milestones", "30,60,80", "--gamma", "0.2", "--optimizer", "lars",
         "--momentum", "0.8", "--weight-decay", "5e-5", "--lars-eta", "0.002",
-        "--label-smoothing", "0.1", "--allreduce", "multiring", "--compression", "fp16",
+        "--label-smoothing", "0.1", "--allreduce", "multiring", "--topology", "2x2",
+        "--compression", "fp16", "--stop-after-epoch", "45",
         "--checkpoint-dir", "/ck", "--keep-checkpoints", "5", "--resume", "--seed", "7",
         "--out", "/runs/a", "--max-steps-per-epoch", "3", "--synthetic-size", "500",
         "--synthetic-classes", "10", "--image-size", "128", "--loader-workers", "4",
@@ -43,12 +44,29 @@ def test_every_flag_reaches_the_config():
         workers=4, model="resnet50", data="/data/imagenet", epochs=90, batch_size=64,
         base_lr=0.2, base_batch=512, warmup_epochs=3.0, decay="step", milestones=(30, 60, 80),
         gamma=0.2, optimizer="lars", momentum=0.8, weight_decay=5e-5, lars_eta=0.002,
-        label_smoothing=0.1, allreduce="multiring", compression="fp16", checkpoint_dir="/ck",
+        label_smoothing=0.1, allreduce="multiring", topology="2x2", compression="fp16",
+        stop_after_epoch=45, checkpoint_dir="/ck",
         keep_checkpoints=5, resume=True, seed=7, out="/runs/a", max_steps_per_epoch=3,
         synthetic_size=500, synthetic_classes=10, image_size=128, loader_workers=4,
         device="cpu", log_every_s=2.5)
     assert cfg.global_batch_at(0) == 256
     assert parse(["--nesterov"]).nesterov is True
+
+
+def test_job_flags_are_pyddl_runs_and_training_flags_add_none_of_their_own():
+    job = argparse.ArgumentParser()
+    from pyddl.cli.run import add_job_flags
+
+    add_job_flags(job)
+    train = argparse.ArgumentParser()
+    add_train_arguments(train)
+    job_opts = {o for a in job._actions for o in a.option_strings} - {"-h", "--help"}
+    train_opts = {o for a in train._actions for o in a.option_strings} - {"-h", "--help"}
+    assert {"-np", "--allreduce", "--topology"} <= job_opts
+    assert not job_opts & train_opts
+    # Only the training flags (a namespace without job flags) keep the job defaults.
+    only_train = config_from_args(train.parse_args(["--epochs", "3"]))
+    assert (only_train.workers, only_train.allreduce, only_train.epochs) == (2, None, 3)
 
 
 def test_batch_ramp_flag_and_api_agree():
@@ -97,6 +115,8 @@ def test_warmup_default_follows_goyal_capped_by_run_length():
     (dict(lars_eta=0.0), "--lars-eta must be > 0"),
     (dict(label_smoothing=1.0), r"--label-smoothing must be in \[0, 1\)"),
     (dict(allreduce="ring"), "--allreduce must be one of native, multiring, auto"),
+    (dict(topology="2x2"), r"world size 2 does not match topology 2x2"),
+    (dict(stop_after_epoch=6), r"--stop-after-epoch must be in 1..--epochs=5"),
     (dict(compression="int8"), "--compression must be one of none, fp16, bf16"),
     (dict(keep_checkpoints=0), "--keep-checkpoints must be >= 1"),
     (dict(resume=True), "--resume needs to know where the checkpoints are"),

@@ -18,6 +18,7 @@ _SUBCOMMANDS = {
     "run": "pyddl.cli.run",
     "bench": "pyddl.cli.bench",
     "simulate": "pyddl.cli.simulate",
+    "train": "pyddl.cli.train",
 }
 
 

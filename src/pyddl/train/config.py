@@ -3,6 +3,7 @@
 Validation happens at construction, before any process starts, so a bad flag fails in the
 launcher with a message instead of in N workers at once. No torch.distributed here.
 The defaults train the small CNN on digits on 2 local workers (global batch 64) past 0.95.
+The job flags (-np, --topology, --allreduce, ...) are `pyddl run`'s, added by the CLI.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pyddl.topology.spec import parse_topology
 from pyddl.train.recipe import (
     DECAYS, Recipe, parse_batch_ramp, ramp_batch_at, validate_batch_ramp,
 )
@@ -70,7 +72,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     lars_eta: float = 0.001
     label_smoothing: float = 0.0
-    allreduce: str = "native"
+    allreduce: str | None = None
+    topology: str | None = None
     compression: str = "none"
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
@@ -78,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None
     max_steps_per_epoch: int | None = None
+    stop_after_epoch: int | None = None
     synthetic_size: int = 10_000
     synthetic_classes: int = 1000
     image_size: int = 224
@@ -152,8 +156,10 @@ class TrainConfig:
         need(self.lars_eta > 0, f"--lars-eta must be > 0, got {self.lars_eta}")
         need(0 <= self.label_smoothing < 1,
              f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        need(self.allreduce in ALLREDUCE_ALGORITHMS,
+        need(self.allreduce is None or self.allreduce in ALLREDUCE_ALGORITHMS,
              f"--allreduce must be one of {', '.join(ALLREDUCE_ALGORITHMS)}, got {self.allreduce!r}")
+        if self.topology is not None:
+            parse_topology(self.topology, self.workers)
         need(self.compression in COMPRESSIONS,
              f"--compression must be one of {', '.join(COMPRESSIONS)}, got {self.compression!r}")
         need(self.keep_checkpoints >= 1,
@@ -164,6 +170,8 @@ class TrainConfig:
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              f"--max-steps-per-epoch must be >= 1, got {self.max_steps_per_epoch}")
+        need(self.stop_after_epoch is None or 1 <= self.stop_after_epoch <= self.epochs,
+             f"--stop-after-epoch must be in 1..--epochs={self.epochs}, got {self.stop_after_epoch}")
         need(self.synthetic_size >= 1 and self.synthetic_classes >= 1,
              f"--synthetic-size and --synthetic-classes must be >= 1, got "
              f"{self.synthetic_size}, {self.synthetic_classes}")
@@ -225,11 +233,14 @@ def _ramp(text: str) -> tuple[tuple[int, int], ...]:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every TrainConfig flag to `parser` (defaults taken from TrainConfig)."""
+    """Add the training flags of TrainConfig to `parser` (defaults taken from TrainConfig).
+
+    The job flags -np (workers), --topology and --allreduce are `pyddl run`'s own
+    (`pyddl.cli.run.add_job_flags`), so every launching command spells them the same way;
+    `config_from_args` reads them from the namespace when they are there.
+    """
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    g = parser.add_argument_group("job")
-    g.add_argument("-np", "--workers", type=int, default=d["workers"], metavar="N",
-                   help="local worker processes (default %(default)s)")
+    g = parser.add_argument_group("training run")
     g.add_argument("--model", default=d["model"], metavar="M",
                    help="small_cnn or a torchvision classifier: resnet50, resnet101, ... "
                    "(default %(default)s)")
@@ -248,6 +259,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto: one GPU per worker if CUDA is present, else CPU")
     g.add_argument("--max-steps-per-epoch", type=int, default=d["max_steps_per_epoch"],
                    metavar="K", help="cap steps per epoch (quick tests)")
+    g.add_argument("--stop-after-epoch", type=int, default=d["stop_after_epoch"], metavar="K",
+                   help="stop after epoch K as if interrupted (the checkpoint stays; continue "
+                   "with --resume), e.g. to fit a time-limited allocation")
     g.add_argument("--log-every", dest="log_every_s", type=float, default=d["log_every_s"],
                    metavar="SEC", help="progress line period when stdout is not a terminal")
 
@@ -275,8 +289,6 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--label-smoothing", type=float, default=d["label_smoothing"], metavar="EPS")
 
     c = parser.add_argument_group("communication")
-    c.add_argument("--allreduce", choices=ALLREDUCE_ALGORITHMS, default=d["allreduce"],
-                   metavar="ALG", help=f"{'|'.join(ALLREDUCE_ALGORITHMS)} (default %(default)s)")
     c.add_argument("--compression", choices=COMPRESSIONS, default=d["compression"],
                    help="gradient wire format (default %(default)s)")
 
@@ -295,11 +307,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DataLoader processes per worker (default %(default)s)")
 
 
+# TrainConfig field -> its namespace attribute where the job flags name it differently.
+_JOB_FLAG_DEST = {"workers": "nproc"}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Build a TrainConfig from a namespace parsed with `add_train_arguments`' flags.
+    """Build a TrainConfig from a namespace parsed with `add_train_arguments`' flags (and the
+    job flags, when present; an absent or None -np keeps the default of 2 workers).
 
     Raises:
         ValueError, TypeError: as TrainConfig's validation.
     """
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    return TrainConfig(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+    kwargs = {}
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, _JOB_FLAG_DEST.get(f.name, f.name), None)
+        if value is not None:  # every optional field defaults to None, so None means "unset"
+            kwargs[f.name] = value
+    return TrainConfig(**kwargs)
