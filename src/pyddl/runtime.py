@@ -49,7 +49,7 @@ __all__ = [
 
 ALGORITHMS = ("native", "multiring", "auto")
 _DEFAULT_TIMEOUT_S = 300.0
-_DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+_DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ def init(
         topology: dims innermost first, e.g. "4x2"; default: ranks grouped by server.
         allreduce: "native", "multiring" or "auto" (default: PYDDL_ALLREDUCE or native).
         timeout_s: how long any collective may wait before failing (default 300 s).
-        chunk_bytes: pipelining chunk of the multiring allreduce (default 4 MiB).
+        chunk_bytes: pipelining chunk of the multiring allreduce (default 2 MiB).
         backend: "gloo" or "nccl" (default: NCCL when CUDA is available, else Gloo).
 
     Raises:
