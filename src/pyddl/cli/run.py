@@ -24,6 +24,8 @@ def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None
                      help="run the workers on M emulated servers (network namespaces), N/M consecutive ranks each")
     emu.add_argument("--emulate-link-gbps", type=float, metavar="G",
                      help="limit each emulated server's link to G Gbit/s each way (default: unlimited)")
+    emu.add_argument("--emulate-mtu", type=int, default=1500, metavar="BYTES",
+                     help="emulated links' MTU: 1500 (default, commodity Ethernet) or 9000 (jumbo frames)")
     emu.add_argument("--emulate-pin", action="store_true",
                      help="pin each emulated server's ranks to its own CPU cores")
 
@@ -41,6 +43,7 @@ def config_from_args(args, command: tuple[str, ...]) -> RunConfig:
         emulate_nodes=args.emulate_nodes,
         emulate_link_gbps=args.emulate_link_gbps,
         emulate_pin=args.emulate_pin,
+        emulate_mtu=args.emulate_mtu,
     )
 
 

@@ -40,7 +40,7 @@ _NETWORK = "10.213.{slot}.0/24"  # one /24 per live cluster, never routed beyond
 _MAX_SLOTS = 16
 _MAX_NODES = 200
 _LOCK_DIR = "/run/pyddl-emulate"
-_IFNAMSIZ = 15
+_MIN_MTU, _MAX_MTU = 576, 65535
 
 
 class EmulationError(RuntimeError):
@@ -110,6 +110,8 @@ class EmulatedCluster:
         nodes: the number of servers M (namespaces), at least 1.
         link_gbps: each server's link rate in Gbit/s, both directions; None leaves it
             unlimited (still a real veth hop, useful as the reference).
+        mtu: the links' MTU in bytes: 1500 as on commodity Ethernet (TCP payload is then at
+            most 1448/1514 = 95.6% of the rate), 9000 for a jumbo-frame fabric (99.3%).
         prefix: names of namespaces and links start with it (letters/digits, at most 6).
 
     Raises:
@@ -122,15 +124,18 @@ class EmulatedCluster:
         ('pyddl0s1', '10.213.0.1')
     """
 
-    def __init__(self, nodes: int, link_gbps: float | None = None, prefix: str = "pyddl"):
+    def __init__(self, nodes: int, link_gbps: float | None = None, mtu: int = 1500, prefix: str = "pyddl"):
         if not isinstance(nodes, int) or not 1 <= nodes <= _MAX_NODES:
             raise ValueError(f"--emulate-nodes must be a number of servers from 1 to {_MAX_NODES}, got {nodes!r}")
         if link_gbps is not None:
             tbf_params(link_gbps)
+        if not isinstance(mtu, int) or not _MIN_MTU <= mtu <= _MAX_MTU:
+            raise ValueError(f"--emulate-mtu must be {_MIN_MTU} to {_MAX_MTU} bytes, got {mtu!r}")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
             raise ValueError(f"emulation prefix must be 1-6 lower-case letters/digits starting with a letter, got {prefix!r}")
         self.nodes = nodes
         self.link_gbps = link_gbps
+        self.mtu = mtu
         self.prefix = prefix
         self.slot: int | None = None
         self.servers: list[ServerSpec] = []
@@ -141,15 +146,17 @@ class EmulatedCluster:
 
     # -- names -------------------------------------------------------------------------------
 
-    def _names(self, slot: int) -> re.Pattern:
-        return re.compile(rf"{self.prefix}{slot}(br|s\d+|v\d+)")
-
-    def _owned(self, slot: int) -> tuple[list[str], list[str]]:
-        """The namespaces and root-namespace links that belong to `slot`, live or stale."""
-        pattern = self._names(slot)
-        netns = [n["name"] for n in _json_list(_ip("-j", "netns", "list")) if pattern.fullmatch(n["name"])]
-        links = [ln["ifname"] for ln in _json_list(_ip("-j", "link", "show")) if pattern.fullmatch(ln["ifname"])]
-        return netns, links
+    def _leftovers(self) -> dict[int, tuple[list[str], list[str]]]:
+        """slot -> (namespaces, root-namespace links) that exist under this prefix, live or stale."""
+        pattern = re.compile(rf"{self.prefix}(\d+)(?:br|s\d+|v\d+)")
+        found: dict[int, tuple[list[str], list[str]]] = {}
+        names = [(n["name"], 0) for n in _json_list(_ip("-j", "netns", "list"))]
+        names += [(ln["ifname"], 1) for ln in _json_list(_ip("-j", "link", "show"))]
+        for name, kind in names:
+            m = pattern.fullmatch(name)
+            if m:
+                found.setdefault(int(m.group(1)), ([], []))[kind].append(name)
+        return found
 
     # -- slots -------------------------------------------------------------------------------
 
@@ -181,7 +188,7 @@ class EmulatedCluster:
 
     def _clean_slot(self, slot: int) -> None:
         """Remove everything `slot` left behind: processes in its namespaces, links, namespaces."""
-        netns, links = self._owned(slot)
+        netns, links = self._leftovers().get(slot, ([], []))
         for ns in netns:
             # Workers of a killed launcher live on inside their namespace; they are ours.
             for pid in _ip("netns", "pids", ns, check=False).split():
@@ -196,7 +203,10 @@ class EmulatedCluster:
 
     def _claim_slot(self) -> int:
         chosen = None
+        stale = set(self._leftovers())
         for slot in range(_MAX_SLOTS):
+            if chosen is not None and slot not in stale:
+                continue
             fd = self._try_lock(slot)
             if fd is None:
                 continue
@@ -233,14 +243,16 @@ class EmulatedCluster:
         hosts = list(net.hosts())
         self.bridge = f"{self.prefix}{slot}br"
         self.bridge_address = str(hosts[0])
-        _ip("link", "add", self.bridge, "type", "bridge")
+        self.servers = []
+        _ip("link", "add", self.bridge, "mtu", str(self.mtu), "type", "bridge")
         _ip("addr", "add", f"{self.bridge_address}/{net.prefixlen}", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i in range(self.nodes):
             server = ServerSpec(i, f"{self.prefix}{slot}s{i}", f"{self.prefix}{slot}v{i}", str(hosts[1 + i]))
             self.servers.append(server)
             _ip("netns", "add", server.netns)
-            _ip("link", "add", server.host_link, "type", "veth", "peer", "name", NS_IFNAME, "netns", server.netns)
+            _ip("link", "add", server.host_link, "mtu", str(self.mtu), "type", "veth",
+                "peer", "name", NS_IFNAME, "mtu", str(self.mtu), "netns", server.netns)
             _ip("link", "set", server.host_link, "master", self.bridge)
             _ip("link", "set", server.host_link, "up")
             _ip("-n", server.netns, "link", "set", "lo", "up")
@@ -254,6 +266,8 @@ class EmulatedCluster:
         raise SystemExit(128 + signum)
 
     def __enter__(self) -> "EmulatedCluster":
+        if self._lock_fd is not None:
+            raise RuntimeError("this emulated cluster is already up; create a new EmulatedCluster per `with`")
         self._check_can_run()
         self.slot = self._claim_slot()
         atexit.register(self.close)
@@ -272,15 +286,13 @@ class EmulatedCluster:
 
     def close(self) -> None:
         """Remove the namespaces, links and lock of this cluster; safe to call twice."""
-        if self.slot is None:
+        if self._lock_fd is None:
             return
-        slot, self.slot = self.slot, None
         try:
-            self._clean_slot(slot)
+            self._clean_slot(self.slot)
         finally:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+            os.close(self._lock_fd)
+            self._lock_fd = None
             for sig, handler in self._old_handlers.items():
                 signal.signal(sig, handler)
             self._old_handlers.clear()

@@ -53,6 +53,7 @@ class RunConfig:
     emulate_nodes: int | None = None
     emulate_link_gbps: float | None = None
     emulate_pin: bool = False
+    emulate_mtu: int = 1500
 
     def __post_init__(self):
         if not isinstance(self.nproc, int) or self.nproc < 1:
@@ -69,9 +70,9 @@ class RunConfig:
 
     def _check_emulation(self) -> None:
         if self.emulate_nodes is None:
-            if self.emulate_link_gbps is not None or self.emulate_pin:
+            if self.emulate_link_gbps is not None or self.emulate_pin or self.emulate_mtu != 1500:
                 raise ValueError(
-                    "--emulate-link-gbps and --emulate-pin describe an emulated cluster; add "
+                    "--emulate-link-gbps, --emulate-mtu and --emulate-pin describe an emulated cluster; add "
                     "--emulate-nodes M to create one"
                 )
             return
@@ -182,7 +183,7 @@ def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[s
     from pyddl.launch.emulate import EmulatedCluster, EmulationError, cpu_sets
 
     try:
-        with EmulatedCluster(cfg.emulate_nodes, cfg.emulate_link_gbps) as cluster:
+        with EmulatedCluster(cfg.emulate_nodes, cfg.emulate_link_gbps, cfg.emulate_mtu) as cluster:
             # The agent's store is reached at local_addr (MASTER_ADDR): the bridge's address is
             # the one every namespace can route to.
             wrapper = ["-I", netns_exec.__file__, "--netns", cluster.netns_prefix,
