@@ -200,6 +200,7 @@ class _Run:
             self.cfg = cfg = dataclasses.replace(cfg, workers=self.world)
             self.device = _device(cfg)
             self.data, self.model, self.recipe = _open_inputs(cfg, model)
+            self.model_name = cfg.model if model is None else type(model).__name__
             manager = _checkpoints(cfg, cfg.out)
             _check_fresh_start(cfg, manager)
             if cfg.resume:
@@ -261,7 +262,7 @@ class _Run:
         gb = recipe.global_batch_at(min(start_epoch, cfg.epochs - 1))
         lr0 = recipe.at(min(start_epoch, cfg.epochs - 1), 0)[0]
         self._log(
-            f"pyddl train: {cfg.model} on {cfg.data} ({len(self.data.train)} train / "
+            f"pyddl train: {self.model_name} on {cfg.data} ({len(self.data.train)} train / "
             f"{len(self.data.test)} test images, {self.data.num_classes} classes), {self.world} "
             f"worker(s) x {gb // self.world} = global batch {gb}, {cfg.epochs} epochs, lr "
             f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} after {cfg.effective_warmup_epochs:g} warmup "
@@ -278,12 +279,17 @@ class _Run:
                 self.bar.close()
                 self._log(f"stopped after epoch {epoch + 1} as asked (--stop-after-epoch); "
                           f"continue with: pyddl train ... --resume --out {self.out}")
-                return RunResult(dict(evaluated, stopped_after_epoch=epoch + 1), self.model,
-                                 self.out)
-        self.bar.close()
-        if evaluated is None:  # resumed a finished run: only the final numbers remain to report
-            evaluated = dict(zip(("top1", "top5", "test_loss"), self._evaluate()))
-        return RunResult(self._finish(evaluated), self.model, self.out)
+                summary = dict(evaluated, stopped_after_epoch=epoch + 1)
+                break
+        else:
+            self.bar.close()
+            if evaluated is None:  # resumed a finished run: only the final numbers to report
+                evaluated = dict(zip(("top1", "top5", "test_loss"), self._evaluate()))
+            summary = self._finish(evaluated)
+        # Rank 0's files (checkpoint, summary) are complete on every rank's return, so a
+        # script may resume or read them right away.
+        pyddl.barrier()
+        return RunResult(summary, self.model, self.out)
 
     def _train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
         cfg, recipe = self.cfg, self.recipe
@@ -386,7 +392,12 @@ class _Run:
                   f"lr {lr:.4g}, elapsed {format_duration(wall)}", flush=True)
         # Parameters, optimizer state and the averaged buffers are equal on every rank, so
         # every rank reaches the same verdict here and none is left waiting.
-        ckpt.ensure_finite({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+        try:
+            ckpt.ensure_finite({"model": self.model.state_dict(),
+                                "optimizer": self.opt.state_dict()})
+        except ckpt.NonFiniteError as exc:
+            raise ckpt.NonFiniteError(f"after epoch {epoch + 1} (optimizer step "
+                                      f"{self.position['global_step']}): {exc}") from None
         if self.rank == 0:
             extra = {"config": self.cfg.to_dict(), "totals": dict(self.totals, wall_s=wall)}
             self.last_checkpoint = self.manager.save(ckpt.make_state(
@@ -406,7 +417,7 @@ class _Run:
             "test_top1": last["top1"], "test_top5": last["top5"], "test_loss": last["test_loss"],
             "images_per_s": self.totals["train_images"] / max(self.totals["train_s"], 1e-9),
             "epochs": cfg.epochs, "global_batch": self.recipe.global_batch_at(cfg.epochs - 1),
-            "workers": self.world, "wall_s": wall, "model": cfg.model, "data": cfg.data,
+            "workers": self.world, "wall_s": wall, "model": self.model_name, "data": cfg.data,
             "train_images": len(self.data.train), "test_images": len(self.data.test),
             "steps": self.position["global_step"], "seed": cfg.seed, "out": str(self.out),
             "config": cfg.to_dict(),

@@ -1,0 +1,110 @@
+"""`pyddl train` as a user types it: the default run end to end (shortened to 2 epochs), a
+failing run's message through the launcher, and every bad-input error before any worker starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyddl.cli.main import main
+
+pytestmark = [pytest.mark.cli, pytest.mark.timeout(120)]
+
+PYDDL = [sys.executable, "-m", "pyddl.cli.main"]
+DIGITS_TEST_IMAGES, DIGITS_CLASSES = 360, 10
+
+
+def _run(args, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(PYDDL + args, cwd=cwd, capture_output=True, text=True, timeout=110,
+                          env=env)
+
+
+def test_default_train_end_to_end(tmp_path):
+    proc = _run(["train", "--epochs", "2", "--out", "run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["workers"], summary["global_batch"], summary["epochs"]) == (2, 64, 2)
+    assert summary["steps"] == 2 * (1437 // 64)
+    assert summary["test_top1"] > 5 / DIGITS_CLASSES  # chance is 1/10; 2 epochs reach ~0.9
+    assert summary["test_top5"] >= summary["test_top1"]
+    assert summary["images_per_s"] > 0 and summary["wall_s"] > 0
+    assert summary["test_top1"] * DIGITS_TEST_IMAGES == pytest.approx(
+        round(summary["test_top1"] * DIGITS_TEST_IMAGES))  # a count of test images
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[-1]["top1"] == summary["test_top1"]
+    assert (out / "curves.png").stat().st_size > 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
+        "ckpt-000001.pt", "ckpt-000002.pt"]
+    assert "[rank0] Trained small_cnn on digits for 2 epochs on 2 workers" in proc.stdout
+    assert "[rank1]" not in proc.stdout  # only rank 0 reports
+
+
+def test_non_finite_loss_fails_the_command_naming_rank_and_step(tmp_path):
+    proc = _run(["train", "--epochs", "1", "--base-lr", "1e30", "--out", "run"], tmp_path)
+    assert proc.returncode == 1
+    assert "pyddl run: rank 0 (local rank 0" in proc.stderr and "exited with code 1" in proc.stderr
+    assert "pyddl train: the loss became nan at optimizer step" in proc.stderr
+    assert list((tmp_path / "run" / "nonfinite").glob("step-*-rank-0.pt"))
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
+def _fails(args, capsys, cwd):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyddl train: ") and err.count("\n") == 1  # one line, no traceback
+    return err
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default --out would land under ./runs
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys):
+    err = _fails(["--data", str(tmp_path / "nope")], capsys, tmp_path)
+    assert f"data folder '{tmp_path / 'nope'}' does not exist or is not a folder" in err
+    (tmp_path / "empty").mkdir()
+    err = _fails(["--data", str(tmp_path / "empty")], capsys, tmp_path)
+    assert "train/ folder" in err and "needs" in err and "/train and" in err
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split).mkdir()
+    err = _fails(["--data", str(tmp_path / "empty")], capsys, tmp_path)
+    assert f"no class folders in '{tmp_path / 'empty' / 'train'}'" in err
+    for split in ("train", "val"):
+        (tmp_path / "empty" / split / "cat").mkdir()
+    err = _fails(["--data", str(tmp_path / "empty")], capsys, tmp_path)
+    assert "put at least one image in every class folder" in err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing written
+
+
+def test_unknown_model(tmp_path, capsys):
+    err = _fails(["--model", "resnet05"], capsys, tmp_path)
+    assert "unknown model 'resnet05'; did you mean" in err and "resnet50" in err
+
+
+def test_batch_too_big_for_the_data_set(tmp_path, capsys):
+    err = _fails(["--batch-size", "1000"], capsys, tmp_path)
+    assert ("global batch 2000 at epoch 0 is larger than the 1437 training samples" in err
+            and "lower --batch-size" in err)
+
+
+def test_checkpoints_are_never_overwritten_or_imagined(tmp_path, capsys):
+    err = _fails(["--resume", "--out", "fresh"], capsys, tmp_path)
+    assert "--resume: no checkpoint in fresh/checkpoints" in err and "drop --resume" in err
+    (tmp_path / "old" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "ckpt-000003.pt").write_bytes(b"an earlier run")
+    err = _fails(["--out", "old"], capsys, tmp_path)
+    assert "old/checkpoints already holds checkpoints of a run (ckpt-000003.pt); pass --resume" in err
+    assert (tmp_path / "old" / "checkpoints" / "ckpt-000003.pt").read_bytes() == b"an earlier run"
+
+
+def test_bad_flag_values_are_one_line_errors(tmp_path, capsys):
+    err = _fails(["-np", "3", "--batch-ramp", "0:64"], capsys, tmp_path)
+    assert "--batch-ramp batches [64] are not divisible by 3 workers" in err
+    err = _fails(["-np", "2", "--topology", "2x2"], capsys, tmp_path)
+    assert "world size 2 does not match topology 2x2" in err
