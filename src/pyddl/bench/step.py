@@ -57,7 +57,7 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
 
         from pyddl.torch.ddp_hook import noop_hook
 
-        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_mb)
+        ddp = nn.parallel.DistributedDataParallel(model, **({"bucket_cap_mb": bucket_mb} if bucket_mb else {}))
         if system == "ddp-fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
         elif system == "ddp-noop":
@@ -67,9 +67,10 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
 
     parts = system.split("-")
     codec = type("Codec", (), {"codec": "fp16" if parts[-1] == "fp16" else "none"})()
+    sizing = {"bucket_bytes": int(bucket_mb * 1024 * 1024)} if bucket_mb else {}
     opt = DistributedOptimizer(
         sgd(model.parameters()), named_parameters=model.named_parameters(), compression=codec,
-        algorithm=parts[1], bucket_bytes=int(bucket_mb * 1024 * 1024),
+        algorithm=parts[1], **sizing,
     )
     return model, model, opt
 

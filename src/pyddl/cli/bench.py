@@ -153,7 +153,8 @@ def register(subparsers) -> None:
     st.add_argument("--image-size", type=int, default=112)
     st.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     st.add_argument("--warmup", type=int, default=2)
-    st.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket size (DDP and pyddl)")
+    st.add_argument("--bucket-mb", type=float, default=0.0,
+                    help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
     st.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")
     st.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     st.add_argument("--out", help=argparse.SUPPRESS)
