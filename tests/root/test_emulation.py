@@ -89,7 +89,7 @@ def _alive(pid):
 # -- flags and pure helpers (no root needed) -----------------------------------------------------
 
 
-def test_flags_flow_into_the_config_and_the_worker_env():
+def test_flags_flow_into_the_config_and_the_worker_env(monkeypatch):
     import argparse
 
     from pyddl.cli.run import add_job_flags, config_from_args
@@ -98,6 +98,7 @@ def test_flags_flow_into_the_config_and_the_worker_env():
     add_job_flags(parser, default_np=4)
     args = parser.parse_args(["--emulate-nodes", "2", "--emulate-link-gbps", "1.5", "--emulate-pin"])
     cfg = config_from_args(args, ("job.py",))
+    monkeypatch.delenv("PYDDL_TOPOLOGY", raising=False)
     assert (cfg.emulate_nodes, cfg.emulate_link_gbps, cfg.emulate_pin, cfg.emulate_mtu) == (2, 1.5, True, 1500)
     env = cfg.worker_env()
     assert env["PYDDL_TOPOLOGY"] == "2x2"  # 4 ranks / 2 servers, innermost = ranks per server
@@ -108,6 +109,8 @@ def test_flags_flow_into_the_config_and_the_worker_env():
 
     assert LINK_GBPS_ENV == emulate.LINK_GBPS_ENV
     assert RunConfig(4, ("j.py",), topology="1x2x2", emulate_nodes=2).worker_env()["PYDDL_TOPOLOGY"] == "1x2x2"
+    monkeypatch.setenv("PYDDL_TOPOLOGY", "4x1")
+    assert "PYDDL_TOPOLOGY" not in cfg.worker_env()  # the launcher's own environment passes through
     assert "PYDDL_TOPOLOGY" not in RunConfig(4, ("j.py",)).worker_env()
 
 
@@ -140,9 +143,11 @@ def test_without_root_the_error_says_what_to_do(monkeypatch, tmp_path):
     with pytest.raises(EmulationError, match=re.escape(NO_ROOT_MESSAGE)):
         with EmulatedCluster(2, 1.0):
             pass
+    before = dict(os.environ)
     with pytest.raises(LaunchError, match=re.escape(NO_ROOT_MESSAGE)) as err:
         launch(RunConfig(2, ("job.py",), emulate_nodes=2))
     assert err.value.exit_code == 2
+    assert dict(os.environ) == before  # the next launch from this process starts clean
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="as root, needs setpriv to drop root")

@@ -116,7 +116,7 @@ class EmulatedCluster:
 
     Raises:
         EmulationError: not root, `ip`/`tc` missing, or every slot held by a live cluster.
-        ValueError: bad nodes, link_gbps or prefix.
+        ValueError: bad nodes, link_gbps, mtu or prefix.
 
     Example:
         >>> with EmulatedCluster(2, 1.0) as cluster:

@@ -9,6 +9,7 @@ emulated cluster (pyddl.launch.emulate) that lives exactly as long as the job.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -102,8 +103,9 @@ class RunConfig:
             from pyddl.launch.emulate import LINK_GBPS_ENV, NS_IFNAME
 
             # Emulated servers share one host name, so say who is where (innermost = ranks
-            # per server) unless the user did.
-            out.setdefault(_env.PYDDL_TOPOLOGY, f"{self.nproc // self.emulate_nodes}x{self.emulate_nodes}")
+            # per server) unless the user did, by flag or in the environment.
+            if _env.PYDDL_TOPOLOGY not in out and _env.PYDDL_TOPOLOGY not in os.environ:
+                out[_env.PYDDL_TOPOLOGY] = f"{self.nproc // self.emulate_nodes}x{self.emulate_nodes}"
             out["GLOO_SOCKET_IFNAME"] = NS_IFNAME
             if self.emulate_link_gbps is not None:
                 out[LINK_GBPS_ENV] = repr(float(self.emulate_link_gbps))
@@ -197,6 +199,27 @@ def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[s
         raise LaunchError(f"pyddl run: {err}", 2) from None
 
 
+@contextlib.contextmanager
+def _worker_environ(cfg: RunConfig):
+    # The agent hands its own environment to the workers. Undo the change afterwards, so
+    # that a program launching several jobs (bench scaling) does not pass one job's
+    # settings (topology, threads) on to the next.
+    wanted = cfg.worker_env()
+    if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in wanted:
+        # As torchrun does: N workers each using every core would oversubscribe the machine.
+        wanted["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def launch(cfg: RunConfig) -> None:
     """Run `cfg.command` on `cfg.nproc` local workers; return when all succeeded.
 
@@ -210,12 +233,8 @@ def launch(cfg: RunConfig) -> None:
 
     # The agent's own log lines repeat what our message says, less clearly.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    os.environ.update(cfg.worker_env())
-    if "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does: N workers each using every core would oversubscribe the machine.
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
     executable, args = worker_command(cfg.command)
-    with tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
+    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
         try:
             if cfg.emulate_nodes:
                 _launch_emulated(cfg, log_dir, executable, args)
