@@ -21,6 +21,7 @@ from pyddl.comm.ops import (
     grouped_allreduce_async_,
     join,
     reduce_scatter,
+    reduce_scatter_async,
 )
 from pyddl.errors import (
     CollectiveError,
@@ -71,6 +72,7 @@ __all__ = [
     "allgather",
     "allgather_async",
     "reduce_scatter",
+    "reduce_scatter_async",
     "barrier",
     "join",
     "get_codec",

@@ -34,6 +34,7 @@ __all__ = [
     "allgather",
     "allgather_async",
     "reduce_scatter",
+    "reduce_scatter_async",
     "barrier",
     "join",
     "reduce_buffer_",
@@ -342,6 +343,15 @@ def reduce_scatter(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     Axis 0 is split like `torch.tensor_split(tensor, size())`: with R rows on n ranks, the
     first R % n ranks get one row more.
     """
+    return _reduce_scatter(tensor, op, asynchronous=False)
+
+
+def reduce_scatter_async(tensor: torch.Tensor, op: str = "sum") -> Handle:
+    """Start `reduce_scatter` in the background; `handle.wait()` returns this rank's rows."""
+    return _reduce_scatter(tensor, op, asynchronous=True)
+
+
+def _reduce_scatter(tensor: torch.Tensor, op: str, asynchronous: bool):
     runtime._get()
     _check_tensor(tensor)
     if tensor.dim() == 0:
@@ -366,7 +376,7 @@ def reduce_scatter(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
             mine = mine / n if mine.is_floating_point() else mine.floor_divide(n)
         return mine.clone().to(tensor.device)
 
-    return runtime.run_collective(info, fn)
+    return runtime.run_collective(info, fn, asynchronous)
 
 
 def barrier() -> None:

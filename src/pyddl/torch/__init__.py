@@ -1,0 +1,34 @@
+"""pyddl.torch: Horovod's PyTorch API on pyddl — change `import horovod.torch as hvd` to
+`import pyddl.torch as hvd` and the script runs under `pyddl run` (or torchrun, srun, mpirun).
+
+Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNorm on CPU
+and GPU, and join() for uneven data. See docs/horovod.md and docs/torch.md.
+"""
+
+from pyddl.torch.compression import Compression
+from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook, noop_hook
+from pyddl.torch.functions import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
+from pyddl.torch.ops import (
+    Adasum, Average, HorovodInternalError, Max, Min, Product, Sum, allgather, allgather_async, allreduce,
+    allreduce_, allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier, broadcast, broadcast_,
+    broadcast_async, broadcast_async_, ccl_built, cross_rank, cross_size, cuda_built, ddl_built, gloo_built,
+    gloo_enabled, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
+    init, is_initialized, join, local_rank, local_size, mpi_built, mpi_enabled, mpi_threads_supported,
+    nccl_built, poll, rank, reducescatter, reducescatter_async, rocm_built, shutdown, size, synchronize,
+)
+from pyddl.torch.optimizer import DistributedOptimizer
+from pyddl.torch.sync_batch_norm import SyncBatchNorm
+
+__all__ = [
+    "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
+    "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
+    "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
+    "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
+    "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",
+    "alltoall_async", "reducescatter", "reducescatter_async", "synchronize", "poll", "join", "barrier",
+    "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
+    "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError",
+    "allreduce_hook", "fp16_allreduce_hook", "bf16_allreduce_hook", "noop_hook", "HookState",
+    "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built",
+    "ddl_built", "ccl_built", "cuda_built", "rocm_built",
+]
