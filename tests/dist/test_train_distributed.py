@@ -36,16 +36,35 @@ def _train_mlp(rank, world, out, batch_size):
     return [p.detach().clone() for p in result.model.parameters()], result.summary
 
 
-def _cli_in_job(rank, world, out):
+def _two_ranks(rank, world, root):
+    """The 2-worker MLP run, then `pyddl train` inside this job: a good run and a diverging one."""
+    import contextlib
+    import io
+
+    import pyddl
     from pyddl.cli.main import main
 
-    code = main(["train", "--epochs", "1", "--max-steps-per-epoch", "3", "--out", out,
-                 "--log-every", "1000"])
-    return code, json.loads((Path(out) / "summary.json").read_text())
+    # One session for all three runs: pyddl.init() after pyddl.shutdown() in the same
+    # processes can fail to connect (a rank reads the previous session's addresses).
+    pyddl.init()
+    mlp = _train_mlp(rank, world, f"{root}/two", 16)
+    flags = ["--epochs", "1", "--max-steps-per-epoch", "3", "--log-every", "1000"]
+    good = main(["train", *flags, "--out", f"{root}/job"])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bad = main(["train", *flags, "--out", f"{root}/nan", "--base-lr", "1e30"])
+    pyddl.shutdown()
+    return mlp, good, bad, err.getvalue()
 
 
-def test_two_workers_equal_one_worker_at_the_doubled_batch(tmp_path):
-    two = run_ranks(_train_mlp, 2, str(tmp_path / "two"), 16)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_ranks")
+    return root, run_ranks(_two_ranks, 2, str(root))
+
+
+def test_two_workers_equal_one_worker_at_the_doubled_batch(two_ranks, tmp_path):
+    two = [mlp for mlp, *_ in two_ranks[1]]
     one, = run_ranks(_train_mlp, 1, str(tmp_path / "one"), 32)
     for a, b in zip(two[0][0], two[1][0]):
         assert torch.equal(a, b)  # ranks hold identical parameters
@@ -55,15 +74,21 @@ def test_two_workers_equal_one_worker_at_the_doubled_batch(tmp_path):
         torch.testing.assert_close(p2, p1, rtol=0, atol=EQUIVALENCE_ATOL)
     s2, s1 = two[0][1], one[1]
     assert (s2["workers"], s2["global_batch"], s1["workers"], s1["global_batch"]) == (2, 32, 1, 32)
+    assert s2["model"] == s1["model"] == "Sequential"
     assert s2["steps"] == s1["steps"] == 20
     assert s2["test_top1"] == pytest.approx(s1["test_top1"], abs=1 / 360)
 
 
-def test_pyddl_train_inside_a_job_trains_on_its_ranks(tmp_path):
-    results = run_ranks(_cli_in_job, 2, str(tmp_path / "job"))
-    assert [code for code, _ in results] == [0, 0]
-    summary = results[0][1]
+def test_pyddl_train_inside_a_job_trains_on_its_ranks(two_ranks):
+    root, results = two_ranks
+    assert [good for _, good, _, _ in results] == [0, 0]
+    summary = json.loads((root / "job" / "summary.json").read_text())
     assert (summary["workers"], summary["global_batch"], summary["steps"]) == (2, 64, 3)
+    # A run that fails exits 1 on every rank with its one-line reason, no traceback.
+    for _, _, bad, err in results:
+        assert bad == 1
+        assert err.startswith("pyddl train: the loss became nan at optimizer step ")
+        assert "Traceback" not in err
 
 
 def _params(result):

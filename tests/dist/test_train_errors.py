@@ -31,26 +31,52 @@ def _outcome(fn):
         return f"{type(exc).__name__}: {exc}"
 
 
-def _bad_input_scenarios(rank, world, root):
-    import pyddl
+def _bad_input(rank, root):
     from pyddl.train.config import TrainConfig
     from pyddl.train.trainer import train
 
-    pyddl.init()
     small = dict(model="small_cnn", image_size=8, batch_size=1, epochs=1, log_every_s=1e9)
     mine = f"{root}/rank{rank}"
     layout = _outcome(lambda: train(TrainConfig(data=mine, out=f"{root}/layout", **small)))
     missing = f"{root}/rank0" if rank == 0 else f"{root}/nowhere"
     one_missing = _outcome(lambda: train(TrainConfig(data=missing, out=f"{root}/missing", **small)))
-    pyddl.shutdown()
     return layout, one_missing
 
 
-def test_differing_class_folders_and_one_rank_without_data_stop_every_rank(tmp_path):
-    _image_folder(tmp_path / "rank0", ["cat", "dog"])
-    _image_folder(tmp_path / "rank1", ["cat", "emu"])
-    (r0_layout, r0_missing), (r1_layout, r1_missing) = run_ranks(
-        _bad_input_scenarios, 2, str(tmp_path))
+def _nonfinite(rank, out):
+    import pyddl
+    from pyddl.train.config import TrainConfig
+    from pyddl.train.trainer import train
+
+    base = dict(epochs=2, max_steps_per_epoch=4, out=out, log_every_s=1e9)
+    train(TrainConfig(stop_after_epoch=1, **base))
+    good = Path(out, "checkpoints", "ckpt-000001.pt").read_bytes()
+    pyddl.barrier()
+    # A resume with a learning rate that blows up: weights overflow within a few steps.
+    outcome = _outcome(lambda: train(TrainConfig(resume=True, base_lr=1e30, **base)))
+    return outcome, hashlib.sha256(good).hexdigest()
+
+
+def _scenarios(rank, world, root):
+    import pyddl
+
+    pyddl.init()  # one session for every run (train() leaves it up)
+    results = _bad_input(rank, root), _nonfinite(rank, f"{root}/run")
+    pyddl.shutdown()
+    return results
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    _image_folder(root / "rank0", ["cat", "dog"])
+    _image_folder(root / "rank1", ["cat", "emu"])
+    return root, run_ranks(_scenarios, 2, str(root))
+
+
+def test_differing_class_folders_and_one_rank_without_data_stop_every_rank(outcomes):
+    tmp_path, results = outcomes
+    (r0_layout, r0_missing), (r1_layout, r1_missing) = [bad for bad, _ in results]
     for text in (r0_layout, r1_layout):
         assert text.startswith("ValueError: the class folders differ across ranks (rank 0: 2 "
                                "classes (fingerprint "), text
@@ -62,29 +88,13 @@ def test_differing_class_folders_and_one_rank_without_data_stop_every_rank(tmp_p
     assert not (tmp_path / "layout").exists() and not (tmp_path / "missing").exists()
 
 
-def _nonfinite(rank, world, out):
-    import pyddl
-    from pyddl.train.config import TrainConfig
-    from pyddl.train.trainer import train
-
-    pyddl.init()
-    base = dict(epochs=2, max_steps_per_epoch=4, out=out, log_every_s=1e9)
-    train(TrainConfig(stop_after_epoch=1, **base))
-    good = Path(out, "checkpoints", "ckpt-000001.pt").read_bytes()
-    pyddl.barrier()
-    # A resume with a learning rate that blows up: weights overflow within a few steps.
-    outcome = _outcome(lambda: train(TrainConfig(resume=True, base_lr=1e30, **base)))
-    pyddl.shutdown()
-    return outcome, hashlib.sha256(good).hexdigest()
-
-
-def test_non_finite_loss_stops_every_rank_at_its_step_and_keeps_the_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_every_rank_at_its_step_and_keeps_the_good_checkpoint(outcomes):
     import re
 
     import torch
 
-    out = tmp_path / "run"
-    results = run_ranks(_nonfinite, 2, str(out))
+    out = outcomes[0] / "run"
+    results = [nonfinite for _, nonfinite in outcomes[1]]
     texts = [t for t, _ in results]
     assert texts[0] == texts[1], texts  # the same verdict, at the same step, on both ranks
     match = re.match(r"NonFiniteLossError: the loss became (nan|inf) at optimizer step (\d+) "

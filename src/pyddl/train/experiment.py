@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Arm", "arms", "format_table", "main", "run_experiment"]
+__all__ = ["Arm", "arms", "command_for", "format_table", "main", "run_experiment"]
 
 SMALL_BATCH, LARGE_BATCH = 32, 256
 
@@ -52,7 +52,8 @@ def arms(warmup_epochs: float) -> list[Arm]:
     ]
 
 
-def _command(arm: Arm, seed: int, args, out: Path) -> list[str]:
+def command_for(arm: Arm, seed: int, args, out: Path) -> list[str]:
+    """Return the `pyddl train` command of one run (args: workers, epochs, base_lr)."""
     return ["pyddl", "train", "-np", str(args.workers), "--epochs", str(args.epochs),
             "--batch-size", str(arm.global_batch // args.workers), "--base-lr", str(args.base_lr),
             "--base-batch", str(arm.base_batch), "--warmup-epochs", str(arm.warmup_epochs),
@@ -72,7 +73,7 @@ def run_experiment(args) -> dict:
     for seed in args.seeds:
         for arm in arms(args.warmup_epochs):
             out = root / f"{arm.key}-seed{seed}"
-            command = _command(arm, seed, args, out)
+            command = command_for(arm, seed, args, out)
             log = root / f"{arm.key}-seed{seed}.log"
             t0 = time.perf_counter()
             with open(log, "w") as fh:

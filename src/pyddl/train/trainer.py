@@ -311,7 +311,7 @@ class _Run:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             # The mean over this worker's batch, averaged over the equal-sized batches of all
             # workers by the optimizer: the loss normalised by the global batch (Goyal et al.
-            # section 2.1), so n workers x b equal one worker x n b.
+            # section 3, remark 3), so n workers x b equal one worker x n b.
             loss = self.criterion(self.model(x), y)
             loss.backward()
             self.opt.synchronize()
@@ -348,7 +348,7 @@ class _Run:
             f"--warmup-epochs")
 
     def _average_buffers(self) -> None:
-        # BN statistics are per worker during training (Goyal et al. section 5.1); averaging
+        # BN statistics are per worker during training (Goyal et al. section 2.3); averaging
         # them makes every rank evaluate and checkpoint the same model, so a resume is exact.
         buffers = [b for b in self.model.buffers() if b.is_floating_point()]
         if buffers and self.world > 1:

@@ -24,7 +24,8 @@ EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 def run(cfg: TrainConfig, *, timeout_s: float | None = None,
         chunk_bytes: int | None = None) -> int:
-    """Join the job, train `cfg`, leave the job; print a one-line error instead of a traceback.
+    """Join the job, train `cfg`, leave the job (unless the caller had joined it already);
+    print a one-line error instead of a traceback.
 
     Args:
         cfg: the run's settings.
@@ -34,6 +35,7 @@ def run(cfg: TrainConfig, *, timeout_s: float | None = None,
         0 on success, 2 for bad input (data, model, batch, checkpoints), 1 when the run failed
         (non-finite loss, a collective error).
     """
+    owns = not pyddl.is_initialized()
     try:
         pyddl.init(topology=cfg.topology, allreduce=cfg.allreduce, timeout_s=timeout_s,
                    chunk_bytes=chunk_bytes, backend=backend_for(cfg.device))
@@ -45,7 +47,8 @@ def run(cfg: TrainConfig, *, timeout_s: float | None = None,
         print(f"pyddl train: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
-        pyddl.shutdown()
+        if owns:
+            pyddl.shutdown()
     return 0
 
 
