@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 
 import pyddl
 from pyddl.errors import PyddlError
+from pyddl.torch.compression import Compression
+from pyddl.torch.functions import broadcast_parameters
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.train import checkpoint as ckpt
 from pyddl.train.config import TrainConfig
@@ -56,13 +58,6 @@ class RunResult:
     summary: dict[str, Any]
     model: nn.Module
     out_dir: Path
-
-
-@dataclass
-class _Codec:
-    # DistributedOptimizer reads the core codec name from a `codec` attribute, as
-    # pyddl.torch's Compression.fp16 carries it.
-    codec: str
 
 
 def backend_for(device: str) -> str | None:
@@ -242,11 +237,10 @@ class _Run:
                                              restore_rng=False)
             self.totals.update(state.get("extra", {}).get("totals", {}))
             self.last_checkpoint = self.resumed_from
-        for tensor in self.model.state_dict().values():
-            pyddl.broadcast_(tensor, 0)
-        codec = None if cfg.compression == "none" else _Codec(cfg.compression)
+        broadcast_parameters(self.model.state_dict(), root_rank=0)
         self.opt = DistributedOptimizer(base, named_parameters=self.model.named_parameters(),
-                                        compression=codec, algorithm=cfg.allreduce)
+                                        compression=getattr(Compression, cfg.compression),
+                                        algorithm=cfg.allreduce)
         self.criterion = make_criterion(cfg.label_smoothing)
 
     def _log(self, text: str) -> None:
