@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# pyddl's main job on its built-in default: 4 local workers run the allreduce demo.
+# pyddl's main job on its built-in default: `pyddl train` (2 local workers, small CNN on digits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/pyddl run -np 4 --topology 2x2 --allreduce multiring examples/allreduce_demo.py "$@"
+exec .venv/bin/pyddl train "$@"
