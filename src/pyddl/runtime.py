@@ -127,8 +127,9 @@ def _make_levels(topo: Topology, my_rank: int, timeout: timedelta) -> list[Level
         # new_group is collective over the world: every rank creates every slice, in order.
         for ranks in topo.slices(dim):
             group = dist.new_group(list(ranks), timeout=timeout)
+            reverse = dist.new_group(list(ranks), timeout=timeout) if d == 2 else None
             if my_rank in ranks:
-                mine = Level(d, ranks, ranks.index(my_rank), group)
+                mine = Level(d, ranks, ranks.index(my_rank), group, reverse)
         levels.append(mine)
     return levels
 

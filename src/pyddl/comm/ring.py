@@ -48,13 +48,14 @@ def _exchange(
     src: int,
     group,
     tag: int,
+    recv_group=None,
 ) -> None:
     # Empty parts are skipped on both sides: both sides know the lengths.
     works = []
     if send is not None and send.numel():
         works.append(dist.isend(send, dst, group=group, tag=tag))
     if recv is not None and recv.numel():
-        works.append(dist.irecv(recv, src, group=group, tag=tag))
+        works.append(dist.irecv(recv, src, group=recv_group or group, tag=tag))
     for w in works:
         w.wait()
 
@@ -67,6 +68,7 @@ def ring_reduce_scatter_(
     group,
     op: str,
     tag: int,
+    recv_group=None,
 ) -> None:
     """Reduce `buf` across `ranks` so that part `me` of rank `ranks[me]` holds the result.
 
@@ -74,8 +76,9 @@ def ring_reduce_scatter_(
         buf: 1-D contiguous buffer; only the parts' ranges are touched.
         parts: one (start, length) per ring member, in member order.
         ranks: global ranks of the ring, ordered by coordinate; `ranks[me]` is this process.
-        group: the process group of this slice.
+        group: the process group this rank sends on (the slice's).
         tag: p2p tag unique to this call of the ring.
+        recv_group: the group it receives on, if not `group` (2-rank rings: one per direction).
     """
     d = len(ranks)
     if d == 1:
@@ -88,7 +91,7 @@ def ring_reduce_scatter_(
         send_start, send_len = parts[(me - s - 1) % d]
         recv_start, recv_len = parts[(me - s - 2) % d]
         incoming = scratch[:recv_len]
-        _exchange(buf[send_start : send_start + send_len], nxt, incoming, prv, group, tag)
+        _exchange(buf[send_start : send_start + send_len], nxt, incoming, prv, group, tag, recv_group)
         if recv_len:
             combine_(buf[recv_start : recv_start + recv_len], incoming, op)
 
@@ -100,6 +103,7 @@ def ring_allgather_(
     me: int,
     group,
     tag: int,
+    recv_group=None,
 ) -> None:
     """Fill every part of `buf` from the ring member that owns it (member i owns part i)."""
     d = len(ranks)
@@ -116,4 +120,5 @@ def ring_allgather_(
             prv,
             group,
             tag,
+            recv_group,
         )
