@@ -233,8 +233,12 @@ class _Run:
         self.last_checkpoint = None
         if state is not None:
             # The RNGs are reseeded per epoch (_seed_epoch), so rank 0's saved state is not needed.
-            self.position = ckpt.apply_state(state, self.model, base, sampler=self.sampler,
-                                             restore_rng=False)
+            try:
+                self.position = ckpt.apply_state(state, self.model, base, sampler=self.sampler,
+                                                 restore_rng=False)
+            except RuntimeError as exc:  # load_state_dict: missing, unexpected or resized keys
+                raise ValueError(f"{self.resumed_from} does not fit this model ({exc}); resume "
+                                 f"with the --model and --data of the run that wrote it") from None
             self.totals.update(state.get("extra", {}).get("totals", {}))
             self.last_checkpoint = self.resumed_from
         broadcast_parameters(self.model.state_dict(), root_rank=0)
@@ -259,8 +263,8 @@ class _Run:
             f"pyddl train: {self.model_name} on {cfg.data} ({len(self.data.train)} train / "
             f"{len(self.data.test)} test images, {self.data.num_classes} classes), {self.world} "
             f"worker(s) x {gb // self.world} = global batch {gb}, {cfg.epochs} epochs, lr "
-            f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} after {cfg.effective_warmup_epochs:g} warmup "
-            f"epochs; writing to {self.out}"
+            f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} = {cfg.base_lr * gb / cfg.base_batch:.4g} "
+            f"after {cfg.effective_warmup_epochs:g} warmup epochs; writing to {self.out}"
             + (f"\nresuming from {self.last_checkpoint} at epoch {start_epoch} (lr {lr0:.4g})"
                if cfg.resume else ""))
         self.bar = ProgressBar(recipe.total_steps(), start_step=self.position["global_step"],
