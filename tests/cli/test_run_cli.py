@@ -140,3 +140,24 @@ def test_bench_step_compares_systems(tmp_path):
 def test_bench_step_rejects_unknown_system(tmp_path):
     proc = _run(["bench", "step", "--systems", "ddp,horovod"], tmp_path)
     assert proc.returncode == 2 and "unknown system(s) horovod" in proc.stderr
+
+
+def test_bench_scaling_writes_table_json_and_png(tmp_path):
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    proc = _run(
+        ["bench", "scaling", "--model", "small_cnn", "--batch", "4", "--image-size", "16", "--workers", "1,2,3",
+         "--steps", "2", "--warmup", "1", "--systems", "single,ddp,ddp-noop,pyddl-native,pyddl-noop",
+         "--json", str(out), "--plot", str(png)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["workers"] == [1, 2, 3]
+    got = sorted((r["system"], r["workers"]) for r in data["rows"])
+    assert got == sorted([("single", 1)] + [(s, n) for s in ("ddp", "ddp-noop", "pyddl-native", "pyddl-noop") for n in (2, 3)])
+    single = next(r for r in data["rows"] if r["system"] == "single")
+    for r in data["rows"]:
+        assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (r["workers"] * single["images_per_s"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = _run(["bench", "scaling", "--workers", "1,x"], tmp_path)
+    assert proc.returncode == 2 and "comma-separated counts" in proc.stderr

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
-__all__ = ["SYSTEMS", "run_systems", "summarize", "format_table", "default_systems"]
+__all__ = ["SYSTEMS", "run_systems", "summarize", "format_table", "default_systems", "plot"]
 
 # name -> (family, what it runs); the family's "-noop" member is its no-communication time.
 SYSTEMS = {
@@ -149,3 +149,34 @@ def worker_main(out_path: str, systems: list[str], model_name: str, batch: int, 
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(rows, fh)
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Write a PNG: scaling efficiency and communication efficiency against worker count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    systems = [s for s in dict.fromkeys(r["system"] for r in rows) if s != "single"]
+    for system in systems:
+        mine = sorted((r for r in rows if r["system"] == system), key=lambda r: r["workers"])
+        xs = [1] + [r["workers"] for r in mine]
+        style = "--" if system.endswith("noop") else "-"
+        left.plot(xs, [1.0] + [r.get("scaling_efficiency", float("nan")) for r in mine], style, marker="o", label=system)
+        if not system.endswith("noop"):
+            right.plot([r["workers"] for r in mine], [r.get("comm_efficiency", float("nan")) for r in mine],
+                       marker="o", label=system)
+    top = max([1.0] + [r.get(k, 0.0) for r in rows for k in ("scaling_efficiency", "comm_efficiency")]) * 1.05
+    left.set(xlabel="workers", ylabel="throughput(n) / (n x throughput(1))", title="scaling efficiency", ylim=(0, top))
+    right.set(xlabel="workers", ylabel="no-communication step / step", title="communication efficiency", ylim=(0, top))
+    counts = sorted({1} | {r["workers"] for r in rows})
+    for ax in (left, right):
+        ax.set_xticks(counts)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -60,21 +60,75 @@ def _allreduce(args) -> int:
     return 0
 
 
-def _step(args) -> int:
+def _bench_command(args, systems: list[str], out: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "pyddl.cli.main", "bench", "step", "--systems", ",".join(systems),
+            "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
+            "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
+            "--out", out)
+
+
+def _run_step_jobs(args, jobs) -> list[dict]:
+    """Run each (RunConfig factory(out path), label) job of the step bench; return all rows."""
     import json
     import tempfile
 
-    from pyddl.bench import step as bench
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pyddl-bench-") as tmp:
+        for i, (make, label) in enumerate(jobs):
+            out = os.path.join(tmp, f"job{i}.json")
+            print(label, flush=True)
+            launch(make(out))
+            with open(out) as fh:
+                rows.extend(json.load(fh))
+    return rows
+
+
+def _single_job(args, threads: str):
     from pyddl.launch.local import RunConfig
+
+    def make(out):
+        command = _bench_command(args, ["single"], out)
+        if getattr(args, "emulate_pin", False):
+            command = ("taskset", "-c", "0", *command)  # as pinned as one emulated server's rank
+        return RunConfig(nproc=1, command=command, timeout_s=args.timeout, extra_env={"OMP_NUM_THREADS": threads})
+
+    return make, f"one worker alone ({args.model}, batch {args.batch}, {args.image_size} px, {threads} thread(s)):"
+
+
+def _check_systems(args, what: str) -> list[str] | None:
+    from pyddl.bench import step as bench
 
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     unknown = [x for x in systems if x not in bench.SYSTEMS]
     if unknown:
-        print(f"pyddl bench step: unknown system(s) {', '.join(unknown)}; choose from {', '.join(bench.SYSTEMS)}", file=sys.stderr)
+        print(f"pyddl bench {what}: unknown system(s) {', '.join(unknown)}; choose from {', '.join(bench.SYSTEMS)}", file=sys.stderr)
+        return None
+    return systems
+
+
+def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
+    import json
+
+    from pyddl.bench import step as bench
+
+    rows = bench.summarize(rows)
+    print(bench.format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"model": args.model, "batch_per_worker": args.batch, "image_size": args.image_size,
+                       **extra, "rows": rows}, fh, indent=1)
+        print(f"wrote {args.json}")
+    return rows
+
+
+def _step(args) -> int:
+    from pyddl.bench import step as bench
+
+    systems = _check_systems(args, "step")
+    if systems is None:
         return 2
-    knobs = (args.model, args.batch, args.image_size, args.steps, args.warmup, args.bucket_mb)
     if args.out:  # a worker of a job this command started
-        bench.worker_main(args.out, systems, *knobs)
+        bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup, args.bucket_mb)
         return 0
     if _in_job():
         print("pyddl bench step launches its own jobs (one worker alone, then -np N); run it outside pyddl run", file=sys.stderr)
@@ -82,41 +136,77 @@ def _step(args) -> int:
     if args.nproc < 2:
         print("pyddl bench step: -np must be at least 2 (it compares N workers with one alone)", file=sys.stderr)
         return 2
-
-    def command(which: list[str], out: str) -> tuple[str, ...]:
-        return (sys.executable, "-m", "pyddl.cli.main", "bench", "step", "--systems", ",".join(which),
-                "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
-                "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
-                "--out", out)
-
-    rows = []
     threads = str(max(1, (os.cpu_count() or 1) // args.nproc))
-    with tempfile.TemporaryDirectory(prefix="pyddl-bench-") as tmp:
-        try:
-            print(f"one worker alone ({args.model}, batch {args.batch}, {args.image_size} px, {threads} thread(s)):", flush=True)
-            single = command(["single"], os.path.join(tmp, "single.json"))
-            if getattr(args, "emulate_pin", False):
-                single = ("taskset", "-c", "0", *single)  # as pinned as one emulated server's rank
-            launch(RunConfig(nproc=1, command=single, timeout_s=args.timeout, extra_env={"OMP_NUM_THREADS": threads}))
-            print(f"{args.nproc} workers:", flush=True)
-            launch(config_from_args(args, command([x for x in systems if x != "single"], os.path.join(tmp, "job.json"))))
-        except ValueError as err:
-            print(f"pyddl bench step: {err}", file=sys.stderr)
-            return 2
-        except LaunchError as err:
-            print(str(err), file=sys.stderr)
-            return err.exit_code
-        for name in ("single.json", "job.json"):
-            with open(os.path.join(tmp, name)) as fh:
-                rows.extend(json.load(fh))
-    rows = bench.summarize(rows)
-    print(bench.format_table(rows))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"model": args.model, "batch_per_worker": args.batch, "image_size": args.image_size,
-                       "rows": rows}, fh, indent=1)
-        print(f"wrote {args.json}")
+    multi = [x for x in systems if x != "single"]
+    jobs = [_single_job(args, threads)] if "single" in systems else []
+    jobs.append((lambda out: config_from_args(args, _bench_command(args, multi, out)), f"{args.nproc} workers:"))
+    try:
+        _finish(_run_step_jobs(args, jobs), args, {})
+    except ValueError as err:
+        print(f"pyddl bench step: {err}", file=sys.stderr)
+        return 2
+    except LaunchError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
     return 0
+
+
+def _scaling(args) -> int:
+    from pyddl.bench import step as bench
+
+    systems = _check_systems(args, "scaling")
+    if systems is None:
+        return 2
+    try:
+        counts = sorted({int(w) for w in args.workers.split(",")})
+    except ValueError:
+        print(f"pyddl bench scaling: --workers must be comma-separated counts, got {args.workers!r}", file=sys.stderr)
+        return 2
+    if not counts or counts[0] < 1:
+        print("pyddl bench scaling: worker counts must be >= 1", file=sys.stderr)
+        return 2
+    emulate = args.emulate_link_gbps is not None
+    if emulate and any(n % args.ranks_per_server for n in counts if n > 1):
+        print(f"pyddl bench scaling: every worker count must be a multiple of --ranks-per-server {args.ranks_per_server}", file=sys.stderr)
+        return 2
+    threads = str(max(1, (os.cpu_count() or 1) // max(counts)))
+    jobs = [_single_job(args, threads)]
+    multi = [x for x in systems if x != "single"]
+    for n in (c for c in counts if c > 1):
+        def make(out, n=n):
+            # One emulated server per ranks_per_server workers.
+            job_args = argparse.Namespace(**{**vars(args), "nproc": n,
+                                             "emulate_nodes": n // args.ranks_per_server if emulate else None})
+            return config_from_args(job_args, _bench_command(args, multi, out))
+        where = f" on {n // args.ranks_per_server} emulated servers at {args.emulate_link_gbps:g} Gbit/s" if emulate else ""
+        jobs.append((make, f"{n} workers{where}:"))
+    try:
+        rows = _finish(_run_step_jobs(args, jobs), args, {"workers": counts, "emulate_link_gbps": args.emulate_link_gbps})
+    except ValueError as err:
+        print(f"pyddl bench scaling: {err}", file=sys.stderr)
+        return 2
+    except LaunchError as err:
+        print(str(err), file=sys.stderr)
+        return err.exit_code
+    if args.plot:
+        bench.plot(rows, args.plot, f"{args.model}, batch {args.batch}/worker, {args.image_size} px"
+                   + (f", {args.emulate_link_gbps:g} Gbit/s links" if emulate else ""))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _add_step_flags(parser) -> None:
+    from pyddl.bench.step import default_systems
+
+    parser.add_argument("--model", default="resnet18", help="small_cnn or a torchvision classifier")
+    parser.add_argument("--batch", type=int, default=32, help="images per worker per step")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--bucket-mb", type=float, default=0.0,
+                        help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
+    parser.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
 def register(subparsers) -> None:
@@ -139,8 +229,6 @@ def register(subparsers) -> None:
     ar.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ar.set_defaults(func=_allreduce)
 
-    from pyddl.bench.step import default_systems
-
     st = which.add_parser(
         "step",
         help="training-step time: one worker, torch DDP and pyddl side by side",
@@ -148,14 +236,21 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_flags(st, default_np=2)
-    st.add_argument("--model", default="resnet18", help="small_cnn or a torchvision classifier")
-    st.add_argument("--batch", type=int, default=32, help="images per worker per step")
-    st.add_argument("--image-size", type=int, default=112)
-    st.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    st.add_argument("--warmup", type=int, default=2)
-    st.add_argument("--bucket-mb", type=float, default=0.0,
-                    help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
-    st.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")
-    st.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    _add_step_flags(st)
     st.add_argument("--out", help=argparse.SUPPRESS)
     st.set_defaults(func=_step)
+
+    sc = which.add_parser(
+        "scaling",
+        help="throughput and scaling efficiency over worker counts, DDP and pyddl, table + PNG + JSON",
+        description="Example (2 emulated servers at 1 Gbit/s, one pinned worker each):\n"
+        "  pyddl bench scaling --model resnet18 --batch 32 --image-size 112 --workers 1,2 \\\n"
+        "      --emulate-link-gbps 1 --emulate-pin --plot scaling.png --json scaling.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_job_flags(sc, default_np=None)
+    _add_step_flags(sc)
+    sc.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    sc.add_argument("--ranks-per-server", type=int, default=1, help="workers per emulated server")
+    sc.add_argument("--plot", metavar="PNG", default="scaling.png", help="where to write the plot")
+    sc.set_defaults(func=_scaling)
