@@ -18,6 +18,7 @@ __all__ = [
     "JobEnv",
     "read_job_env",
     "expand_slurm_nodelist",
+    "DEFAULT_MASTER_PORT",
     "PYDDL_TOPOLOGY",
     "PYDDL_ALLREDUCE",
     "PYDDL_TIMEOUT",
@@ -34,7 +35,7 @@ PYDDL_CHUNK_BYTES = "PYDDL_CHUNK_BYTES"  # pipelining chunk of the multiring all
 PYDDL_CHECK = "PYDDL_CHECK"  # "1" (default): cross-rank fingerprint check of every collective
 PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective warns about slow ranks
 
-_DEFAULT_PORT = 29500
+DEFAULT_MASTER_PORT = 29500  # torchrun's
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def read_job_env(env: Mapping[str, str] | None = None) -> JobEnv:
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        addr, port = _master(env, "127.0.0.1", _DEFAULT_PORT)
+        addr, port = _master(env, "127.0.0.1", DEFAULT_MASTER_PORT)
         return JobEnv(
             rank=_int(env, "RANK"),
             world_size=_int(env, "WORLD_SIZE"),
@@ -153,7 +154,7 @@ def read_job_env(env: Mapping[str, str] | None = None) -> JobEnv:
                 "rank 0's host for its rendezvous; run e.g. "
                 "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`"
             )
-        addr, port = _master(env, "", _DEFAULT_PORT)
+        addr, port = _master(env, "", DEFAULT_MASTER_PORT)
         local_size = _opt_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
         rank = _int(env, "OMPI_COMM_WORLD_RANK")
         return JobEnv(

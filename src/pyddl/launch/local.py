@@ -1,10 +1,12 @@
-"""Start N workers on this machine through torchrun's elastic agent and report failures.
+"""Start this server's workers through torchrun's elastic agent and report failures.
 
 The agent gives us the rendezvous, the environment contract (RANK, LOCAL_RANK, ...), rank-
 prefixed output, restarts and the stop-everyone-on-failure policy. pyddl adds its own settings
 as PYDDL_* variables and turns a failure into one message naming the rank, its exit code or
-signal, and the last lines it wrote to stderr. With `emulate_nodes` the workers run on an
-emulated cluster (pyddl.launch.emulate) that lives exactly as long as the job.
+signal, and the last lines it wrote to stderr. One server alone, one of N (`nnodes`, as torchrun
+does it), or every server of `hosts` through pyddl.launch.remote; with `emulate_nodes` the
+workers run on an emulated cluster (pyddl.launch.emulate) that lives as long as the job.
+Every store the agent hosts listens on one address only (pyddl.launch.rendezvous).
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 
 from pyddl import env as _env
+from pyddl.launch.hosts import DEFAULT_LAUNCHER
 
 __all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
 
@@ -55,6 +59,15 @@ class RunConfig:
     emulate_link_gbps: float | None = None
     emulate_pin: bool = False
     emulate_mtu: int = 1500
+    nnodes: int = 1
+    max_nnodes: int | None = None
+    node_rank: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    network_interface: str | None = None
+    hosts: tuple = ()
+    launcher: str = DEFAULT_LAUNCHER
+    exit_with_stdin: bool = False
 
     def __post_init__(self):
         if not isinstance(self.nproc, int) or self.nproc < 1:
@@ -63,11 +76,59 @@ class RunConfig:
             raise ValueError("no command to run: give a script, e.g. `pyddl run -np 4 train.py`")
         if self.max_restarts < 0:
             raise ValueError(f"--max-restarts must be >= 0, got {self.max_restarts}")
-        if self.topology:
+        if self.topology and self.nnodes == 1 and self.max_nnodes is None:
             from pyddl.topology import parse_topology
 
             parse_topology(self.topology, self.nproc)
         self._check_emulation()
+        self._check_nodes()
+
+    @property
+    def elastic(self) -> bool:
+        """True for `--nnodes MIN:MAX` (c10d rendezvous): servers may come and go."""
+        return self.max_nnodes is not None
+
+    @property
+    def multi_node(self) -> bool:
+        """True when this launcher runs one server's share of a bigger job."""
+        return self.nnodes > 1 or self.elastic
+
+    def _check_nodes(self) -> None:
+        if self.hosts:
+            if self.multi_node or self.node_rank is not None or self.master_addr:
+                raise ValueError("-H/--hostfile starts every server itself; drop --nnodes, --node-rank "
+                                 "and --master-addr (pass --master-port to choose the port)")
+            if self.emulate_nodes:
+                raise ValueError("-H/--hostfile runs on the servers you list and --emulate-nodes on emulated "
+                                 "ones on this machine; pick one")
+            return
+        if not isinstance(self.nnodes, int) or self.nnodes < 1:
+            raise ValueError(f"--nnodes must be a positive number of servers (or MIN:MAX), got {self.nnodes!r}")
+        if self.elastic and self.max_nnodes < self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes}:{self.max_nnodes}: MIN must not exceed MAX")
+        if self.master_port is not None and not 0 <= self.master_port < 65536:
+            raise ValueError(f"--master-port must be a TCP port (0-65535), got {self.master_port}")
+        if not self.multi_node:
+            if self.node_rank not in (None, 0):
+                raise ValueError(f"--node-rank {self.node_rank} needs --nnodes N > {self.node_rank}")
+            return
+        if self.emulate_nodes:
+            raise ValueError("--emulate-nodes runs every emulated server from this launcher; drop --nnodes")
+        if not self.master_addr:
+            raise ValueError(f"--nnodes {self.nnodes} needs --master-addr: the address of node 0, whose "
+                             f"launcher hosts the rendezvous store there (e.g. --master-addr 10.0.0.1)")
+        if self.elastic:
+            if self.node_rank is not None:
+                raise ValueError("--node-rank does not apply to --nnodes MIN:MAX: the c10d rendezvous "
+                                 "numbers the servers as they join; drop --node-rank")
+            return
+        if self.node_rank is None or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} needs --node-rank from 0 to {self.nnodes - 1} "
+                             f"(this server's index; node 0 hosts the rendezvous), got {self.node_rank}")
+        if self.max_restarts:
+            raise ValueError(
+                "--max-restarts with --nnodes N would restart this server's workers alone; use "
+                "--nnodes N:N (c10d rendezvous: every server restarts) or -H (pyddl restarts every server)")
 
     def _check_emulation(self) -> None:
         if self.emulate_nodes is None:
@@ -109,6 +170,9 @@ class RunConfig:
             out["GLOO_SOCKET_IFNAME"] = NS_IFNAME
             if self.emulate_link_gbps is not None:
                 out[LINK_GBPS_ENV] = repr(float(self.emulate_link_gbps))
+        if self.network_interface:
+            # The data path only: Gloo and NCCL bind their connections to this interface.
+            out["GLOO_SOCKET_IFNAME"] = out["NCCL_SOCKET_IFNAME"] = self.network_interface
         out.update({k: str(v) for k, v in self.extra_env.items()})
         return out
 
@@ -124,24 +188,55 @@ def worker_command(command: tuple[str, ...]) -> tuple[str, list[str]]:
     return first, list(command[1:])
 
 
+def _rendezvous(cfg: RunConfig, local_addr: str) -> dict:
+    """The agent's rendezvous: this machine alone (a free port on `local_addr`), node i of N
+    with node 0 hosting the store at --master-addr (static), or c10d for MIN:MAX."""
+    from pyddl.launch import rendezvous
+
+    if not cfg.multi_node:
+        return dict(min_nodes=1, max_nodes=1, rdzv_backend=rendezvous.STATIC,
+                    rdzv_endpoint=rendezvous.format_endpoint(local_addr, 0), rdzv_configs={"rank": 0},
+                    local_addr=local_addr)
+    endpoint = rendezvous.format_endpoint(cfg.master_addr, cfg.master_port or _env.DEFAULT_MASTER_PORT)
+    if cfg.elastic:
+        return dict(min_nodes=cfg.nnodes, max_nodes=cfg.max_nnodes, rdzv_backend=rendezvous.C10D,
+                    rdzv_endpoint=endpoint, local_addr=_interface_address(cfg.network_interface))
+    return dict(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, rdzv_backend=rendezvous.STATIC,
+                rdzv_endpoint=endpoint, rdzv_configs={"rank": cfg.node_rank}, local_addr=cfg.master_addr)
+
+
+def _interface_address(ifname: str | None) -> str | None:
+    """The first IPv4 address of `ifname` (None: torch's default, the host name)."""
+    if not ifname:
+        return None
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            packed = fcntl.ioctl(sock.fileno(), siocgifaddr, struct.pack("256s", ifname.encode()[:15]))
+        except OSError as err:
+            raise ValueError(f"--network-interface {ifname}: no IPv4 address on this server ({err.strerror}); "
+                             f"see `ip -br addr` for its interfaces") from None
+    return socket.inet_ntoa(packed[20:24])
+
+
 def _launch_config(cfg: RunConfig, log_dir: str, local_addr: str = "127.0.0.1"):
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.launcher.api import LaunchConfig
 
     wanted = dict(
-        min_nodes=1,
-        max_nodes=1,
         nproc_per_node=cfg.nproc,
-        run_id=f"pyddl-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
+        run_id=f"pyddl-{uuid.uuid4().hex[:8]}" if not cfg.multi_node else "pyddl",
         max_restarts=cfg.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
         log_line_prefix_template="[rank${rank}] ",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL),
-        local_addr=local_addr,
         shutdown_timeout=5,
+        **_rendezvous(cfg, local_addr),
     )
     # Keep to the fields this torch release knows (LaunchConfig grew over 2.4 -> 2.14).
     known = {f.name for f in dataclasses.fields(LaunchConfig)}
@@ -220,20 +315,42 @@ def _worker_environ(cfg: RunConfig):
                 os.environ[k] = v
 
 
+def _exit_with_stdin() -> None:
+    # The multi-server driver holds this launcher's stdin; when the driver stops it or dies
+    # (a closed ssh connection), stdin ends and the agent stops its workers as on SIGTERM.
+    def watch():
+        while sys.stdin.buffer.read1(65536):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="pyddl-stdin-watch", daemon=True).start()
+
+
 def launch(cfg: RunConfig) -> None:
-    """Run `cfg.command` on `cfg.nproc` local workers; return when all succeeded.
+    """Run `cfg.command` on this server's `cfg.nproc` workers (or on every server of
+    `cfg.hosts`); return when all succeeded.
 
     Raises:
         LaunchError: a worker failed (named, with its stderr tail), the run was interrupted,
-            or the emulated cluster could not be created (exit code 2).
+            or the emulated cluster or the rendezvous store could not be set up (exit code 2).
     """
+    if cfg.hosts:
+        from pyddl.launch.remote import launch_hosts
+
+        launch_hosts(cfg)
+        return
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
+    from pyddl.launch import rendezvous
+
+    rendezvous.register()
     # The agent's own log lines repeat what our message says, less clearly.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     executable, args = worker_command(cfg.command)
+    if cfg.exit_with_stdin:
+        _exit_with_stdin()
     with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
         try:
             if cfg.emulate_nodes:
@@ -242,6 +359,8 @@ def launch(cfg: RunConfig) -> None:
                 elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
         except ChildFailedError as err:
             raise LaunchError(_describe_failures(err, log_dir)) from None
+        except rendezvous.RendezvousBindError as err:
+            raise LaunchError(f"pyddl run: {err}", 2) from None
         except SignalException as sig:
             code = 128 + int(sig.sigval)
             raise LaunchError(f"pyddl run: interrupted by {signal.Signals(sig.sigval).name}; workers stopped", code) from None

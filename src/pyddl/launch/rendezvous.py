@@ -1,0 +1,149 @@
+"""torchrun's rendezvous, with every store this launcher hosts listening on one address only.
+
+torch's TCPStore server listens on every interface whatever host name it is given (torch
+2.14: `ss -ltn` shows `*:PORT`). The handlers here create the same stores on a socket bound
+to the address the user gave and hand it over as `master_listen_fd`, so the store, which
+authenticates nobody, is reachable only there (issue 6; docs/launch.md). Registered with
+torch's rendezvous registry as "pyddl-static" (node 0 hosts) and "pyddl-c10d" (elastic).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from datetime import timedelta
+
+from torch.distributed import TCPStore
+from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
+from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler, RendezvousTimeout
+from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+__all__ = ["STATIC", "C10D", "RendezvousBindError", "listen_socket", "register", "format_endpoint"]
+
+STATIC = "pyddl-static"
+C10D = "pyddl-c10d"
+_C10D_DEFAULT_PORT = 29400  # torchrun's
+_LISTEN_BACKLOG = 512
+
+
+class RendezvousBindError(RuntimeError):
+    """This server cannot listen where it was told to host the rendezvous store."""
+
+
+def format_endpoint(addr: str, port: int) -> str:
+    """`addr:port`, with an IPv6 address in brackets as parse_rendezvous_endpoint expects."""
+    return f"[{addr}]:{port}" if ":" in addr and not addr.startswith("[") else f"{addr}:{port}"
+
+
+def listen_socket(addr: str, port: int) -> socket.socket:
+    """Return a TCP socket listening on `addr`:`port` only (port 0: a free port).
+
+    Raises:
+        OSError: the address is not this machine's (EADDRNOTAVAIL), the port is taken, ...
+    """
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(_LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_error(addr: str, port: int, err: OSError, role: str) -> RendezvousBindError:
+    if err.errno == errno.EADDRNOTAVAIL:
+        fix = f"{addr} is not an address of this server; give one of its own addresses"
+    elif err.errno == errno.EADDRINUSE:
+        fix = f"port {port} is in use on {addr}; pick another --master-port"
+    else:
+        fix = str(err)
+    return RendezvousBindError(f"cannot host the {role} on {format_endpoint(addr, port)}: {fix}")
+
+
+def _bound_store(addr: str, port: int, role: str, **kw) -> tuple[TCPStore, socket.socket]:
+    try:
+        listener = listen_socket(addr, port)
+    except OSError as err:
+        raise _bind_error(addr, port, err, role) from None
+    store = TCPStore(addr.strip("[]"), listener.getsockname()[1], is_master=True, multi_tenant=True,
+                     master_listen_fd=listener.fileno(), **kw)
+    return store, listener
+
+
+class _BoundStaticRendezvous(StaticTCPRendezvous):
+    """torch's static rendezvous (node 0 hosts the store, the others connect); port 0 on
+    node 0 takes a free port, which the workers learn through MASTER_PORT."""
+
+    _listener: socket.socket | None = None
+
+    def get_backend(self) -> str:
+        return STATIC
+
+    def next_rendezvous(self):
+        if self._store is None and self.rank == 0:
+            self._store, self._listener = _bound_store(
+                self.master_addr, self.master_port, "rendezvous store (--master-addr/--master-port)",
+                world_size=self.world_size, timeout=self.timeout)
+            self.master_port = self._listener.getsockname()[1]
+        return super().next_rendezvous()
+
+
+class _BoundDynamicHandler(DynamicRendezvousHandler):
+    """torch's c10d rendezvous; the store it shares with the workers (hosted by whichever
+    node becomes rank 0) listens on that node's address only."""
+
+    _worker_listener: socket.socket | None = None
+    _rdzv_listener: socket.socket | None = None
+
+    def get_backend(self) -> str:
+        return C10D
+
+    def _create_tcp_store_server(self, master_addr, master_port) -> TCPStore:
+        store, self._worker_listener = _bound_store(
+            master_addr, master_port, "workers' store (this server's address: --network-interface or its host name)")
+        return store
+
+
+def _create_static(params: RendezvousParameters) -> StaticTCPRendezvous:
+    base = create_rdzv_handler(params)
+    return _BoundStaticRendezvous(base.master_addr, base.master_port, base.rank, base.world_size,
+                                  base.run_id, int(base.timeout.total_seconds()))
+
+
+def _seconds(params: RendezvousParameters, key: str) -> timedelta | None:
+    value = params.get_as_int(key)
+    return None if value is None else timedelta(seconds=value)
+
+
+def _create_c10d(params: RendezvousParameters) -> DynamicRendezvousHandler:
+    host, port = parse_rendezvous_endpoint(params.endpoint, default_port=_C10D_DEFAULT_PORT)
+    read_timeout = timedelta(seconds=params.get_as_int("read_timeout", 60))
+    try:
+        listener = listen_socket(host, port)
+    except OSError as err:
+        # Not this server's address, or another agent on this machine hosts it already
+        # (torch's own c10d backend falls back to a client the same way).
+        if err.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+            raise _bind_error(host, port, err, "rendezvous store (--master-addr/--master-port)") from None
+        listener = None
+    store = TCPStore(host.strip("[]"), port, is_master=listener is not None, multi_tenant=True,
+                     timeout=read_timeout, master_listen_fd=listener.fileno() if listener else None)
+    timeout = RendezvousTimeout(
+        _seconds(params, "join_timeout"), _seconds(params, "last_call_timeout"),
+        _seconds(params, "close_timeout"), _seconds(params, "heartbeat"))
+    handler = _BoundDynamicHandler.from_backend(
+        params.run_id, store, C10dRendezvousBackend(store, params.run_id), params.min_nodes,
+        params.max_nodes, params.local_addr, timeout)
+    handler._rdzv_listener = listener
+    return handler
+
+
+def register() -> None:
+    """Make "pyddl-static" and "pyddl-c10d" known to torch's rendezvous registry (idempotent)."""
+    rendezvous_handler_registry.register(STATIC, _create_static)
+    rendezvous_handler_registry.register(C10D, _create_c10d)
