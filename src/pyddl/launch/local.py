@@ -319,7 +319,9 @@ def _exit_with_stdin() -> None:
     # The multi-server driver holds this launcher's stdin; when the driver stops it or dies
     # (a closed ssh connection), stdin ends and the agent stops its workers as on SIGTERM.
     def watch():
-        while sys.stdin.buffer.read1(65536):
+        # The raw descriptor, not sys.stdin: a daemon thread blocked in the buffered
+        # reader aborts the interpreter's shutdown.
+        while os.read(0, 65536):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 
