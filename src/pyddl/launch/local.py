@@ -348,8 +348,11 @@ def launch(cfg: RunConfig) -> None:
     from pyddl.launch import rendezvous
 
     rendezvous.register()
-    # The agent's own log lines repeat what our message says, less clearly.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The agent's own log lines repeat what our message says, less clearly. Each of its
+    # modules sets its logger's level itself, so the parent's level is not enough.
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("torch.distributed.elastic") and isinstance(logger, logging.Logger):
+            logger.setLevel(logging.CRITICAL)
     executable, args = worker_command(cfg.command)
     if cfg.exit_with_stdin:
         _exit_with_stdin()
