@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from pyddl import runtime
-from pyddl.torch.reducer import GradientReducer, ReducerOptions
+from pyddl.torch.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, ReducerOptions
 
 __all__ = ["DistributedOptimizer"]
 
@@ -38,7 +38,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradient_predivide_factor: divide by this before the sum and by size/factor after
             (Average only), to control overflow as in Horovod.
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
-        bucket_bytes: the size of one gradient bucket (default 25 MiB).
+        bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).
 
     Example:
         >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size()),
@@ -59,7 +59,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: bool = False,
         process_set=None,
         algorithm: str | None = None,
-        bucket_bytes: int = 25 * 1024 * 1024,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ):
         # Deliberately no super().__init__(): the wrapped optimizer owns param_groups/state.
         self._optimizer = optimizer

@@ -24,10 +24,14 @@ from pyddl.comm.fusion import pack, plan_buckets, unpack
 from pyddl.comm.guard import OpInfo
 from pyddl.errors import CollectiveMismatchError
 
-__all__ = ["GradientReducer", "ReducerOptions"]
+__all__ = ["GradientReducer", "ReducerOptions", "DEFAULT_BUCKET_BYTES"]
 
 # DDP starts with a small first bucket so communication begins early in backward.
 _FIRST_BUCKET_BYTES = 1024 * 1024
+# Smaller than DDP's 25 MB: the bucket that becomes ready when backward ends is exposed whole.
+# ResNet-18 on 2 emulated servers at 1 Gbit/s (pinned, fp16 wire): 25 MiB buckets left a last
+# ~20 MiB bucket exposed (121 ms of a ~1060 ms step); 2 MiB buckets track backward closely.
+DEFAULT_BUCKET_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class ReducerOptions:
     codec: str | None = None  # core codec name, or None with `compressor`
     compressor: object = None  # a Horovod-style Compressor without a core codec
     algorithm: str | None = None
-    bucket_bytes: int = 25 * 1024 * 1024
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
     backward_passes_per_step: int = 1
     prescale: float = 1.0
     postscale: float = 1.0
