@@ -20,18 +20,23 @@ def _in_job() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
 
 
-def _relaunch(args, argv_tail: list[str]) -> int:
-    """Start this same bench on args.nproc local workers."""
-    command = (sys.executable, "-m", "pyddl.cli.main", "bench", *argv_tail)
+def _launched(what: str, body) -> int:
+    """Run body(), which launches jobs; turn its errors into a message and an exit code."""
     try:
-        launch(config_from_args(args, command))
+        body()
     except ValueError as err:
-        print(f"pyddl bench: {err}", file=sys.stderr)
+        print(f"pyddl {what}: {err}", file=sys.stderr)
         return 2
     except LaunchError as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
     return 0
+
+
+def _relaunch(args, argv_tail: list[str]) -> int:
+    """Start this same bench on args.nproc local workers."""
+    command = (sys.executable, "-m", "pyddl.cli.main", "bench", *argv_tail)
+    return _launched("bench", lambda: launch(config_from_args(args, command)))
 
 
 def _allreduce(args) -> int:
@@ -140,15 +145,7 @@ def _step(args) -> int:
     multi = [x for x in systems if x != "single"]
     jobs = [_single_job(args, threads)] if "single" in systems else []
     jobs.append((lambda out: config_from_args(args, _bench_command(args, multi, out)), f"{args.nproc} workers:"))
-    try:
-        _finish(_run_step_jobs(args, jobs), args, {})
-    except ValueError as err:
-        print(f"pyddl bench step: {err}", file=sys.stderr)
-        return 2
-    except LaunchError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    return 0
+    return _launched("bench step", lambda: _finish(_run_step_jobs(args, jobs), args, {}))
 
 
 def _scaling(args) -> int:
@@ -180,19 +177,14 @@ def _scaling(args) -> int:
             return config_from_args(job_args, _bench_command(args, multi, out))
         where = f" on {n // args.ranks_per_server} emulated servers at {args.emulate_link_gbps:g} Gbit/s" if emulate else ""
         jobs.append((make, f"{n} workers{where}:"))
-    try:
+    def body():
         rows = _finish(_run_step_jobs(args, jobs), args, {"workers": counts, "emulate_link_gbps": args.emulate_link_gbps})
-    except ValueError as err:
-        print(f"pyddl bench scaling: {err}", file=sys.stderr)
-        return 2
-    except LaunchError as err:
-        print(str(err), file=sys.stderr)
-        return err.exit_code
-    if args.plot:
-        bench.plot(rows, args.plot, f"{args.model}, batch {args.batch}/worker, {args.image_size} px"
-                   + (f", {args.emulate_link_gbps:g} Gbit/s links" if emulate else ""))
-        print(f"wrote {args.plot}")
-    return 0
+        if args.plot:
+            bench.plot(rows, args.plot, f"{args.model}, batch {args.batch}/worker, {args.image_size} px"
+                       + (f", {args.emulate_link_gbps:g} Gbit/s links" if emulate else ""))
+            print(f"wrote {args.plot}")
+
+    return _launched("bench scaling", body)
 
 
 def _add_step_flags(parser) -> None:
