@@ -25,6 +25,7 @@ __all__ = [
     "PYDDL_CHUNK_BYTES",
     "PYDDL_CHECK",
     "PYDDL_STALL_WARN",
+    "PYDDL_RESTART_COUNT",
 ]
 
 # pyddl's own settings (each also a keyword of pyddl.init and a flag of `pyddl run`).
@@ -34,6 +35,9 @@ PYDDL_TIMEOUT = "PYDDL_TIMEOUT"  # seconds any collective may wait
 PYDDL_CHUNK_BYTES = "PYDDL_CHUNK_BYTES"  # pipelining chunk of the multiring allreduce
 PYDDL_CHECK = "PYDDL_CHECK"  # "1" (default): cross-rank fingerprint check of every collective
 PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective warns about slow ranks
+# How many times the job was restarted: set by `pyddl run -H` (which restarts every server),
+# added to torchrun's TORCHELASTIC_RESTART_COUNT (restarts by one agent) in JobEnv.restart_count.
+PYDDL_RESTART_COUNT = "PYDDL_RESTART_COUNT"
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's
 
@@ -43,7 +47,8 @@ class JobEnv:
     """Who this process is in the job, as its launcher described it.
 
     `node_rank` is None when the launcher did not say which server this process is on;
-    pyddl then groups ranks by host name.
+    pyddl then groups ranks by host name. `restart_count` > 0 means the launcher restarted
+    the job after a failure: a script resumes from its last checkpoint (docs/launch.md).
     """
 
     rank: int
@@ -53,7 +58,8 @@ class JobEnv:
     node_rank: int | None
     master_addr: str
     master_port: int
-    source: str  # "torchrun" (also pyddl run), "slurm", "openmpi" or "single"
+    source: str  # "torchrun" (also pyddl run), "slurm", "openmpi", "mpich" or "single"
+    restart_count: int = 0
 
 
 def _int(env: Mapping[str, str], key: str) -> int:
@@ -104,14 +110,76 @@ def _master(env: Mapping[str, str], default_addr: str, default_port: int) -> tup
     return addr, port
 
 
+def _first(env: Mapping[str, str], *keys: str) -> str | None:
+    return next((k for k in keys if k in env), None)
+
+
+def _restarts(env: Mapping[str, str], *keys: str) -> int:
+    return sum(_int(env, k) for k in keys if k in env)
+
+
+def _slurm(env: Mapping[str, str]) -> JobEnv:
+    # srun exports the step's own view (SLURM_STEP_*): a step may use part of the allocation,
+    # so the job-wide SLURM_NTASKS / SLURM_JOB_NODELIST can name tasks and nodes it does not have.
+    node_id = _opt_int(env, "SLURM_NODEID")
+    local_size = None
+    per_node_key = _first(env, "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    if per_node_key and node_id is not None:
+        per_node = _slurm_tasks_per_node(env[per_node_key])
+        if node_id < len(per_node):
+            local_size = per_node[node_id]
+    nodes_key = _first(env, "SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+    hosts = expand_slurm_nodelist(env[nodes_key]) if nodes_key else []
+    # A port derived from the job and step ids keeps two jobs (or steps) sharing a node apart.
+    ident = f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '')}"
+    job_port = 15000 + zlib.crc32(ident.encode()) % 20000
+    addr, port = _master(env, hosts[0] if hosts else "127.0.0.1", job_port)
+    return JobEnv(
+        rank=_int(env, "SLURM_PROCID"),
+        world_size=_int(env, _first(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS")),
+        local_rank=_opt_int(env, "SLURM_LOCALID") or 0,
+        local_size=local_size,
+        node_rank=node_id,
+        master_addr=addr,
+        master_port=port,
+        source="slurm",
+        restart_count=_restarts(env, "SLURM_RESTART_COUNT"),
+    )
+
+
+def _mpi(env: Mapping[str, str], source: str, rank: str, size: str, local_rank: str, local_size: str) -> JobEnv:
+    if "MASTER_ADDR" not in env:
+        raise ValueError(
+            "running under mpirun, but MASTER_ADDR is not set: pyddl needs the address of "
+            "rank 0's host for its rendezvous; run e.g. "
+            "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`"
+        )
+    addr, port = _master(env, "", DEFAULT_MASTER_PORT)
+    return JobEnv(
+        rank=_int(env, rank),
+        world_size=_int(env, size),
+        local_rank=_opt_int(env, local_rank) or 0,
+        local_size=_opt_int(env, local_size),
+        # MPI exports no server index (Open MPI's NODE_RANK counts processes, not servers):
+        # pyddl groups ranks by host name instead.
+        node_rank=None,
+        master_addr=addr,
+        master_port=port,
+        source=source,
+        restart_count=_restarts(env, PYDDL_RESTART_COUNT),
+    )
+
+
 def read_job_env(env: Mapping[str, str] | None = None) -> JobEnv:
     """Describe this process's place in the job from its environment.
 
-    Precedence: torchrun's variables (set by `pyddl run` and torchrun), then SLURM, then
-    Open MPI; with none of them the job is a single process.
+    Precedence: torchrun's variables (set by `pyddl run` and torchrun), then SLURM (the job
+    step's SLURM_STEP_* before the allocation's), then Open MPI, then MPICH/Intel MPI (PMI_*);
+    with none of them the job is a single process.
 
     Raises:
-        ValueError: a variable is malformed, or MASTER_ADDR is missing under mpirun.
+        ValueError: a variable is malformed, MASTER_ADDR is missing under mpirun, or only
+            PMIx's rank is set (no world size to read).
     """
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -125,49 +193,20 @@ def read_job_env(env: Mapping[str, str] | None = None) -> JobEnv:
             master_addr=addr,
             master_port=port,
             source="torchrun",
+            restart_count=_restarts(env, "TORCHELASTIC_RESTART_COUNT", PYDDL_RESTART_COUNT),
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        node_id = _opt_int(env, "SLURM_NODEID")
-        local_size = None
-        if "SLURM_TASKS_PER_NODE" in env and node_id is not None:
-            per_node = _slurm_tasks_per_node(env["SLURM_TASKS_PER_NODE"])
-            if node_id < len(per_node):
-                local_size = per_node[node_id]
-        hosts = expand_slurm_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        # A port derived from the job id keeps two jobs sharing a node from colliding.
-        job_port = 15000 + zlib.crc32(env.get("SLURM_JOB_ID", "0").encode()) % 20000
-        addr, port = _master(env, hosts[0] if hosts else "127.0.0.1", job_port)
-        return JobEnv(
-            rank=_int(env, "SLURM_PROCID"),
-            world_size=_int(env, "SLURM_NTASKS"),
-            local_rank=_opt_int(env, "SLURM_LOCALID") or 0,
-            local_size=local_size,
-            node_rank=node_id,
-            master_addr=addr,
-            master_port=port,
-            source="slurm",
-        )
+    if "SLURM_PROCID" in env and _first(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"):
+        return _slurm(env)
     if "OMPI_COMM_WORLD_RANK" in env:
-        if "MASTER_ADDR" not in env:
-            raise ValueError(
-                "running under mpirun, but MASTER_ADDR is not set: pyddl needs the address of "
-                "rank 0's host for its rendezvous; run e.g. "
-                "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`"
-            )
-        addr, port = _master(env, "", DEFAULT_MASTER_PORT)
-        local_size = _opt_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
-        rank = _int(env, "OMPI_COMM_WORLD_RANK")
-        return JobEnv(
-            rank=rank,
-            world_size=_int(env, "OMPI_COMM_WORLD_SIZE"),
-            local_rank=_opt_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
-            local_size=local_size,
-            # Open MPI exports no server index (its NODE_RANK counts processes, not servers):
-            # pyddl groups ranks by host name instead.
-            node_rank=None,
-            master_addr=addr,
-            master_port=port,
-            source="openmpi",
+        return _mpi(env, "openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                    "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
+    if "PMI_RANK" in env and "PMI_SIZE" in env:
+        return _mpi(env, "mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
+    if "PMIX_RANK" in env:
+        raise ValueError(
+            f"PMIX_RANK={env['PMIX_RANK']} is set but no world size (PMIx keeps it out of the "
+            "environment): start the job with Open MPI's mpirun (it exports OMPI_COMM_WORLD_*), "
+            "srun, or pyddl run, or export RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"
         )
     addr, port = _master(env, "127.0.0.1", 0)
     return JobEnv(0, 1, 0, 1, 0, addr, port, "single")

@@ -161,3 +161,104 @@ def test_bench_scaling_writes_table_json_and_png(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     proc = _run(["bench", "scaling", "--workers", "1,x"], tmp_path)
     assert proc.returncode == 2 and "comma-separated counts" in proc.stderr
+
+
+_RANK_REPORT = """
+    import os, torch, pyddl
+    from pyddl.env import read_job_env
+    pyddl.init()
+    total = pyddl.allreduce(torch.tensor([pyddl.rank() + 1])).item()
+    print(f"rank {pyddl.rank()} of {pyddl.size()} via {read_job_env().source} sum {total} parent {os.getppid()}", flush=True)
+    pyddl.shutdown()
+"""
+
+
+def _scheduler_env(port, **extra):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI", "TORCHELASTIC")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **extra}
+
+
+@pytest.mark.parametrize("kind", ["srun", "mpirun"])
+def test_under_a_scheduler_each_process_runs_as_its_rank(tmp_path, kind):
+    from harness import free_port
+
+    script = _script(tmp_path, _RANK_REPORT)
+    port = free_port()
+    procs = []
+    for r in range(2):
+        if kind == "srun":  # what srun exports to task r of `srun -n 2`
+            extra = dict(SLURM_JOB_ID="9", SLURM_STEP_ID="0", SLURM_PROCID=str(r), SLURM_LOCALID=str(r),
+                         SLURM_NODEID="0", SLURM_STEP_NUM_TASKS="2", SLURM_NTASKS="2",
+                         SLURM_STEP_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="localhost")
+        else:  # what Open MPI's mpirun exports to rank r of `mpirun -np 2`
+            extra = dict(OMPI_COMM_WORLD_RANK=str(r), OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK=str(r),
+                         OMPI_COMM_WORLD_LOCAL_SIZE="2")
+        procs.append(subprocess.Popen(PYDDL + ["run", script], cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=_scheduler_env(port, **extra)))
+    outs = [p.communicate(timeout=100) for p in procs]
+    source = "slurm" if kind == "srun" else "openmpi"
+    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, err
+        # No agent in between: the scheduler's process became the worker (exec), so the
+        # worker's parent is this test, and its output carries no [rankN] prefix.
+        assert out.strip() == f"rank {r} of 2 via {source} sum 3 parent {os.getpid()}"
+
+
+def test_in_an_allocation_pyddl_run_starts_itself_through_srun(tmp_path):
+    from harness import free_port
+
+    # A stand-in for srun: records its arguments and starts 2 tasks with srun's variables.
+    fake = tmp_path / "bin" / "srun"
+    fake.parent.mkdir()
+    fake.write_text(textwrap.dedent("""\
+        #!/bin/sh
+        echo "$@" > srun.args
+        shift  # --kill-on-bad-exit=1
+        for r in 0 1; do
+          SLURM_STEP_ID=0 SLURM_PROCID=$r SLURM_LOCALID=$r SLURM_NODEID=0 SLURM_STEP_NUM_TASKS=2 \\
+          SLURM_STEP_TASKS_PER_NODE=2 SLURM_STEP_NODELIST=localhost "$@" &
+        done
+        wait
+    """))
+    fake.chmod(0o755)
+    script = _script(tmp_path, _RANK_REPORT)
+    env = _scheduler_env(free_port(), SLURM_JOB_ID="9", SLURM_NTASKS="2", SLURM_PROCID="0",
+                         PATH=f"{fake.parent}:{os.environ['PATH']}")
+    proc = subprocess.run(PYDDL + ["run", "--allreduce", "multiring", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=100, env=env)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text().split()
+    assert args[0] == "--kill-on-bad-exit=1" and args[-4:] == ["run", "--allreduce", "multiring", script]
+    assert sorted(line.split(" parent")[0] for line in proc.stdout.splitlines()) == [
+        "rank 0 of 2 via slurm sum 3", "rank 1 of 2 via slurm sum 3"]
+
+
+def test_multi_server_driver_without_root(tmp_path):
+    # Two "servers" on this machine: the launcher template runs each server's command
+    # locally (env marks which one), the rendezvous listens on 127.0.0.1 (node 0's "host").
+    from harness import free_port
+
+    script = _script(tmp_path, """
+        import os, torch, pyddl
+        pyddl.init()
+        total = pyddl.allreduce(torch.tensor([pyddl.rank() + 1])).item()
+        print(f"rank {pyddl.rank()} on {os.environ['SERVER']} node {pyddl.cross_rank()} sum {total}", flush=True)
+        pyddl.shutdown()
+    """)
+    hosts = "127.0.0.1:2,127.0.0.2:2"
+    proc = _run(["run", "-np", "4", "-H", hosts, "--master-port", str(free_port()), "--launcher",
+                 "env SERVER={host}", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for r in range(4):
+        assert f"[rank{r}] rank {r} on 127.0.0.{r // 2 + 1} node {r // 2} sum 10" in proc.stdout
+
+
+def test_unreachable_servers_are_each_named(tmp_path):
+    proc = _run(["run", "-np", "3", "-H", "good:1,bad1:1,bad2:1", "--launcher",
+                 "sh -c 'case {host} in bad*) echo no route to {host} >&2; exit 255;; esac' x", "job.py"], tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "not reachable" in line]
+    assert len(lines) == 2
+    assert "server bad1 (node 1) is not reachable" in lines[0] and "exited with code 255: no route to bad1" in lines[0]
+    assert "server bad2 (node 2) is not reachable" in lines[1]

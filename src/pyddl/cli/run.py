@@ -124,7 +124,7 @@ def scheduler_mode(env: Mapping[str, str]) -> str | None:
     """
     if "RANK" in env:
         return None
-    if "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "SLURM_STEP_NUM_TASKS" in env:
+    if any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_STEP_NUM_TASKS")):
         return "rank"
     if "SLURM_JOB_ID" in env:
         return "allocation"
