@@ -122,6 +122,19 @@ def test_measured_steps_pair_with_predictions(tmp_path):
         load_measured_steps(str(path))
 
 
+def test_measured_steps_read_pyddl_bench_step_json(tmp_path):
+    path = tmp_path / "step.json"
+    rows = [{"system": s, "workers": w, "median_step_s": t} for s, w, t in [
+        ("single", 1, 0.9), ("ddp", 2, 1.6), ("pyddl-native", 2, 1.3), ("pyddl-multiring", 2, 1.2),
+        ("pyddl-multiring-fp16", 2, 1.0), ("pyddl-noop", 2, 0.9)]]
+    path.write_text(json.dumps({"model": "resnet18", "rows": rows}))
+    assert load_measured_steps(str(path)) == [
+        {"gpus": 2, "algorithm": "native", "step_s": 1.3}, {"gpus": 2, "algorithm": "multiring", "step_s": 1.2}]
+    path.write_text(json.dumps({"rows": rows[:2]}))
+    with pytest.raises(ValueError, match="no pyddl-native or pyddl-multiring rows"):
+        load_measured_steps(str(path))
+
+
 def test_simple_layouts_calibrate_a_prediction_for_a_layout_never_fitted(tmp_path):
     # Fit on 2 ranks in one server and on 1 rank on each of 2 servers; predict 2 x 2, where
     # the two ranks of a server share its link and the multiring pipelines two levels.

@@ -83,7 +83,9 @@ def load_bench(path: str) -> BenchRun:
 
 
 def load_measured_steps(path: str) -> list[dict]:
-    """Read measured step times: a list (or {"rows": [...]}) of {gpus, algorithm, step_s}.
+    """Read measured step times: a list (or {"rows": [...]}) of {gpus, algorithm, step_s}, or
+    the JSON of `pyddl bench step` / `pyddl bench scaling` (its pyddl-<algorithm> rows without a
+    wire codec are used: the simulator models fp32 gradients).
 
     Raises:
         ValueError: missing file, not JSON, or rows without those keys.
@@ -99,6 +101,12 @@ def load_measured_steps(path: str) -> list[dict]:
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"measured-steps file {path!r} needs a non-empty list of rows "
                          "(or {\"rows\": [...]}) with gpus, algorithm and step_s")
+    bench = [r for r in rows if isinstance(r, dict) and "system" in r and "median_step_s" in r]
+    if bench:
+        rows = [{"gpus": r["workers"], "algorithm": r["system"].split("-", 1)[1], "step_s": r["median_step_s"]}
+                for r in bench if r["system"] in ("pyddl-native", "pyddl-multiring")]
+        if not rows:
+            raise ValueError(f"measured-steps file {path!r} has no pyddl-native or pyddl-multiring rows")
     out = []
     for i, row in enumerate(rows):
         gpus = row.get("gpus", row.get("world_size")) if isinstance(row, dict) else None
