@@ -5,16 +5,19 @@ Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNor
 and GPU, and join() for uneven data. See docs/horovod.md and docs/torch.md.
 """
 
+from pyddl.torch.capabilities import (
+    ccl_built, cuda_built, ddl_built, gloo_built, gloo_enabled, mpi_built, mpi_enabled, mpi_threads_supported,
+    nccl_built, rocm_built,
+)
 from pyddl.torch.compression import Compression
 from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook, noop_hook
 from pyddl.torch.functions import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from pyddl.torch.ops import (
-    Adasum, Average, HorovodInternalError, Max, Min, Product, Sum, allgather, allgather_async, allreduce,
-    allreduce_, allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier, broadcast, broadcast_,
-    broadcast_async, broadcast_async_, ccl_built, cross_rank, cross_size, cuda_built, ddl_built, gloo_built,
-    gloo_enabled, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_,
-    init, is_initialized, join, local_rank, local_size, mpi_built, mpi_enabled, mpi_threads_supported,
-    nccl_built, poll, rank, reducescatter, reducescatter_async, rocm_built, shutdown, size, synchronize,
+    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, allgather, allgather_async,
+    allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier, broadcast,
+    broadcast_, broadcast_async, broadcast_async_, cross_rank, cross_size, global_process_set, grouped_allreduce,
+    grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_, init, is_initialized, join, local_rank,
+    local_size, poll, rank, reducescatter, reducescatter_async, shutdown, size, synchronize,
 )
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
@@ -22,6 +25,7 @@ from pyddl.torch.sync_batch_norm import SyncBatchNorm
 __all__ = [
     "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
     "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
+    "ProcessSet", "global_process_set",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
     "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",

@@ -1,77 +1,177 @@
 """Horovod's state helpers: broadcast parameters, optimizer state and Python objects.
 
-Objects travel pickled (torch.distributed's object collectives); only use them between ranks of
-one job you trust, as with any pickle.
+Objects travel pickled (torch.distributed's object collectives, plain pickle where Horovod
+uses cloudpickle); only exchange them between ranks of one job you trust, as with any pickle.
 """
 
 from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from pyddl import runtime
 from pyddl.comm.guard import OpInfo
-from pyddl.torch.ops import broadcast_async_, rank, size, synchronize
+from pyddl.torch.ops import (
+    _check_process_set, _check_root, broadcast_async_, global_process_set, horovod_errors, rank, size, synchronize,
+)
 
 __all__ = ["broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object"]
 
 
-def broadcast_parameters(params, root_rank: int, prefix: str | None = None) -> None:
-    """Overwrite every rank's parameters (a state_dict or (name, tensor) pairs) with root's.
+def broadcast_parameters(params, root_rank: int) -> None:
+    """Overwrite every rank's tensors with rank `root_rank`'s, in place.
+
+    Args:
+        params: `model.state_dict()` (broadcast in sorted key order), or a list of
+            `model.named_parameters()` pairs or of bare tensors (a generator works too).
+        root_rank: the rank whose values every rank ends with.
+
+    Raises:
+        ValueError: `params` is of another type, or `root_rank` is out of range.
+        HorovodInternalError: ranks passed different shapes or dtypes.
 
     Example:
         >>> hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     """
     if isinstance(params, dict):
         items = sorted(params.items())
-    elif isinstance(params, list):
+    elif isinstance(params, (list, tuple)) or inspect.isgenerator(params):
         items = [p if isinstance(p, tuple) else (None, p) for p in params]
     else:
-        raise ValueError(f"invalid params of type {type(params).__name__}: pass model.state_dict() or model.named_parameters() as a list")
-    handles = []
-    for name, p in items:
-        if not isinstance(p, torch.Tensor):
-            continue
-        full = f"{prefix}.{name}" if prefix and name else name
-        with torch.no_grad():
-            handles.append(broadcast_async_(p.data if p.requires_grad else p, root_rank, name=None if full is None else f"broadcast.{full}"))
-    for h in handles:
-        synchronize(h)
+        raise ValueError(
+            f"broadcast_parameters takes model.state_dict() or a list of (name, tensor) pairs or tensors, "
+            f"got {type(params).__name__}"
+        )
+    # Non-tensor entries (a module's extra state) are left alone, as they cannot be broadcast.
+    handles = [broadcast_async_(p, root_rank, name) for name, p in items if isinstance(p, torch.Tensor)]
+    for handle in handles:
+        synchronize(handle)
 
 
-def broadcast_optimizer_state(optimizer, root_rank: int, prefix: str | None = None, model=None) -> None:
-    """Give every rank root's optimizer state (hyperparameters, learning rates, momentum...).
+class _Slot(NamedTuple):
+    """Where one tensor of the root's optimizer state travels: its flat buffer and offset."""
 
-    Works before the first step too (the state is then just the hyperparameters).
+    group: tuple  # (dtype, on_cpu): one flat buffer per group
+    offset: int
+    shape: tuple
+
+
+def _strip(obj, tensors: list, sizes: dict):
+    """Return `obj` (nested dicts/lists/tuples) with each tensor replaced by its _Slot."""
+    if isinstance(obj, torch.Tensor):
+        group = (obj.dtype, obj.device.type == "cpu")
+        offset = sizes.get(group, 0)
+        sizes[group] = offset + obj.numel()
+        tensors.append(obj)
+        return _Slot(group, offset, tuple(obj.shape))
+    if isinstance(obj, dict):
+        return {k: _strip(v, tensors, sizes) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_strip(v, tensors, sizes) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_strip(v, tensors, sizes) for v in obj)
+    return obj
+
+
+def _fill(obj, flats: dict):
+    """Return the skeleton with each _Slot replaced by its part of the received buffers."""
+    if isinstance(obj, _Slot):
+        numel = 1
+        for d in obj.shape:
+            numel *= d
+        return flats[obj.group].narrow(0, obj.offset, numel).view(obj.shape)
+    if isinstance(obj, dict):
+        return {k: _fill(v, flats) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fill(v, flats) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_fill(v, flats) for v in obj)
+    return obj
+
+
+def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
+    """Give every rank the optimizer state of rank `root_rank`.
+
+    That is the per-parameter state (momentum buffers, Adam moments, step counts), the
+    hyperparameters and the learning rate of every parameter group. It works before the first
+    step too, when the state holds only hyperparameters; unlike Horovod it never steps the
+    optimizer to create state, and it handles any optimizer (LBFGS too). The structure travels
+    pickled, the tensors as one broadcast per dtype.
+
+    Args:
+        optimizer: a torch optimizer or a DistributedOptimizer, over the same model on every rank.
+        root_rank: the rank whose state every rank ends with.
+
+    Raises:
+        ValueError: `root_rank` is out of range, or the optimizers hold different parameters.
+        HorovodInternalError: a collective failed (a rank missing, say).
+
+    Example:
+        >>> hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     """
-    state = broadcast_object(optimizer.state_dict() if rank() == root_rank else None, root_rank)
-    if rank() != root_rank:
-        optimizer.load_state_dict(state)
+    root = _check_root(root_rank)
+    tensors: list = []
+    sizes: dict = {}
+    skeleton = _strip(optimizer.state_dict(), tensors, sizes) if rank() == root else None
+    skeleton, sizes = broadcast_object((skeleton, sizes), root)
+    device = runtime.device()
+    handles = {}
+    for group, numel in sizes.items():
+        dtype, on_cpu = group
+        where = torch.device("cpu") if on_cpu else device
+        if rank() == root:
+            members = [t.detach().reshape(-1).to(where) for t in tensors if (t.dtype, t.device.type == "cpu") == group]
+            flat = torch.cat(members)
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=where)
+        handles[group] = broadcast_async_(flat, root)
+    flats = {group: synchronize(h) for group, h in handles.items()}
+    if rank() != root:
+        optimizer.load_state_dict(_fill(skeleton, flats))
 
 
-def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=None):
-    """Return rank `root_rank`'s `obj` (any picklable object) on every rank."""
-    if process_set is not None:
-        raise ValueError("pyddl runs every collective on all ranks: process_set= must be left unset")
-    if not isinstance(root_rank, int) or not 0 <= root_rank < size():
-        raise ValueError(f"broadcast root_rank {root_rank!r} is out of range: this job has ranks 0..{size() - 1}")
+def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_set=global_process_set):
+    """Return rank `root_rank`'s `obj` (any picklable object) on every rank.
 
-    def fn(seq):
+    Args:
+        obj: the object on the root; ignored on the other ranks.
+        root_rank: the rank that sends.
+        name: accepted for Horovod compatibility (a synchronous call cannot collide).
+        process_set: only hvd.global_process_set.
+
+    Raises:
+        ValueError: `root_rank` is out of range.
+        HorovodInternalError: a collective failed (a rank missing, say).
+    """
+    _check_process_set(process_set)
+    root = _check_root(root_rank)
+
+    def fn(seq: int):
         holder = [obj]
-        dist.broadcast_object_list(holder, src=root_rank, group=runtime.world_group())
+        dist.broadcast_object_list(holder, src=root, group=runtime.world_group())
         return holder[0]
 
-    return runtime.run_collective(OpInfo("broadcast_object", f"root={root_rank}"), fn)
+    with horovod_errors():
+        return runtime.run_collective(OpInfo("broadcast_object", f"root={root}"), fn)
 
 
-def allgather_object(obj, name: str | None = None, process_set=None) -> list:
-    """Return the list of every rank's `obj`, in rank order."""
-    if process_set is not None:
-        raise ValueError("pyddl runs every collective on all ranks: process_set= must be left unset")
+def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
+    """Return the list of every rank's `obj` (picklable), in rank order.
 
-    def fn(seq):
+    Args:
+        obj: this rank's object.
+        name: accepted for Horovod compatibility (a synchronous call cannot collide).
+        process_set: only hvd.global_process_set.
+    """
+    _check_process_set(process_set)
+
+    def fn(seq: int):
         out: list = [None] * size()
         dist.all_gather_object(out, obj, group=runtime.world_group())
         return out
 
-    return runtime.run_collective(OpInfo("allgather_object", ""), fn)
+    with horovod_errors():
+        return runtime.run_collective(OpInfo("allgather_object", ""), fn)

@@ -1,14 +1,19 @@
 """Horovod's torch op grid on pyddl's core: same names, arguments, defaults and semantics.
 
-Async calls return integer handles, as Horovod's do, for `poll()` and `synchronize()`. Errors
-of a collective surface as HorovodInternalError (what Horovod raises from `synchronize`, and
-what elastic scripts catch); the message keeps pyddl's detail (ranks, shapes, collective #).
+Async calls return integer handles, as Horovod's do, for `poll()` and `synchronize()`. Every
+collective failure (shapes or dtypes that differ across ranks, a rank that never arrives) is
+raised as HorovodInternalError *from* the core's error, keeping its message (ranks, shapes,
+collective #). Process sets are not supported: `process_set=` takes only the global set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import operator
 import threading
+import warnings
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -17,413 +22,627 @@ import pyddl
 from pyddl import runtime
 from pyddl.comm.guard import OpInfo
 from pyddl.errors import CollectiveError
+from pyddl.torch.compression import Compression
 
 __all__ = [
     "Average", "Sum", "Adasum", "Min", "Max", "Product", "reduce_op_name", "HorovodInternalError",
-    "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
-    "cross_rank", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
-    "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
-    "allgather", "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_",
-    "alltoall", "alltoall_async", "reducescatter", "reducescatter_async", "poll", "synchronize",
-    "join", "barrier", "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled",
-    "gloo_built", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built",
+    "horovod_errors", "ProcessSet", "global_process_set", "init", "shutdown", "is_initialized",
+    "size", "rank", "local_size", "local_rank", "cross_size", "cross_rank", "allreduce",
+    "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce", "grouped_allreduce_",
+    "grouped_allreduce_async", "grouped_allreduce_async_", "allgather", "allgather_async",
+    "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async",
+    "reducescatter", "reducescatter_async", "poll", "synchronize", "join", "barrier",
 ]
 
-# Horovod's ReduceOp values.
+# Horovod's ReduceOp values (its C++ enum), so scripts that store or compare them still work.
 Average, Sum, Adasum, Min, Max, Product = 0, 1, 2, 3, 4, 5
 _OP_NAMES = {Average: "average", Sum: "sum", Min: "min", Max: "max", Product: "product"}
 
 
 class HorovodInternalError(CollectiveError):
-    """A collective failed (as Horovod raises from synchronize); see the message for who."""
+    """A collective failed, as Horovod raises from synchronize(); the message says who and why.
+
+    It is raised *from* pyddl's own error (CollectiveMismatchError, CollectiveTimeoutError...),
+    which stays available as `__cause__`. Like Horovod's, it is a RuntimeError.
+    """
+
+
+@contextlib.contextmanager
+def horovod_errors():
+    """Re-raise pyddl's collective errors inside the block as HorovodInternalError."""
+    try:
+        yield
+    except HorovodInternalError:
+        raise
+    except CollectiveError as err:
+        raise HorovodInternalError(str(err), err.missing_ranks) from err
 
 
 def reduce_op_name(op=None, average=None) -> str:
-    """Map Horovod's (op, deprecated average=) to the core op name; Average is the default."""
+    """Return the core op name for Horovod's `op=` and its deprecated `average=` flag.
+
+    Args:
+        op: hvd.Average (the default when None), Sum, Min, Max or Product.
+        average: deprecated since Horovod 0.19: true means Average, false means Sum.
+
+    Returns:
+        "average", "sum", "min", "max" or "product".
+
+    Raises:
+        ValueError: both op and average were given, or op is not a Horovod op.
+        NotImplementedError: op is hvd.Adasum.
+    """
     if op is not None and average is not None:
-        raise ValueError("pass either op= or the deprecated average=, not both")
+        raise ValueError("pass either op= or the deprecated average=, not both (op= supersedes average=)")
     if op is None:
-        op = Sum if average is False else Average
+        if average is not None:
+            warnings.warn("average= is deprecated (Horovod 0.19): use op=hvd.Average or op=hvd.Sum",
+                          DeprecationWarning, stacklevel=3)
+        op = Average if average is None or average else Sum
     if op == Adasum:
         raise NotImplementedError(
-            "pyddl does not implement Adasum; use op=hvd.Average (with the linear learning-rate "
-            "scaling rule) or op=hvd.Sum"
+            "pyddl does not implement Adasum; use op=hvd.Average with the learning rate scaled by "
+            "hvd.size() (Goyal et al. 2017, with warmup for large batches), or op=hvd.Sum"
         )
     if op not in _OP_NAMES:
-        raise ValueError(f"unknown reduction op {op!r}; use hvd.Average, Sum, Min, Max or Product")
+        raise ValueError(f"unknown reduction op {op!r}; use hvd.Average, hvd.Sum, hvd.Min, hvd.Max or hvd.Product")
     return _OP_NAMES[op]
 
 
+class ProcessSet:
+    """Horovod's process set. pyddl runs every collective on all ranks, so the only set a
+    collective accepts is the one holding every rank (`hvd.global_process_set`)."""
+
+    def __init__(self, ranks=None):
+        self.ranks = None if ranks is None else sorted(int(r) for r in ranks)
+
+    def size(self) -> int:
+        return pyddl.size() if self.ranks is None else len(self.ranks)
+
+    def rank(self) -> int:
+        return pyddl.rank() if self.ranks is None else self.ranks.index(pyddl.rank())
+
+    def included(self) -> bool:
+        return self.ranks is None or pyddl.rank() in self.ranks
+
+    def __repr__(self) -> str:
+        return "ProcessSet(global)" if self.ranks is None else f"ProcessSet(ranks={self.ranks})"
+
+
+global_process_set = ProcessSet()
+
+
+def _check_process_set(process_set) -> None:
+    if process_set is None or process_set is global_process_set:
+        return
+    if isinstance(process_set, ProcessSet) and process_set.ranks == list(range(pyddl.size())):
+        return
+    raise ValueError(
+        f"pyddl runs every collective on all ranks, so process_set= takes only hvd.global_process_set, "
+        f"got {process_set!r}; drop the argument, or run the subset's work as a pyddl job of its own"
+    )
+
+
 def init(comm=None, process_sets=None) -> None:
-    """Join the job (Horovod's comm= and process_sets= are accepted for compatibility only)."""
-    if comm is not None or process_sets not in (None, "dynamic"):
-        raise ValueError("pyddl runs every collective on all ranks: comm= and process_sets= are not supported")
+    """Join the job described by the environment (`pyddl run`, torchrun, srun, mpirun).
+
+    Args:
+        comm: Horovod's MPI communicator or list of ranks; accepted when it spans the whole
+            job, since pyddl always uses every rank.
+        process_sets: Horovod's static process sets; accepted, and never used: a collective
+            given any set but the global one raises ValueError.
+
+    Raises:
+        ValueError: `comm` covers only part of the job.
+    """
     pyddl.init()
+    if comm is None:
+        return
+    n = pyddl.size()
+    spans = comm.Get_size() == n if hasattr(comm, "Get_size") else sorted(comm) == list(range(n))
+    if not spans:
+        raise ValueError(
+            f"init(comm=...) must span all {n} ranks of this job: pyddl runs collectives on every "
+            "rank; launch the subset as a job of its own instead"
+        )
 
 
-shutdown, is_initialized = pyddl.shutdown, pyddl.is_initialized
+def shutdown() -> None:
+    """Leave the job; handles not yet synchronized are dropped, as in Horovod."""
+    with _lock:
+        _handles.clear()
+        _in_flight.clear()
+    pyddl.shutdown()
+
+
+is_initialized = pyddl.is_initialized
 size, rank, local_size, local_rank = pyddl.size, pyddl.rank, pyddl.local_size, pyddl.local_rank
 cross_size, cross_rank = pyddl.cross_size, pyddl.cross_rank
 
 
-def _check_process_set(process_set) -> None:
-    if process_set is not None:
-        raise ValueError("pyddl runs every collective on all ranks: process_set= must be left unset")
-
-
 # Handles --------------------------------------------------------------------------------
 
-_handles: dict[int, tuple] = {}  # id -> (pyddl.Handle, name, finish(result) -> output)
-_names: set[str] = set()
+_handles: dict[int, tuple] = {}  # handle -> (pyddl.Handle, reserved (kind, name) or None, finish)
+_in_flight: set[tuple[str, str]] = set()
 _ids = itertools.count(1)
 _lock = threading.Lock()
 
 
-def _register(handle, name, finish=lambda out: out) -> int:
+def _submit(kind: str, name, start: Callable[[], pyddl.Handle], finish: Callable | None = None) -> int:
+    """Reserve `name` (per kind of op, as Horovod prefixes names), start the op, return a handle."""
+    key = None if name is None else (kind, str(name))
     with _lock:
-        if name is not None:
-            if name in _names:
-                raise ValueError(f"a collective named {name!r} is still in flight; names must be unique until synchronized")
-            _names.add(name)
-        hid = next(_ids)
-        _handles[hid] = (handle, name, finish)
-    return hid
+        if key in _in_flight:
+            raise ValueError(
+                f"{kind} {name!r} is still in flight; a name must stay unique until synchronize() "
+                "returns for it: synchronize the first one, or pick another name"
+            )
+        if key is not None:
+            _in_flight.add(key)
+    try:
+        core_handle = start()
+    except BaseException:
+        with _lock:
+            _in_flight.discard(key)
+        raise
+    with _lock:
+        handle = next(_ids)
+        _handles[handle] = (core_handle, key, finish)
+    return handle
 
 
 def poll(handle: int) -> bool:
-    """Whether the async operation `handle` has finished (synchronize() then returns at once)."""
+    """Return whether the async op `handle` has finished (synchronize() then returns at once).
+
+    Raises:
+        ValueError: `handle` is unknown or already synchronized.
+    """
     with _lock:
-        if handle not in _handles:
-            raise ValueError(f"unknown or already synchronized handle {handle!r}")
-        return _handles[handle][0].done()
+        entry = _handles.get(handle)
+    if entry is None:
+        raise ValueError(f"handle {handle!r} is unknown or already synchronized")
+    return entry[0].done()
 
 
 def synchronize(handle: int):
-    """Wait for the async operation `handle` and return its output.
+    """Wait for the async op `handle` and return its output (None for a handle already
+    synchronized, as in Horovod).
 
     Raises:
         HorovodInternalError: the collective failed (the message names ranks and shapes).
     """
     with _lock:
-        if handle not in _handles:
-            raise ValueError(f"unknown or already synchronized handle {handle!r}")
-        h, name, finish = _handles.pop(handle)
-        _names.discard(name)
-    try:
-        return finish(h.wait())
-    except CollectiveError as err:
-        raise HorovodInternalError(str(err), getattr(err, "missing_ranks", ())) from err
+        entry = _handles.pop(handle, None)
+        if entry is not None:
+            _in_flight.discard(entry[1])
+    if entry is None:
+        return None
+    core_handle, _, finish = entry
+    with horovod_errors():
+        out = core_handle.wait()
+    return finish(out) if finish is not None else out
 
 
-def _scaled(pre: float, post: float, tensor: torch.Tensor) -> None:
+def _check_scale(tensor: torch.Tensor, pre: float, post: float) -> None:
     if (pre != 1.0 or post != 1.0) and not tensor.is_floating_point():
-        raise TypeError("prescale_factor and postscale_factor apply to floating-point tensors only")
+        raise TypeError(
+            f"prescale_factor and postscale_factor scale floating-point tensors, got {tensor.dtype}; "
+            "cast the tensor (tensor.float()) or leave both factors at 1.0"
+        )
+
+
+def _finisher(post: float, inplace_result=None) -> Callable:
+    """What synchronize() returns: the core's output, or the caller's own tensors for an
+    in-place op, times postscale_factor."""
+
+    def finish(out):
+        out = out if inplace_result is None else inplace_result
+        if post != 1.0:
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                t.detach().mul_(post)
+        return out
+
+    return finish
 
 
 def _codec(compression) -> str | None:
-    return getattr(compression, "codec", None) if compression is not None else None
+    """The core codec of a built-in Compression; None for a user's own Compressor."""
+    return "none" if compression is None else getattr(compression, "codec", None)
 
 
 # Allreduce ------------------------------------------------------------------------------
 
-def _allreduce_async(tensor, inplace, average, name, op, pre, post, process_set, codec=None) -> int:
+def _allreduce_async(tensor, inplace: bool, op: str, name, pre: float, post: float, codec=None) -> int:
+    _check_scale(tensor, pre, post)
+
+    def start():
+        if inplace:
+            if pre != 1.0:
+                tensor.detach().mul_(pre)
+            return pyddl.allreduce_async_(tensor.detach(), op=op, compression=codec)
+        if pre != 1.0:
+            return pyddl.allreduce_async_(tensor.detach() * pre, op=op, compression=codec)
+        return pyddl.allreduce_async(tensor.detach(), op=op, compression=codec)
+
+    return _submit("allreduce", name, start, _finisher(post, tensor if inplace else None))
+
+
+def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+                    process_set=global_process_set) -> int:
+    """Start an allreduce of `tensor` (Average by default); synchronize() returns a new tensor.
+
+    The input may be reused at once: it is copied when the call is made.
+    """
     _check_process_set(process_set)
-    op_name = reduce_op_name(op, average)
-    _scaled(pre, post, tensor)
-    work = tensor if inplace else tensor.detach().clone()
-    if pre != 1.0:
-        work.mul_(pre)
-    handle = pyddl.allreduce_async_(work, op=op_name, compression=codec)
-
-    def finish(out):
-        if post != 1.0:
-            out.mul_(post)
-        return out
-
-    return _register(handle, name, finish)
+    return _allreduce_async(tensor, False, reduce_op_name(op, average), name, prescale_factor, postscale_factor)
 
 
-def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None) -> int:
-    """Start an allreduce of `tensor`; `synchronize(handle)` returns the reduced copy."""
-    return _allreduce_async(tensor, False, average, name, op, prescale_factor, postscale_factor, process_set)
+def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+                     process_set=global_process_set) -> int:
+    """Start an in-place allreduce of `tensor`; synchronize() returns `tensor`."""
+    _check_process_set(process_set)
+    return _allreduce_async(tensor, True, reduce_op_name(op, average), name, prescale_factor, postscale_factor)
 
 
-def allreduce_async_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None) -> int:
-    """Start an in-place allreduce of `tensor`; `synchronize(handle)` returns it."""
-    return _allreduce_async(tensor, True, average, name, op, prescale_factor, postscale_factor, process_set)
+def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+               process_set=global_process_set):
+    """Allreduce `tensor` in place (Average by default) and return it.
 
-
-def allreduce_(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
-    """Allreduce `tensor` in place (Average by default) and return it."""
+    Raises:
+        HorovodInternalError: ranks passed different shapes or dtypes (the message says which).
+    """
     return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor, postscale_factor, process_set))
 
 
 class _Allreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, average, name, op, pre, post, codec):
-        ctx.args = (average, op, pre, post)
-        return synchronize(_allreduce_async(tensor, False, average, name, op, pre, post, None, codec))
+    def forward(ctx, tensor, op, name, pre, post, codec):
+        ctx.args = (op, pre, post)
+        return synchronize(_allreduce_async(tensor, False, op, name, pre, post, codec))
 
     @staticmethod
     def backward(ctx, grad):
-        average, op, pre, post = ctx.args
-        # Horovod: the gradient of an allreduce is the same allreduce of the gradient.
-        return synchronize(_allreduce_async(grad.contiguous(), False, average, None, op, pre, post, None)), None, None, None, None, None, None
+        op, pre, post = ctx.args
+        # Horovod's definition: the same allreduce (op and scale factors) of the gradients.
+        return synchronize(_allreduce_async(grad, False, op, None, pre, post)), None, None, None, None, None
 
 
-def allreduce(tensor, average=None, name=None, compression=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
+def allreduce(tensor, average=None, name=None, compression=Compression.none, op=None, prescale_factor=1.0,
+              postscale_factor=1.0, process_set=global_process_set):
     """Return the allreduce of `tensor` over all ranks (Average by default); differentiable.
 
+    Args:
+        tensor: any shape; float32/64, float16, bfloat16, int32/64 (also int8/uint8).
+        average: deprecated: True for Average, False for Sum.
+        name: optional; unique among ops still in flight.
+        compression: hvd.Compression.none/fp16/bf16 (the core's wire codec, pre-divided so
+            fp16 cannot overflow) or a Horovod-style Compressor of your own.
+        op: hvd.Average, Sum, Min, Max or Product. Average of integers floors.
+        prescale_factor, postscale_factor: multiply before and after the reduction (floats).
+        process_set: only hvd.global_process_set.
+
+    Returns:
+        A new tensor of the same shape and dtype.
+
+    Raises:
+        HorovodInternalError: ranks passed different shapes or dtypes (the message says which).
+
     Example:
-        >>> hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum)   # n(n+1)/2
+        >>> hvd.allreduce(torch.tensor([hvd.rank() + 1.0]), op=hvd.Sum)  # n(n+1)/2
     """
     _check_process_set(process_set)
-    codec = _codec(compression)
-    if compression is not None and codec is None:  # a user's own Compressor
-        wire, ctx = compression.compress(tensor)
-        return compression.decompress(_Allreduce.apply(wire, average, name, op, prescale_factor, postscale_factor, None), ctx)
-    return _Allreduce.apply(tensor, average, name, op, prescale_factor, postscale_factor, codec)
-
-
-def _grouped_async(tensors, inplace, average, name, op, pre, post, process_set) -> int:
-    _check_process_set(process_set)
     op_name = reduce_op_name(op, average)
+    codec = _codec(compression)
+    if codec is None:
+        wire, ctx = compression.compress(tensor)
+        return compression.decompress(_Allreduce.apply(wire, op_name, name, prescale_factor, postscale_factor, None), ctx)
+    return _Allreduce.apply(tensor, op_name, name, prescale_factor, postscale_factor, codec)
+
+
+def _grouped_async(tensors, inplace: bool, op: str, name, pre: float, post: float, codec=None) -> int:
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grouped_allreduce needs a non-empty list of tensors")
     for t in tensors:
-        _scaled(pre, post, t)
-    work = list(tensors) if inplace else [t.detach().clone() for t in tensors]
-    if pre != 1.0:
-        for w in work:
-            w.mul_(pre)
-    handle = pyddl.grouped_allreduce_async_(work, op=op_name)
+        _check_scale(t, pre, post)
 
-    def finish(outs):
-        if post != 1.0:
-            for o in outs:
-                o.mul_(post)
-        return outs
+    def start():
+        if inplace:
+            if pre != 1.0:
+                for t in tensors:
+                    t.detach().mul_(pre)
+            work = [t.detach() for t in tensors]
+        else:
+            work = [t.detach() * pre if pre != 1.0 else t.detach().clone() for t in tensors]
+        return pyddl.grouped_allreduce_async_(work, op=op, compression=codec)
 
-    return _register(handle, name, finish)
-
-
-def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None) -> int:
-    """Start one fused allreduce of a list of tensors; synchronize() returns the reduced copies."""
-    return _grouped_async(tensors, False, average, name, op, prescale_factor, postscale_factor, process_set)
+    finish = _finisher(post, tensors if inplace else None)
+    # Horovod's synchronize() gives a grouped op's outputs as a tuple.
+    return _submit("grouped_allreduce", name, start, lambda out: tuple(finish(out)))
 
 
-def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None) -> int:
-    """As grouped_allreduce_async, in place."""
-    return _grouped_async(tensors, True, average, name, op, prescale_factor, postscale_factor, process_set)
+def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+                            process_set=global_process_set) -> int:
+    """Start one fused allreduce of a list of tensors; synchronize() returns a tuple of new ones."""
+    _check_process_set(process_set)
+    return _grouped_async(tensors, False, reduce_op_name(op, average), name, prescale_factor, postscale_factor)
 
 
-def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
-    """Allreduce a list of tensors in place, fused into buckets; return them."""
+def grouped_allreduce_async_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+                             process_set=global_process_set) -> int:
+    """Start one fused in-place allreduce of a list of tensors; synchronize() returns them (a tuple)."""
+    _check_process_set(process_set)
+    return _grouped_async(tensors, True, reduce_op_name(op, average), name, prescale_factor, postscale_factor)
+
+
+def grouped_allreduce_(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
+                       process_set=global_process_set):
+    """Allreduce a list of tensors in place, fused into buckets; return them (a tuple, as Horovod)."""
     return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor, postscale_factor, process_set))
 
 
 class _GroupedAllreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, average, name, op, pre, post, *tensors):
-        ctx.args = (average, op, pre, post)
-        return tuple(synchronize(_grouped_async(tensors, False, average, name, op, pre, post, None)))
+    def forward(ctx, op, name, pre, post, codec, *tensors):
+        ctx.args = (op, pre, post)
+        return tuple(synchronize(_grouped_async(tensors, False, op, name, pre, post, codec)))
 
     @staticmethod
     def backward(ctx, *grads):
-        average, op, pre, post = ctx.args
-        reduced = synchronize(_grouped_async([g.contiguous() for g in grads], False, average, None, op, pre, post, None))
+        op, pre, post = ctx.args
+        # Horovod's definition, as for allreduce: the same grouped allreduce of the gradients.
+        reduced = synchronize(_grouped_async(grads, False, op, None, pre, post))
         return (None, None, None, None, None, *reduced)
 
 
-def grouped_allreduce(tensors, average=None, name=None, compression=None, op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=None):
-    """Return the allreduce of each tensor in the list, fused into buckets; differentiable."""
+def grouped_allreduce(tensors, average=None, name=None, compression=Compression.none, op=None,
+                      prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set):
+    """Return the allreduce of each tensor of the list, fused into buckets; differentiable.
+
+    Arguments as for `allreduce`; tensors may differ in shape and dtype.
+    """
     _check_process_set(process_set)
-    ctxs = [None] * len(tensors)
-    if compression is not None:
-        pairs = [compression.compress(t) for t in tensors]
-        tensors, ctxs = [p[0] for p in pairs], [p[1] for p in pairs]
-    outs = _GroupedAllreduce.apply(average, name, op, prescale_factor, postscale_factor, *tensors)
-    return [compression.decompress(o, c) if compression is not None else o for o, c in zip(outs, ctxs)]
+    op_name = reduce_op_name(op, average)
+    codec = _codec(compression)
+    if codec is not None:
+        return list(_GroupedAllreduce.apply(op_name, name, prescale_factor, postscale_factor, codec, *tensors))
+    pairs = [compression.compress(t) for t in tensors]
+    outs = _GroupedAllreduce.apply(op_name, name, prescale_factor, postscale_factor, None, *(w for w, _ in pairs))
+    return [compression.decompress(o, c) for o, (_, c) in zip(outs, pairs)]
 
 
-# Allgather, broadcast, alltoall, reducescatter ------------------------------------------
+# Allgather and broadcast ----------------------------------------------------------------
 
-def allgather_async(tensor, name=None, process_set=None) -> int:
-    """Start an allgather (concatenation along axis 0, which may differ across ranks)."""
+def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
+    """Start an allgather: concatenation along axis 0, whose length may differ across ranks."""
     _check_process_set(process_set)
-    return _register(pyddl.allgather_async(tensor), name)
+    return _submit("allgather", name, lambda: pyddl.allgather_async(tensor.detach()))
 
 
 class _Allgather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name):
+        out = synchronize(allgather_async(tensor, name))
         ctx.rows = tensor.shape[0]
-        return synchronize(allgather_async(tensor, name))
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        # Horovod: average the gradient over ranks, keep this rank's rows.
-        reduced = synchronize(_allreduce_async(grad.contiguous(), False, None, None, Average, 1.0, 1.0, None))
-        rows = synchronize(allgather_async(torch.tensor([ctx.rows])))
-        offset = int(rows[: rank()].sum())
-        return reduced.narrow(0, offset, ctx.rows), None
+        # Horovod's definition (horovod#2687): average the gradients over ranks, then keep
+        # the rows this rank contributed.
+        reduced = synchronize(_allreduce_async(grad, False, "average", None, 1.0, 1.0))
+        rows = synchronize(allgather_async(torch.tensor([ctx.rows], dtype=torch.int64)))
+        return reduced.narrow(0, int(rows[: rank()].sum()), ctx.rows), None
 
 
-def allgather(tensor, name=None, process_set=None):
-    """Concatenate every rank's `tensor` along axis 0; differentiable."""
+def allgather(tensor, name=None, process_set=global_process_set):
+    """Return every rank's `tensor` concatenated along axis 0, in rank order; differentiable.
+
+    Axis 0 may differ across ranks; the other axes and the dtype must match.
+    """
     _check_process_set(process_set)
     return _Allgather.apply(tensor, name)
 
 
-def _check_root(root_rank) -> None:
-    if not isinstance(root_rank, int) or not 0 <= root_rank < size():
-        raise ValueError(f"broadcast root_rank {root_rank!r} is out of range: this job has ranks 0..{size() - 1}")
+def _check_root(root_rank) -> int:
+    try:
+        root = operator.index(root_rank)
+    except TypeError:
+        raise TypeError(f"root_rank must be an integer rank, got {type(root_rank).__name__}") from None
+    if not 0 <= root < size():
+        raise ValueError(f"broadcast root_rank {root} is out of range: this job has ranks 0..{size() - 1}")
+    return root
 
 
-def broadcast_async(tensor, root_rank, name=None, process_set=None) -> int:
-    """Start a broadcast from `root_rank`; synchronize() returns a new tensor."""
+def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set) -> int:
+    """Start a broadcast of rank `root_rank`'s `tensor`; synchronize() returns a new tensor.
+
+    Raises:
+        ValueError: `root_rank` is not a rank of this job.
+    """
     _check_process_set(process_set)
-    _check_root(root_rank)
-    return _register(pyddl.broadcast_async_(tensor.detach().clone(), root=root_rank), name)
+    root = _check_root(root_rank)
+    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(tensor.detach().clone(), root=root))
 
 
-def broadcast_async_(tensor, root_rank, name=None, process_set=None) -> int:
-    """Start an in-place broadcast from `root_rank`."""
+def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
+    """Start overwriting `tensor` with rank `root_rank`'s; synchronize() returns `tensor`."""
     _check_process_set(process_set)
-    _check_root(root_rank)
-    return _register(pyddl.broadcast_async_(tensor, root=root_rank), name)
+    root = _check_root(root_rank)
+    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(tensor.detach(), root=root), _finisher(1.0, tensor))
 
 
-def broadcast_(tensor, root_rank, name=None, process_set=None):
+def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
     """Overwrite `tensor` with rank `root_rank`'s, in place; return it."""
     return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
 
 
 class _Broadcast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, root_rank, name):
-        ctx.root = root_rank
-        return synchronize(broadcast_async(tensor, root_rank, name))
+    def forward(ctx, tensor, root, name):
+        ctx.root = root
+        return synchronize(broadcast_async(tensor, root, name))
 
     @staticmethod
     def backward(ctx, grad):
-        # Horovod: the averaged gradient lands on the root; the other ranks' inputs get zero.
-        reduced = synchronize(_allreduce_async(grad.contiguous(), False, None, None, Average, 1.0, 1.0, None))
+        # Horovod's definition (horovod#2687): the averaged gradient on the root, zero elsewhere.
+        reduced = synchronize(_allreduce_async(grad, False, "average", None, 1.0, 1.0))
         if rank() != ctx.root:
             reduced.zero_()
         return reduced, None, None
 
 
-def broadcast(tensor, root_rank, name=None, process_set=None):
-    """Return rank `root_rank`'s `tensor` on every rank; differentiable."""
+def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
+    """Return rank `root_rank`'s `tensor` on every rank; differentiable.
+
+    Raises:
+        ValueError: `root_rank` is not a rank of this job.
+    """
     _check_process_set(process_set)
-    _check_root(root_rank)
-    return _Broadcast.apply(tensor, root_rank, name)
+    return _Broadcast.apply(tensor, _check_root(root_rank), name)
 
 
-def alltoall_async(tensor, splits=None, name=None, process_set=None) -> int:
-    """Start an alltoall: rows splits[i] go to rank i; synchronize() returns (output, received_splits)."""
-    _check_process_set(process_set)
+# Alltoall and reducescatter -------------------------------------------------------------
+
+def _start_alltoall(tensor: torch.Tensor, splits) -> pyddl.Handle:
     n = size()
     if tensor.dim() == 0:
-        raise ValueError("alltoall needs a tensor with at least one axis")
+        raise ValueError("alltoall needs a tensor with at least one axis; use tensor.reshape(1)")
+    rows = tensor.shape[0]
     if splits is None:
-        if tensor.shape[0] % n:
-            raise ValueError(f"alltoall without splits needs axis 0 ({tensor.shape[0]}) divisible by size ({n})")
-        splits = [tensor.shape[0] // n] * n
-    splits = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
-    if len(splits) != n or any(s < 0 for s in splits) or sum(splits) != tensor.shape[0]:
-        raise ValueError(f"alltoall splits {splits} must be {n} non-negative counts summing to axis 0 ({tensor.shape[0]})")
+        if rows % n:
+            raise ValueError(
+                f"alltoall without splits sends axis 0 in {n} equal parts, but it has {rows} rows; "
+                "pass splits= (rows for each rank) or pad the tensor"
+            )
+        counts = [rows // n] * n
+    else:
+        counts = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
+    if len(counts) != n or any(c < 0 for c in counts) or sum(counts) != rows:
+        raise ValueError(f"alltoall splits {counts} must be {n} non-negative row counts summing to axis 0 ({rows})")
+    # Horovod returns the received splits as int32 on the CPU, or like `splits` if a tensor.
+    like = splits if isinstance(splits, torch.Tensor) else torch.empty(0, dtype=torch.int32)
+    device = runtime.device()
+    work = tensor.detach().to(device, copy=True, memory_format=torch.contiguous_format)
     rest = tuple(tensor.shape[1:])
-    work = tensor.detach().contiguous()
     info = OpInfo("alltoall", f"{str(tensor.dtype).replace('torch.', '')}[*,{','.join(map(str, rest))}]")
 
-    def fn(seq):
-        world = runtime.world_group()
-        send = torch.tensor(splits, dtype=torch.int64)
-        recv = torch.empty(n, dtype=torch.int64)
-        dist.all_to_all_single(recv, send, group=world)
-        received = [int(r) for r in recv]
-        out = torch.empty((sum(received),) + rest, dtype=tensor.dtype, device=tensor.device)
-        dist.all_to_all_single(out, work, output_split_sizes=received, input_split_sizes=splits, group=world)
-        return out, recv
+    def fn(seq: int):
+        group = runtime.world_group()
+        recv = torch.empty(n, dtype=torch.int64, device=device)
+        dist.all_to_all_single(recv, torch.tensor(counts, dtype=torch.int64, device=device), group=group)
+        received = recv.tolist()
+        out = torch.empty((sum(received),) + rest, dtype=work.dtype, device=device)
+        dist.all_to_all_single(out, work, output_split_sizes=received, input_split_sizes=counts, group=group)
+        return out.to(tensor.device), torch.tensor(received, dtype=like.dtype, device=like.device)
 
-    return _register(runtime.run_collective(info, fn, asynchronous=True), name)
-
-
-def alltoall(tensor, splits=None, name=None, process_set=None):
-    """Scatter rows of `tensor` to all ranks and gather theirs: returns (output, received_splits)."""
-    return synchronize(alltoall_async(tensor, splits, name, process_set))
+    return runtime.run_collective(info, fn, asynchronous=True)
 
 
-def reducescatter_async(tensor, name=None, op=Average, process_set=None, prescale_factor=1.0, postscale_factor=1.0) -> int:
-    """Start a reduce-scatter (Average by default); rows are split as evenly as possible."""
+def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
+    """Start an alltoall: splits[i] rows of axis 0 go to rank i (equal parts without splits).
+
+    synchronize() returns (output, received_splits): the rows from every rank in rank order,
+    and how many came from each.
+    """
+    _check_process_set(process_set)
+    return _submit("alltoall", name, lambda: _start_alltoall(tensor, splits))
+
+
+class _Alltoall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, splits, name):
+        out, received = synchronize(alltoall_async(tensor, splits, name))
+        ctx.received = received
+        if splits is None:
+            return out
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        # Horovod's definition: send each block of the gradient back where its rows came from.
+        back, _ = synchronize(alltoall_async(grad, ctx.received))
+        return back, None, None
+
+
+def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
+    """Scatter blocks of rows of `tensor` to all ranks and gather theirs; differentiable.
+
+    Returns:
+        The gathered rows; with `splits` given, (rows, received_splits) as in Horovod.
+
+    Raises:
+        ValueError: splits do not sum to axis 0, or axis 0 does not divide by size() without them.
+    """
+    _check_process_set(process_set)
+    return _Alltoall.apply(tensor, splits, name)
+
+
+def _reducescatter_async(tensor, op: str, name, pre: float, post: float) -> int:
+    _check_scale(tensor, pre, post)
+
+    def start():
+        return pyddl.reduce_scatter_async(tensor.detach() * pre if pre != 1.0 else tensor.detach(), op=op)
+
+    return _submit("reducescatter", name, start, _finisher(post))
+
+
+def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
+                        postscale_factor=1.0) -> int:
+    """Start a reduce-scatter (Average by default): this rank gets its block of rows of the
+    reduction; with R rows on n ranks the first R % n ranks get one row more."""
+    _check_process_set(process_set)
+    return _reducescatter_async(tensor, reduce_op_name(op), name, prescale_factor, postscale_factor)
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor, op, name, pre, post):
+        ctx.args = (op, pre, post)
+        return synchronize(_reducescatter_async(tensor, op, name, pre, post))
+
+    @staticmethod
+    def backward(ctx, grad):
+        op, pre, post = ctx.args
+        if op not in ("sum", "average"):
+            raise RuntimeError(f"reducescatter has a gradient for Sum and Average only, not {op}")
+        # Horovod's definition: gather the gradient blocks back, times size() for Sum and
+        # times the scale factors.
+        scale = pre * post * (size() if op == "sum" else 1)
+        return synchronize(allgather_async(grad * scale if scale != 1 else grad)), None, None, None, None
+
+
+def reducescatter(tensor, name=None, compression=Compression.none, op=Average, process_set=global_process_set,
+                  prescale_factor=1.0, postscale_factor=1.0):
+    """Return this rank's block of rows of the reduction of `tensor` over all ranks; differentiable.
+
+    Args as for `allreduce` (Average by default); compression casts for the wire (Horovod's
+    compress/decompress). Rows are split as `reducescatter_async` says.
+    """
     _check_process_set(process_set)
     op_name = reduce_op_name(op)
-    _scaled(prescale_factor, postscale_factor, tensor)
-    work = tensor.detach() * prescale_factor if prescale_factor != 1.0 else tensor
-
-    def finish(out):
-        return out.mul_(postscale_factor) if postscale_factor != 1.0 else out
-
-    return _register(pyddl.reduce_scatter_async(work, op=op_name), name, finish)
-
-
-def reducescatter(tensor, name=None, compression=None, op=Average, process_set=None, prescale_factor=1.0, postscale_factor=1.0):
-    """Return this rank's rows of the reduction of `tensor` over all ranks (Average by default)."""
-    return synchronize(reducescatter_async(tensor, name, op, process_set, prescale_factor, postscale_factor))
+    compression = Compression.none if compression is None else compression
+    wire, ctx = compression.compress(tensor)
+    return compression.decompress(_Reducescatter.apply(wire, op_name, name, prescale_factor, postscale_factor), ctx)
 
 
 def join(device: int = -1) -> int:
-    """This rank has no more data: serve the others' allreduces until every rank joins.
+    """Declare that this rank has no more data; serve the others' allreduces until all join.
 
-    Returns the rank that joined last (see pyddl.join).
+    Args:
+        device: Horovod's device for the zeros a joined rank contributes; pyddl uses its
+            collective device, so this is accepted and not needed.
+
+    Returns:
+        The rank that joined last.
     """
-    return pyddl.join()
+    with horovod_errors():
+        return pyddl.join()
 
 
-def barrier(process_set=None) -> None:
+def barrier(process_set=global_process_set) -> None:
+    """Wait until every rank has called barrier (a rank that never comes is named)."""
     _check_process_set(process_set)
-    pyddl.barrier()
-
-
-# What this build can do, answered truthfully for pyddl on this torch ---------------------
-
-def mpi_threads_supported() -> bool:
-    return False  # pyddl does not run its collectives over MPI
-
-
-def mpi_enabled() -> bool:
-    return False
-
-
-def mpi_built() -> bool:
-    return dist.is_mpi_available()
-
-
-def gloo_built() -> bool:
-    return dist.is_gloo_available()
-
-
-def gloo_enabled() -> bool:
-    if dist.is_initialized():
-        return dist.get_backend() == "gloo"
-    return dist.is_gloo_available()
-
-
-def nccl_built() -> bool:
-    return dist.is_nccl_available() and torch.cuda.is_available()
-
-
-def ddl_built() -> bool:
-    return False  # IBM's DDL library is not used: pyddl re-implements its algorithms in Python
-
-
-def ccl_built() -> bool:
-    return False
-
-
-def cuda_built() -> bool:
-    return torch.backends.cuda.is_built()
-
-
-def rocm_built() -> bool:
-    return torch.version.hip is not None
+    with horovod_errors():
+        pyddl.barrier()

@@ -11,36 +11,38 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import pyddl
+from pyddl.torch.ops import horovod_errors
 
 __all__ = ["SyncBatchNorm"]
 
 
 class _SyncBN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, training):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum):
         channels = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
-        if training:
-            local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_tensor([x.numel() / channels])])
-            total = pyddl.allreduce(local.double(), op="sum")
-            count = total[-1]
-            mean = (total[:channels] / count).to(x.dtype)
-            var = (total[channels:2 * channels] / count - (total[:channels] / count) ** 2).clamp_min(0).to(x.dtype)
-            if running_mean is not None:
-                unbiased = var * (count / max(count - 1, 1)).to(x.dtype)
-                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
-        else:
-            mean, var, count = running_mean, running_var, None
+        # Sums in float64: a sum of squares over a global batch loses digits in float32, and
+        # overflows in float16.
+        xd = x.double()
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / channels])])
+        with horovod_errors():
+            total = pyddl.allreduce(local, op="sum")
+        count = total[-1]
+        mean64 = total[:channels] / count
+        var64 = (total[channels : 2 * channels] / count - mean64**2).clamp_min(0)
+        if running_mean is not None:
+            # torch's BatchNorm keeps the unbiased variance of the (here: global) batch.
+            unbiased = var64 * (count / (count - 1).clamp_min(1))
+            running_mean.mul_(1 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
         shape = [1, channels] + [1] * (x.dim() - 2)
-        invstd = torch.rsqrt(var + eps)
-        xhat = (x - mean.view(shape)) * invstd.view(shape)
+        invstd = torch.rsqrt(var64 + eps).to(x.dtype)
+        xhat = (x - mean64.to(x.dtype).view(shape)) * invstd.view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
-        ctx.count, ctx.training = count, training
-        out = xhat
-        if weight is not None:
-            out = out * weight.view(shape) + bias.view(shape)
-        return out
+        ctx.count = count
+        if weight is None:
+            return xhat
+        return xhat * weight.view(shape) + bias.view(shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -50,17 +52,17 @@ class _SyncBN(torch.autograd.Function):
         shape = [1, channels] + [1] * (grad.dim() - 2)
         sum_dy = grad.sum(dims)
         sum_dy_xhat = (grad * xhat).sum(dims)
+        # The input gradient needs both sums over the global batch (one allreduce, as in
+        # Horovod's SyncBatchNorm); weight and bias keep local sums, which the optimizer averages.
+        with horovod_errors():
+            total = pyddl.allreduce(torch.cat([sum_dy, sum_dy_xhat]).double(), op="sum")
+        g_dy, g_dy_xhat = total[:channels].to(grad.dtype), total[channels:].to(grad.dtype)
+        n = ctx.count.to(grad.dtype)
         scale = invstd if weight is None else invstd * weight
-        if ctx.training:
-            total = pyddl.allreduce(torch.cat([sum_dy, sum_dy_xhat]), op="sum")
-            g_dy, g_dy_xhat = total[:channels], total[channels:]
-            n = ctx.count.to(grad.dtype)
-            dx = scale.view(shape) / n * (n * grad - g_dy.view(shape) - xhat * g_dy_xhat.view(shape))
-        else:
-            dx = grad * scale.view(shape)
-        dw = sum_dy_xhat if weight is not None else None
-        db = sum_dy if weight is not None else None
-        return dx, dw, db, None, None, None, None, None
+        dx = scale.view(shape) / n * (n * grad - g_dy.view(shape) - xhat * g_dy_xhat.view(shape))
+        if weight is None:
+            return dx, None, None, None, None, None, None
+        return dx, sum_dy_xhat, sum_dy, None, None, None, None
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -86,7 +88,8 @@ class SyncBatchNorm(_BatchNorm):
             return torch.nn.functional.batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias,
                 training, momentum, self.eps)
+        running = self.training and self.track_running_stats
         return _SyncBN.apply(input, self.weight, self.bias,
-                             self.running_mean if self.track_running_stats else None,
-                             self.running_var if self.track_running_stats else None,
-                             self.eps, momentum, True)
+                             self.running_mean if running else None,
+                             self.running_var if running else None,
+                             self.eps, momentum)
