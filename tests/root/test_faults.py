@@ -79,11 +79,9 @@ def test_two_servers_by_two_ranks_through_H(tmp_path):
         r = pyddl.rank()
         x = torch.full((1001,), r + 1, dtype=torch.float32)  # 1001: not a multiple of the dims
         sums = {alg: sorted(set(pyddl.allreduce(x, algorithm=alg).tolist())) for alg in ("native", "multiring")}
-        listen = ""
-        if r == 0:  # the agent of node 0 hosts the rendezvous store: where does it listen?
-            port = os.environ["MASTER_PORT"]
-            ss = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout.split()
-            listen = [w for w in ss if w.endswith(":" + port)]
+        # Every socket listening on this server (the agent's stores on node 0, Gloo's).
+        ss = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+        listen = sorted({line.split()[3].rsplit(":", 1)[0] for line in ss.splitlines()})
         print("REPORT " + json.dumps(dict(netns=netns(), node=os.environ["GROUP_RANK"], cross=pyddl.cross_rank(),
               local=pyddl.local_rank(), spec=pyddl.topology().spec, sums=sums, listen=listen,
               master=os.environ["MASTER_ADDR"], ifname=os.environ.get("GLOO_SOCKET_IFNAME"))), flush=True)
@@ -100,8 +98,9 @@ def test_two_servers_by_two_ranks_through_H(tmp_path):
             assert (got["node"], got["cross"], got["local"], got["spec"]) == (str(r // 2), r // 2, r % 2, "2x2")
             assert got["netns"] == cluster.servers[r // 2].netns  # ranks fill the servers in -H order
             assert (got["master"], got["ifname"]) == (cluster.servers[0].address, "eth0")
-        # The store listens on node 0's address only, not on every interface.
-        assert rep[0]["listen"] == [f"{cluster.servers[0].address}:29500"]
+        # The stores and Gloo listen on each server's own address only, never on every interface.
+        for r, got in rep.items():
+            assert got["listen"] == [cluster.servers[r // 2].address], got["listen"]
 
 
 @pytest.mark.timeout(120)
@@ -184,7 +183,7 @@ _RESTARTABLE = """
     print("REPORT " + json.dumps(dict(start=state["epoch"], restart=os.environ.get("PYDDL_RESTART_COUNT"))), flush=True)
     w = state["w"]
     for epoch in range(state["epoch"], 4):
-        if KILL and r == 3 and epoch == 2 and not os.path.exists("killed"):
+        if r == 3 and epoch == 2 and not os.path.exists("killed"):
             open("killed", "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
         w = w / 2 + pyddl.allreduce(torch.full((3,), float((r + 1) * (epoch + 1))))
@@ -203,7 +202,7 @@ def test_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     for epoch in range(4):
         w = w / 2 + sum((r + 1) * (epoch + 1) for r in range(4))
     with EmulatedCluster(2) as cluster:
-        script = _script(tmp_path, "KILL = True\n" + textwrap.dedent(_RESTARTABLE))
+        script = _script(tmp_path, _RESTARTABLE)
         proc = subprocess.run(PYDDL + _hosts_args(cluster, 2, "--max-restarts", "1", script), cwd=tmp_path,
                               capture_output=True, text=True, timeout=150, env=_env())
     assert proc.returncode == 0, proc.stderr
@@ -215,60 +214,3 @@ def test_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert starts == [(0, None)] * 4 + [(2, "1")] * 4
     finals = [x["w"] for r in rep for x in rep[r] if "w" in x]
     assert len(finals) == 4 and all(f == [w] * 3 for f in finals), (finals, w)
-
-
-def _train_pids(root_pid):
-    """Pids of `pyddl train` workers started (at any depth) by process `root_pid`."""
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as fh:
-                    parent[int(d)] = int(fh.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{d}/cmdline", "rb") as fh:
-                    parent[int(d), "cmd"] = fh.read()
-            except OSError:
-                continue
-    found = []
-    for pid in [p for p in parent if isinstance(p, int)]:
-        p = pid
-        while p in parent and p != root_pid:
-            p = parent[p]
-        if p == root_pid and b"pyddl.train.worker" in parent.get((pid, "cmd"), b""):
-            found.append(pid)
-    return sorted(found)
-
-
-def _final_params(out):
-    import torch
-
-    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
-    return torch.load(ckpts[-1], weights_only=False)["model"]
-
-
-@pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="pyddl train does not yet resume by itself when the launcher restarts it "
-                   "(it refuses a folder with checkpoints without --resume); see docs/launch.md")
-def test_pyddl_train_resumes_after_a_restart(tmp_path):
-    flags = ["-np", "2", "--epochs", "3", "--batch-size", "16", "--seed", "1"]
-    launcher = subprocess.Popen(PYDDL + ["train", *flags, "--max-restarts", "1", "--out", str(tmp_path / "a")],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    output = []
-    try:
-        for line in launcher.stdout:
-            output.append(line)
-            if (tmp_path / "a" / "checkpoints").is_dir() and list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
-                os.kill(_train_pids(launcher.pid)[-1], signal.SIGKILL)
-                break
-        output += launcher.stdout.readlines()
-        launcher.wait(timeout=200)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-    assert launcher.returncode == 0, "".join(output)
-    ref = subprocess.run(PYDDL + ["train", *flags, "--out", str(tmp_path / "b")], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=200, env=_env())
-    assert ref.returncode == 0, ref.stderr
-    a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)

@@ -14,7 +14,9 @@ import socket
 from datetime import timedelta
 
 from torch.distributed import TCPStore
-from torch.distributed.elastic.rendezvous import RendezvousParameters, rendezvous_handler_registry
+from torch.distributed.elastic.rendezvous import (
+    RendezvousInfo, RendezvousParameters, RendezvousStoreInfo, rendezvous_handler_registry,
+)
 from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler, RendezvousTimeout
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
@@ -76,36 +78,59 @@ def _bound_store(addr: str, port: int, role: str, **kw) -> tuple[TCPStore, socke
 
 
 class _BoundStaticRendezvous(StaticTCPRendezvous):
-    """torch's static rendezvous (node 0 hosts the store, the others connect); port 0 on
-    node 0 takes a free port, which the workers learn through MASTER_PORT."""
+    """torch's static rendezvous (node 0 hosts the store, the others connect), plus a fresh
+    store for the workers at every round: torch hands the workers the agent's own store and
+    adds no per-attempt prefix, so after a restart Gloo could read the dead workers' addresses
+    (seen as `connectFullMesh ... Connection refused` on a restarted `pyddl train`)."""
 
-    _listener: socket.socket | None = None
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._round = 0
+        # Stores stay referenced (and listening) for the agent's life: a TCPStore does not
+        # own the descriptor it was given.
+        self._kept: list[tuple[TCPStore, socket.socket]] = []
 
     def get_backend(self) -> str:
         return STATIC
 
     def next_rendezvous(self):
         if self._store is None and self.rank == 0:
-            self._store, self._listener = _bound_store(
+            store, listener = _bound_store(
                 self.master_addr, self.master_port, "rendezvous store (--master-addr/--master-port)",
                 world_size=self.world_size, timeout=self.timeout)
-            self.master_port = self._listener.getsockname()[1]
-        return super().next_rendezvous()
+            self._kept.append((store, listener))
+            self._store, self.master_port = store, listener.getsockname()[1]
+        info = super().next_rendezvous()
+        self._round += 1
+        key = f"pyddl/workers_store/{self._round}"
+        if self.rank == 0:
+            store, listener = _bound_store(self.master_addr, 0, "workers' store (--master-addr)")
+            self._kept.append((store, listener))
+            info.store.set(key, str(listener.getsockname()[1]))
+        port = int(info.store.get(key))
+        return RendezvousInfo(info.store, info.rank, info.world_size, RendezvousStoreInfo(self.master_addr, port))
 
 
 class _BoundDynamicHandler(DynamicRendezvousHandler):
     """torch's c10d rendezvous; the store it shares with the workers (hosted by whichever
-    node becomes rank 0) listens on that node's address only."""
+    node becomes rank 0) listens on that node's address only, and is new at every round
+    (see _BoundStaticRendezvous for why)."""
 
-    _worker_listener: socket.socket | None = None
     _rdzv_listener: socket.socket | None = None
+    _kept: tuple = ()  # every round's workers' store, referenced for the agent's life
 
     def get_backend(self) -> str:
         return C10D
 
+    def next_rendezvous(self):
+        self._bootstrap_store_info = None
+        self._shared_tcp_store_server = None
+        return super().next_rendezvous()
+
     def _create_tcp_store_server(self, master_addr, master_port) -> TCPStore:
-        store, self._worker_listener = _bound_store(
+        store, listener = _bound_store(
             master_addr, master_port, "workers' store (this server's address: --network-interface or its host name)")
+        self._kept += ((store, listener),)
         return store
 
 
