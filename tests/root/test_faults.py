@@ -214,3 +214,27 @@ def test_max_restarts_resumes_from_the_last_checkpoint(tmp_path):
     assert starts == [(0, None)] * 4 + [(2, "1")] * 4
     finals = [x["w"] for r in rep for x in rep[r] if "w" in x]
     assert len(finals) == 4 and all(f == [w] * 3 for f in finals), (finals, w)
+
+
+@pytest.mark.timeout(200)
+def test_elastic_c10d_servers_restart_together(tmp_path):
+    # torchrun's way, one `pyddl run --nnodes 2:2` per server: the server whose rank died
+    # restarts its workers, the other sees it rejoin the rendezvous and restarts its own.
+    w = 0.0
+    for epoch in range(4):
+        w = w / 2 + sum((r + 1) * (epoch + 1) for r in range(4))
+    script = _script(tmp_path, _RESTARTABLE)
+    with EmulatedCluster(2) as cluster:
+        addr = cluster.servers[0].address
+        agents = [subprocess.Popen(
+            ["ip", "netns", "exec", s.netns, *PYDDL, "run", "--nnodes", "2:2", "--master-addr", addr,
+             "--master-port", "29400", "-np", "2", "--network-interface", "eth0", "--max-restarts", "1", script],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+            for s in cluster.servers]
+        outs = [a.communicate(timeout=150) for a in agents]
+    for a, (_, err) in zip(agents, outs):
+        assert a.returncode == 0, err
+    rep = _reports("".join(out for out, _ in outs))
+    assert sorted(x["start"] for r in rep for x in rep[r] if "start" in x) == [0] * 4 + [2] * 4
+    finals = [x["w"] for r in rep for x in rep[r] if "w" in x]
+    assert len(finals) == 4 and all(f == [w] * 3 for f in finals), (finals, w)
