@@ -199,10 +199,27 @@ def _rendezvous(cfg: RunConfig, local_addr: str) -> dict:
                     local_addr=local_addr)
     endpoint = rendezvous.format_endpoint(cfg.master_addr, cfg.master_port or _env.DEFAULT_MASTER_PORT)
     if cfg.elastic:
+        # Whichever server becomes rank 0 hosts the workers' store on its own address, which
+        # the others must reach: the interface's, else the one this server uses towards node 0.
+        local = _interface_address(cfg.network_interface) or _route_address(cfg.master_addr)
         return dict(min_nodes=cfg.nnodes, max_nodes=cfg.max_nnodes, rdzv_backend=rendezvous.C10D,
-                    rdzv_endpoint=endpoint, local_addr=_interface_address(cfg.network_interface))
+                    rdzv_endpoint=endpoint, local_addr=local)
     return dict(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, rdzv_backend=rendezvous.STATIC,
                 rdzv_endpoint=endpoint, rdzv_configs={"rank": cfg.node_rank}, local_addr=cfg.master_addr)
+
+
+def _route_address(master_addr: str) -> str:
+    """This server's source address towards `master_addr` (a UDP connect sends nothing)."""
+    import socket
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(master_addr, _env.DEFAULT_MASTER_PORT, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(sockaddr)
+        except OSError as err:
+            raise ValueError(f"--master-addr {master_addr}: no route from this server ({err.strerror}); "
+                             f"check the address, or pass --network-interface") from None
+        return sock.getsockname()[0]
 
 
 def _interface_address(ifname: str | None) -> str | None:
