@@ -238,3 +238,26 @@ def test_elastic_c10d_servers_restart_together(tmp_path):
     assert sorted(x["start"] for r in rep for x in rep[r] if "start" in x) == [0] * 4 + [2] * 4
     finals = [x["w"] for r in rep for x in rep[r] if "w" in x]
     assert len(finals) == 4 and all(f == [w] * 3 for f in finals), (finals, w)
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_driver_stops_every_server(tmp_path):
+    script = _script(tmp_path, """
+        pyddl.init()
+        print("REPORT " + json.dumps(dict(up=True)), flush=True)
+        time.sleep(90)
+    """)
+    with EmulatedCluster(2) as cluster:
+        driver = subprocess.Popen(PYDDL + _hosts_args(cluster, 1, script), cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=_env())
+        seen = 0
+        deadline = time.monotonic() + 60
+        while seen < 2 and time.monotonic() < deadline:
+            seen += len(_reports(driver.stdout.readline()))
+        driver.send_signal(signal.SIGTERM)
+        _, err = driver.communicate(timeout=30)
+        left = _pids_in(cluster)
+    assert seen == 2, err
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM; every server's workers stopped" in err
+    assert left == []
