@@ -337,8 +337,6 @@ def _final_params(out):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason="pyddl train does not yet resume by itself when the launcher restarts it "
-                   "(it refuses a folder with checkpoints without --resume); see docs/launch.md")
 def test_pyddl_train_resumes_after_a_restart(tmp_path):
     flags = ["-np", "2", "--epochs", "3", "--batch-size", "16", "--seed", "1"]
     launcher = subprocess.Popen(PYDDL + ["train", *flags, "--max-restarts", "1", "--out", str(tmp_path / "a")],

@@ -8,6 +8,7 @@ it trains on that job's ranks. Flags are pyddl run's job flags plus TrainConfig'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -37,7 +38,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _main(args) -> int:
     from pyddl.train import worker
-    from pyddl.train.trainer import check_inputs
+    from pyddl.train.trainer import check_inputs, new_out_dir
 
     try:
         cfg = config_from_args(args)
@@ -49,6 +50,10 @@ def _main(args) -> int:
         check_inputs(cfg)
     except (ValueError, ImportError) as err:
         return _fail(str(err))
+    if cfg.out is None and cfg.checkpoint_dir is None:
+        # Named here, not by the workers, so that workers restarted by --max-restarts find
+        # the checkpoints of the attempt before them.
+        cfg = dataclasses.replace(cfg, out=str(new_out_dir(cfg)))
     command = (sys.executable, "-m", "pyddl.train.worker", "--config-json",
                json.dumps(cfg.to_dict()))
     try:

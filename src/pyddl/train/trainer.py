@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import pyddl
+from pyddl import env as _env
 from pyddl.errors import PyddlError
 from pyddl.torch.compression import Compression
 from pyddl.torch.functions import broadcast_parameters
@@ -136,7 +137,8 @@ def _broadcast_text(text: str, device: torch.device) -> str:
     return bytes(pyddl.broadcast_(data, 0).cpu().tolist()).decode()
 
 
-def _new_out_dir(cfg: TrainConfig) -> Path:
+def new_out_dir(cfg: TrainConfig) -> Path:
+    """Create and return a new run folder under ./runs named after the time, model and data."""
     stem = Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.model}-{Path(cfg.data).name}"
     path, n = stem, 1
     while path.exists():
@@ -197,6 +199,10 @@ class _Run:
             self.data, self.model, self.recipe = _open_inputs(cfg, model)
             self.model_name = cfg.model if model is None else type(model).__name__
             manager = _checkpoints(cfg, cfg.out)
+            if not cfg.resume and manager is not None and manager.indices() and _env.read_job_env().restart_count:
+                # The launcher restarted the workers after a failure (--max-restarts): go on
+                # from the last checkpoint instead of refusing the folder.
+                self.cfg = cfg = dataclasses.replace(cfg, resume=True)
             _check_fresh_start(cfg, manager)
             if cfg.resume:
                 index, state = manager.load_latest()
@@ -215,7 +221,7 @@ class _Run:
         _agree(reports.cpu(), error)
         self.out = Path(cfg.out) if cfg.out else None
         if self.out is None:
-            name = str(_new_out_dir(cfg)) if self.rank == 0 else ""
+            name = str(new_out_dir(cfg)) if self.rank == 0 else ""
             self.out = Path(_broadcast_text(name, self.device) if self.world > 1 else name)
         self.manager = _checkpoints(cfg, str(self.out))
         self._build(state)
