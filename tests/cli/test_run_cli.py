@@ -165,11 +165,13 @@ def test_bench_scaling_writes_table_json_and_png(tmp_path):
 
 
 _RANK_REPORT = """
-    import os, torch, pyddl
+    import os, sys, torch, pyddl
     from pyddl.env import read_job_env
     pyddl.init()
     total = pyddl.allreduce(torch.tensor([pyddl.rank() + 1])).item()
-    print(f"rank {pyddl.rank()} of {pyddl.size()} via {read_job_env().source} sum {total} parent {os.getppid()}", flush=True)
+    # One write per line: the ranks share one stdout, unbuffered (python -u), and print()
+    # would write the text and its newline separately, letting the other rank in between.
+    sys.stdout.write(f"rank {pyddl.rank()} of {pyddl.size()} via {read_job_env().source} sum {total} parent {os.getppid()}\\n")
     pyddl.shutdown()
 """
 
@@ -216,11 +218,15 @@ def test_in_an_allocation_pyddl_run_starts_itself_through_srun(tmp_path):
         #!/bin/sh
         echo "$@" > srun.args
         shift  # --kill-on-bad-exit=1
+        pids=""
         for r in 0 1; do
           SLURM_STEP_ID=0 SLURM_PROCID=$r SLURM_LOCALID=$r SLURM_NODEID=0 SLURM_STEP_NUM_TASKS=2 \\
           SLURM_STEP_TASKS_PER_NODE=2 SLURM_STEP_NODELIST=localhost "$@" &
+          pids="$pids $!"
         done
-        wait
+        rc=0
+        for p in $pids; do wait $p || rc=1; done
+        exit $rc
     """))
     fake.chmod(0o755)
     script = _script(tmp_path, _RANK_REPORT)
@@ -354,7 +360,9 @@ def test_pyddl_train_resumes_after_a_restart(tmp_path):
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-    assert launcher.returncode == 0, "".join(output)
+    text = "".join(output)
+    assert launcher.returncode == 0, text
+    assert "resuming from" in text and text.count("epoch 3/3") == 1, text  # resumed, not redone
     ref = subprocess.run(PYDDL + ["train", *flags, "--out", str(tmp_path / "b")], cwd=tmp_path,
                          capture_output=True, text=True, timeout=200, env=_clean_env())
     assert ref.returncode == 0, ref.stderr

@@ -261,3 +261,52 @@ def test_sigterm_to_the_driver_stops_every_server(tmp_path):
     assert driver.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM; every server's workers stopped" in err
     assert left == []
+
+
+def _final_params(out):
+    import torch
+
+    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
+    return torch.load(ckpts[-1], weights_only=False)["model"]
+
+
+def _kill_a_train_worker(netns):
+    for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"pyddl.train.worker" in fh.read():
+                    os.kill(int(pid), signal.SIGKILL)
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
+    flags = ["train", "--epochs", "3", "--batch-size", "16", "--seed", "1"]
+    with EmulatedCluster(2) as cluster:
+        hosts = _hosts_args(cluster, 1)[1:]  # -np 2 -H ... --launcher ... --network-interface eth0
+        driver = subprocess.Popen(PYDDL + [*flags, *hosts, "--max-restarts", "1", "--out", str(tmp_path / "a")],
+                                  cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+        output, killed = [], False
+        try:
+            for line in driver.stdout:
+                output.append(line)
+                if not killed and list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
+                    killed = _kill_a_train_worker(cluster.servers[1].netns)  # the rank on server 1
+            driver.wait(timeout=200)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+        text = "".join(output)
+        assert killed and driver.returncode == 0, text
+        assert "restarting every server's workers (restart 1 of 1)" in text
+        assert "resuming from" in text and text.count("epoch 3/3") == 1, text
+        ref = subprocess.run(PYDDL + [*flags, *hosts, "--out", str(tmp_path / "b")], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=200, env=_env())
+    assert ref.returncode == 0, ref.stderr
+    a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
