@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from pyddl.launch.hosts import (
-    Host, check_command, forwarded_env, launcher_words, parse_hostfile, parse_hosts, place_ranks, remote_command,
+    Host, check_command, forwarded_env, launcher_words, parse_hostfile, parse_hosts, place_ranks,
 )
 from pyddl.launch.local import RunConfig
 
@@ -133,6 +133,7 @@ def test_cli_flags_make_the_config(tmp_path):
     (dict(hosts=(Host("a", 2),), nnodes=2), "drop --nnodes"),
     (dict(hosts=(Host("a", 2),), emulate_nodes=2), "pick one"),
     (dict(node_rank=1), "needs --nnodes N > 1"),
+    (dict(emulate_nodes=2, network_interface="ens5"), "every emulated server's link is eth0"),
 ])
 def test_bad_server_flags_are_named(kw, text):
     with pytest.raises(ValueError, match=text):

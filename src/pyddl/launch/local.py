@@ -148,6 +148,11 @@ class RunConfig:
             )
         if self.emulate_link_gbps is not None and not self.emulate_link_gbps > 0:
             raise ValueError(f"--emulate-link-gbps must be a positive rate in Gbit/s, got {self.emulate_link_gbps}")
+        from pyddl.launch.emulate import NS_IFNAME
+
+        if self.network_interface not in (None, NS_IFNAME):
+            raise ValueError(f"--network-interface {self.network_interface}: every emulated server's link is "
+                             f"{NS_IFNAME}, which the workers use already; drop the flag")
 
     def worker_env(self) -> dict[str, str]:
         """The PYDDL_* variables every worker gets (on top of torchrun's)."""
