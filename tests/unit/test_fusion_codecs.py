@@ -67,6 +67,18 @@ def test_fp16_overflow_is_avoided_by_prescaling():
     assert out.item() == pytest.approx(240000.0, rel=1e-3)
 
 
+def test_a_value_beyond_fp16_range_is_divided_before_the_cast():
+    # 100000 does not fit fp16 (max 65504); divided by 2 ranks first it does.
+    wire = get_codec("fp16").encode(torch.tensor([100000.0, -1e5]), "average", 2)
+    assert torch.equal(wire, torch.tensor([50000.0, -50000.0], dtype=torch.float16))
+
+
+def test_pack_scales_in_the_source_dtype_before_narrowing():
+    grads = [torch.tensor([1e5, 2.0]), torch.tensor([[-1e5]])]
+    out = pack(grads, out=torch.empty(3, dtype=torch.float16), scale=0.5)
+    assert torch.equal(out, torch.tensor([50000.0, 1.0, -50000.0], dtype=torch.float16))
+
+
 def test_unknown_codec():
     with pytest.raises(ValueError, match="none, fp16, bf16"):
         get_codec("int4")

@@ -30,11 +30,15 @@ class Codec:
         )
 
     def encode(self, tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
-        """Return the wire tensor; for sum/average it carries tensor / world_size."""
-        wire = tensor.to(self.wire_dtype)
+        """Return the wire tensor; for sum/average it carries tensor / world_size.
+
+        The division happens in the tensor's own dtype, in the same pass as the cast, so a
+        value that fits fp16 only after the division (above 65504) does not become inf.
+        """
+        wire = torch.empty(tensor.shape, dtype=self.wire_dtype, device=tensor.device)
         if op in ("sum", "average"):
-            wire.div_(world_size)
-        return wire
+            return torch.div(tensor, world_size, out=wire)
+        return wire.copy_(tensor)
 
     def decode_(self, wire: torch.Tensor, out: torch.Tensor, op: str, world_size: int) -> None:
         """Write the reduced wire tensor back into `out` in its own dtype.

@@ -50,15 +50,22 @@ def plan_buckets(
     return buckets
 
 
-def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Copy `tensors` (one dtype) into one flat buffer, in order."""
+def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """Copy `tensors` (one dtype) into one flat buffer, in order.
+
+    `out` may have another dtype (a wire dtype); `scale` multiplies in the tensors' own dtype
+    during the same pass, before any narrowing cast.
+    """
     total = sum(t.numel() for t in tensors)
     if out is None:
         out = torch.empty(total, dtype=tensors[0].dtype, device=tensors[0].device)
     offset = 0
     for t in tensors:
         n = t.numel()
-        out[offset : offset + n].copy_(t.reshape(-1))
+        if scale == 1.0:
+            out[offset : offset + n].copy_(t.reshape(-1))
+        else:
+            torch.mul(t.reshape(-1), scale, out=out[offset : offset + n])
         offset += n
     return out
 

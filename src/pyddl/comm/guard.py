@@ -55,6 +55,9 @@ class Round:
     serve: tuple | None = None  # (join_spec, seq) of the collective the others are running
 
 
+# torch 2.14 renamed all_gather_into_tensor (and warns on the old name); 2.4 has only that.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 _JOINED_FP = -1
 _NO_FP = -(1 << 62)
 
@@ -62,19 +65,23 @@ _NO_FP = -(1 << 62)
 def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], device, rank: int) -> Round:
     """Compare every rank's call before a collective; `info=None` means "I have joined".
 
-    One 4-element MAX allreduce: [fp, -fp] compares the calls of the ranks that have not
-    joined (joined ranks send values below any fingerprint), the third says whether any rank
-    joined, the fourth packs (seq, rank) so that the all-joined round names the last joiner.
+    Every rank contributes 4 numbers and takes their maximum over the ranks: [fp, -fp]
+    compares the calls of the ranks that have not joined (joined ranks send values below any
+    fingerprint), the third says whether any rank joined, the fourth packs (seq, rank) so that
+    the all-joined round names the last joiner. The maximum is taken locally after an
+    allgather: Gloo's allgather of a few bytes costs about a third of its allreduce (0.5 vs
+    1.7 ms on loopback, most of it CPU), and this check runs before every collective.
     A difference gathers the descriptions to name who called what, and raises
     CollectiveMismatchError on every rank.
     """
     if info is None:
-        t = torch.tensor([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank], dtype=torch.int64, device=device)
+        mine = torch.tensor([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank], dtype=torch.int64, device=device)
     else:
         fp = fingerprint(info)
-        t = torch.tensor([fp, -fp, 0, 0], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    high, neg_low, some_joined, packed = (int(v) for v in t)
+        mine = torch.tensor([fp, -fp, 0, 0], dtype=torch.int64, device=device)
+    everyone = torch.empty(4 * len(group_ranks), dtype=torch.int64, device=device)
+    _all_gather_flat(everyone, mine, group=group)
+    high, neg_low, some_joined, packed = everyone.view(-1, 4).max(dim=0).values.tolist()
     if high == _JOINED_FP:
         return Round(True, True, packed & ((1 << 20) - 1), packed >> 20)
     if high == -neg_low and not some_joined:

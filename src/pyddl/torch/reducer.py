@@ -218,18 +218,16 @@ class GradientReducer:
         def fn(seq: int):
             if bucket.buffer is None or bucket.buffer.numel() != numel or bucket.buffer.dtype != buffer_dtype:
                 bucket.buffer = torch.empty(numel, dtype=buffer_dtype, device=runtime.device())
-            flat = pack([g.detach() for g in grads], out=bucket.buffer)
             if fused:
-                if pre != 1.0:
-                    flat.mul_(pre)
+                # Scaled in the gradients' dtype before the cast, so fp16 does not overflow.
+                flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=pre)
                 core_ops.reduce_buffer_(flat, wire_op, alg, plain, seq)
                 unpack(flat, [g.detach() for g in grads])
                 if post != 1.0:
                     for g in grads:  # in the gradient's own dtype: no fp16 overflow
                         g.mul_(post)
                 return
-            if opts.prescale != 1.0:
-                flat.mul_(opts.prescale)
+            flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=opts.prescale)
             if opts.compressor is not None:
                 wire, ctx = opts.compressor.compress(flat)
                 core_ops.reduce_buffer_(wire, op, alg, codec, seq)
