@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from pyddl import defaults
 from pyddl import env as _env
 from pyddl.comm.engine import Engine
 from pyddl.comm.guard import Monitor, OpInfo, exchange
@@ -49,7 +50,8 @@ __all__ = [
 
 ALGORITHMS = ("native", "multiring", "auto")
 _DEFAULT_TIMEOUT_S = 300.0
-_DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+_tune_lock = threading.Lock()
+_DEFAULT_CHUNK_BYTES = defaults.CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -205,9 +207,17 @@ def init(
             timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank),
         )
     if settings.allreduce == "auto":
-        from pyddl.comm.auto import tune
+        ensure_tuned()
 
-        _state.tuned = tune()
+
+def ensure_tuned() -> None:
+    """Time the `auto` candidates once (collective: every rank must reach it in the same order)."""
+    st = _get()
+    with _tune_lock:
+        if st.tuned is None and dist.get_world_size() > 1:
+            from pyddl.comm.auto import tune
+
+            st.tuned = tune()
 
 
 def shutdown() -> None:

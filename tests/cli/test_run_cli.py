@@ -119,16 +119,19 @@ def test_bench_step_compares_systems(tmp_path):
     out = tmp_path / "step.json"
     proc = _run(
         ["bench", "step", "-np", "2", "--model", "small_cnn", "--batch", "4", "--image-size", "16",
-         "--steps", "2", "--warmup", "1", "--systems", "single,ddp,ddp-noop,pyddl-multiring-fp16,pyddl-noop",
-         "--json", str(out)],
+         "--steps", "2", "--warmup", "1", "--rounds", "2",
+         "--systems", "single,ddp,ddp-noop,pyddl-multiring-fp16,pyddl-auto,pyddl-noop", "--json", str(out)],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout
+    assert "round 2/2  pyddl-auto" in proc.stdout
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"single", "ddp", "ddp-noop", "pyddl-multiring-fp16", "pyddl-noop"}
+    assert set(rows) == {"single", "ddp", "ddp-noop", "pyddl-multiring-fp16", "pyddl-auto", "pyddl-noop"}
     single = rows["single"]
     assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
+    for r in rows.values():  # 2 rounds of 2 timed steps, pooled
+        assert len(r["step_times_s"]) == 4 and len(r["round_medians_s"]) == 2
     for name in ("ddp", "pyddl-multiring-fp16"):
         r = rows[name]
         noop = rows["ddp-noop" if name == "ddp" else "pyddl-noop"]
@@ -141,6 +144,8 @@ def test_bench_step_compares_systems(tmp_path):
 def test_bench_step_rejects_unknown_system(tmp_path):
     proc = _run(["bench", "step", "--systems", "ddp,horovod"], tmp_path)
     assert proc.returncode == 2 and "unknown system(s) horovod" in proc.stderr
+    proc = _run(["bench", "step", "--rounds", "0"], tmp_path)
+    assert proc.returncode == 2 and "--rounds must be at least 1" in proc.stderr
 
 
 def test_bench_scaling_writes_table_json_and_png(tmp_path):

@@ -97,11 +97,11 @@ def test_calibrate_write_cluster_then_validate_with_it(tmp_path):
     prof.write_text(json.dumps({"model": "toy", "batch": 8, "forward_s": 0.2, "backward_s": 0.5,
                                 "optimizer_s": 0.01, "gradients": grads, "source": "hand", "image_size": None}))
     proc = _run(["--cluster", "mine.toml", "--validate", "bench.json", "--step-profile", "prof.json",
-                 "--measured-steps", "steps.json", "--json", "check.json"], tmp_path)
+                 "--measured-steps", "steps.json", "--bucket-mb", "25", "--json", "check.json"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "allreduce: 27/27 rows within 15%" in proc.stdout
     assert "step time on fitted-2x2" in proc.stdout
-    # One 20 MB bucket, ready when backward ends: step = compute + its whole allreduce.
+    # One 20 MB bucket (cap 25 MiB), ready when backward ends: step = compute + its whole allreduce.
     step = json.loads((tmp_path / "check.json").read_text())["steps"][0]
     expect = 0.2 + 0.5 + 0.01 + allreduce_s(TRUTH, "multiring", 20_000_000)
     assert step["predicted_s"] == pytest.approx(expect, rel=1e-3) and step["ratio"] == step["predicted_s"]

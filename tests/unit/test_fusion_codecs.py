@@ -94,3 +94,11 @@ def test_plan_chunks():
     assert chunks[0] == (0, 100) and sum(n for _, n in chunks) == 1000
     assert plan_chunks(0, 4, 400, 4) == []
     assert plan_chunks(3, 4, 4, 8) == [(0, 3)]
+
+
+def test_auto_picks_the_choice_of_the_nearest_timed_size_on_a_log_scale():
+    from pyddl.comm.auto import AutoTable
+
+    table = AutoTable((16 * 1024, 512 * 1024, 8 * 1024 * 1024), ("native", "multiring", "native"), {})
+    assert [table.pick(n) for n in (0, 1, 16 * 1024, 90 * 1024, 100 * 1024, 2 * 2**20, 3 * 2**20, 2**30)] == [
+        "native", "native", "native", "native", "multiring", "multiring", "native", "native"]

@@ -5,6 +5,10 @@ starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop h
 pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
 no communication). Same model, seed and synthetic batch everywhere; data loading is left out.
 
+The systems run in interleaved rounds (each round times every system in turn), so a change in
+the machine's speed during the run (a shared or virtual machine drifts by 5-10% over minutes)
+falls on every system alike instead of on whichever ran last.
+
 Figures per system: the median step time (the slowest rank's), images/s, the communication
 efficiency = (its own family's no-communication step time) / (its step time), whose
 complement is the exposed-communication fraction, and the scaling efficiency against the
@@ -32,6 +36,8 @@ SYSTEMS = {
     "pyddl-native-fp16": "pyddl, native allreduce, fp16 on the wire",
     "pyddl-multiring": "pyddl DistributedOptimizer, multiring allreduce",
     "pyddl-multiring-fp16": "pyddl, multiring allreduce, fp16 on the wire",
+    "pyddl-auto": "pyddl DistributedOptimizer, auto (timed at start-up, per message size)",
+    "pyddl-auto-fp16": "pyddl, auto allreduce, fp16 on the wire",
     "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
 }
 
@@ -93,24 +99,33 @@ def _time_system(system: str, model_name: str, batch: int, image_size: int, step
     return times
 
 
-def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> tuple[int, list[dict]]:
-    """Inside a job: time each system on every rank; return (rank, rows), each row holding
-    the slowest rank's median."""
+def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int,
+                bucket_mb: float, rounds: int = 1) -> tuple[int, list[dict]]:
+    """Inside a job: time each system on every rank, `rounds` times interleaved; return
+    (rank, rows), each row holding the slowest rank's median over all its timed steps and
+    the median of each round."""
     import pyddl
 
     pyddl.init()
     rank = pyddl.rank()
+    times: dict[str, list[float]] = {s: [] for s in systems}
+    per_round: dict[str, list[float]] = {s: [] for s in systems}
+    for r in range(rounds):
+        for system in systems:
+            pyddl.barrier()
+            mine = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
+            times[system].extend(mine)
+            med = torch.tensor([statistics.median(mine)], dtype=torch.float64)
+            per_round[system].append(pyddl.allreduce(med, op="max").item())
+            if rank == 0:
+                print(f"  round {r + 1}/{rounds}  {system:<22} {per_round[system][-1] * 1e3:8.1f} ms/step", flush=True)
     rows = []
     for system in systems:
-        pyddl.barrier()
-        times = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
-        med = torch.tensor([statistics.median(times)], dtype=torch.float64)
+        med = torch.tensor([statistics.median(times[system])], dtype=torch.float64)
         worst = pyddl.allreduce(med, op="max").item()
         rows.append({"system": system, "workers": pyddl.size(), "batch_per_worker": batch,
                      "median_step_s": worst, "images_per_s": pyddl.size() * batch / worst,
-                     "step_times_s": times})
-        if rank == 0:
-            print(f"  {system:<22} {worst * 1e3:8.1f} ms/step", flush=True)
+                     "round_medians_s": per_round[system], "step_times_s": times[system]})
     pyddl.shutdown()
     return rank, rows
 
@@ -133,19 +148,22 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'system':<22} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'exposed':>8} {'scaling eff':>11}"
+    head = (f"{'system':<22} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'exposed':>8} "
+            f"{'scaling eff':>11}  {'round medians ms':<16}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ce = f"{r['comm_efficiency']:9.3f}" if "comm_efficiency" in r else f"{'-':>9}"
         ex = f"{r['exposed_comm_fraction']:8.3f}" if "exposed_comm_fraction" in r else f"{'-':>8}"
         se = f"{r['scaling_efficiency']:11.3f}" if "scaling_efficiency" in r else f"{'-':>11}"
-        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} {ce} {ex} {se}")
+        spread = "/".join(f"{m * 1e3:.0f}" for m in r.get("round_medians_s", []))
+        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} {ce} {ex} {se}  {spread}")
     return "\n".join(lines)
 
 
-def worker_main(out_path: str, systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> None:
+def worker_main(out_path: str, systems: list[str], model_name: str, batch: int, image_size: int, steps: int,
+                warmup: int, bucket_mb: float, rounds: int = 1) -> None:
     """The body run by each worker of a step-bench job; rank 0 writes the rows to out_path."""
-    rank, rows = run_systems(systems, model_name, batch, image_size, steps, warmup, bucket_mb)
+    rank, rows = run_systems(systems, model_name, batch, image_size, steps, warmup, bucket_mb, rounds)
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(rows, fh)

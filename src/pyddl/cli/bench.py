@@ -69,7 +69,7 @@ def _bench_command(args, systems: list[str], out: str) -> tuple[str, ...]:
     return (sys.executable, "-m", "pyddl.cli.main", "bench", "step", "--systems", ",".join(systems),
             "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
-            "--out", out)
+            "--rounds", str(args.rounds), "--out", out)
 
 
 def _run_step_jobs(args, jobs) -> list[dict]:
@@ -103,6 +103,10 @@ def _single_job(args, threads: str):
 def _check_systems(args, what: str) -> list[str] | None:
     from pyddl.bench import step as bench
 
+    for flag in ("steps", "rounds"):
+        if getattr(args, flag) < 1:
+            print(f"pyddl bench {what}: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
+            return None
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
     unknown = [x for x in systems if x not in bench.SYSTEMS]
     if unknown:
@@ -133,7 +137,8 @@ def _step(args) -> int:
     if systems is None:
         return 2
     if args.out:  # a worker of a job this command started
-        bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup, args.bucket_mb)
+        bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup,
+                          args.bucket_mb, args.rounds)
         return 0
     if _in_job():
         print("pyddl bench step launches its own jobs (one worker alone, then -np N); run it outside pyddl run", file=sys.stderr)
@@ -193,8 +198,10 @@ def _add_step_flags(parser) -> None:
     parser.add_argument("--model", default="resnet18", help="small_cnn or a torchvision classifier")
     parser.add_argument("--batch", type=int, default=32, help="images per worker per step")
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per system per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per system per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over all systems (the median is over all timed steps)")
     parser.add_argument("--bucket-mb", type=float, default=0.0,
                         help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
     parser.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")

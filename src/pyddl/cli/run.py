@@ -37,7 +37,7 @@ def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None
     parser.add_argument("--topology", metavar="SPEC", help="dims innermost first, e.g. 2x2 (default: by server)")
     parser.add_argument("--allreduce", choices=ALGORITHMS, help="allreduce algorithm (default: native)")
     parser.add_argument("--timeout", type=float, metavar="S", help="seconds a collective may wait (default 300)")
-    parser.add_argument("--chunk-bytes", type=int, metavar="B", help="multiring pipelining chunk (default 4 MiB)")
+    parser.add_argument("--chunk-bytes", type=int, metavar="B", help="multiring pipelining chunk (default 2 MiB)")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all workers up to K times")
     srv = parser.add_argument_group("several servers (see docs/launch.md)")
     srv.add_argument("-H", "--hosts", metavar="H1:S,H2:S",

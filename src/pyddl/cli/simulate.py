@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from pyddl.defaults import CHUNK_BYTES, GRADIENT_BUCKET_BYTES
+
 __all__ = ["register", "run"]
 
 _DEFAULT_GPUS = "8,16,32,64,128,256"
@@ -40,8 +42,10 @@ def register(subparsers) -> None:
                       help="comma-separated: native, multiring, auto, hd, tree (default native,multiring)")
     what.add_argument("--step-profile", metavar="PATH", help="per-layer times measured by --profile-step "
                       "instead of FLOPs x the cluster's device rate")
-    what.add_argument("--bucket-mb", type=float, default=25.0, help="gradient bucket cap in MiB (default 25)")
-    what.add_argument("--chunk-mb", type=float, default=4.0, help="multiring pipeline chunk in MiB (default 4)")
+    what.add_argument("--bucket-mb", type=float, default=GRADIENT_BUCKET_BYTES / 2**20,
+                      help="gradient bucket cap in MiB (default: DistributedOptimizer's, %(default)g)")
+    what.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20,
+                      help="multiring pipeline chunk in MiB (default: the library's, %(default)g)")
     what.add_argument("--ring-max", type=int, help="split rings between servers longer than this, "
                       "e.g. 16 runs 64 servers as 16x4 like DDL (default: one ring per level)")
     out = parser.add_argument_group("output")

@@ -13,8 +13,7 @@ import torch
 
 __all__ = ["plan_buckets", "pack", "unpack", "DEFAULT_BUCKET_BYTES"]
 
-# PyTorch DDP's default (Li et al., VLDB 2020); Horovod fuses up to 128 MB.
-DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+from pyddl.defaults import FUSION_BUCKET_BYTES as DEFAULT_BUCKET_BYTES
 
 
 def plan_buckets(

@@ -80,9 +80,18 @@ def check_op(op: str) -> str:
 
 
 def check_algorithm(algorithm: str | None) -> str:
+    """Validate an algorithm name (None: the job's default); "auto" is tuned here if not yet.
+
+    Call it on the thread that issues the collective, before submitting it: tuning is itself
+    a series of collectives, which must take their place in the same order on every rank.
+    Tuning lazily on the engine thread instead, while other threads keep submitting buckets,
+    numbered its collectives differently on each rank, and the job hung.
+    """
     alg = (algorithm or runtime.settings().allreduce).lower()
     if alg not in runtime.ALGORITHMS:
         raise ValueError(f"unknown allreduce algorithm {algorithm!r}; choose one of {', '.join(runtime.ALGORITHMS)}")
+    if alg == "auto":
+        runtime.ensure_tuned()
     return alg
 
 
@@ -97,13 +106,7 @@ def _reduce_flat_(flat: torch.Tensor, op: str, algorithm: str, seq: int) -> None
     if flat.numel() == 0 or dist.get_world_size() == 1:
         return  # nothing to move; one rank's sum, min, max or average is its own tensor
     if algorithm == "auto":
-        if st.tuned is None:
-            # First auto call of a job whose default is not auto: every rank reaches this
-            # at the same collective (the algorithm is part of the checked fingerprint).
-            from pyddl.comm.auto import tune
-
-            st.tuned = tune()
-        algorithm = st.tuned.pick(flat.numel() * flat.element_size())
+        algorithm = st.tuned.pick(flat.numel() * flat.element_size())  # tuned by check_algorithm
     if algorithm == "native":
         dist.all_reduce(flat, op=_NATIVE_OPS[op], group=st.world)
         if op == "average":

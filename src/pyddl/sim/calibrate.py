@@ -227,7 +227,7 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
 
     Args:
         runs: one `BenchRun` or a list of them (same backend).
-        chunk_bytes: the multiring chunk the bench ran with (pyddl's default 4 MiB).
+        chunk_bytes: the multiring chunk the bench ran with (pyddl's default 2 MiB).
         pipeline: whether the multiring pipelined its chunks; default: unless on NCCL.
         noise: relative spread of one row's median time (about 2% for bench medians).
 

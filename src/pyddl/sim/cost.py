@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pyddl.defaults import CHUNK_BYTES
+
 __all__ = [
     "ALGORITHMS",
     "DEFAULT_CHUNK_BYTES",
@@ -28,8 +30,8 @@ __all__ = [
     "link_bound_s",
 ]
 
-# pyddl's multiring cuts buffers into pipeline chunks of this size (pyddl.runtime default).
-DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+# pyddl's multiring cuts buffers into pipeline chunks of this size (the library's default).
+DEFAULT_CHUNK_BYTES = CHUNK_BYTES
 # "auto" is pyddl's start-up tuner choosing the faster of native and multiring per size.
 ALGORITHMS = ("native", "multiring", "auto", "hd", "tree")
 

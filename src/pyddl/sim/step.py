@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
-from pyddl.comm.fusion import DEFAULT_BUCKET_BYTES, plan_buckets
+from pyddl.comm.fusion import plan_buckets
+from pyddl.defaults import GRADIENT_BUCKET_BYTES
 from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s
 
 __all__ = [
@@ -134,7 +135,7 @@ class StepPrediction:
 def simulate_step(
     profile: StepProfile,
     collective_s: Callable[[int], float],
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    bucket_bytes: int = GRADIENT_BUCKET_BYTES,
 ) -> StepPrediction:
     """Predict one step: buckets in ready order, one collective at a time, exposure at the end.
 
@@ -173,7 +174,7 @@ def predict_scaling(
     cluster,
     gpus: Sequence[int],
     algorithms: Sequence[str],
-    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    bucket_bytes: int = GRADIENT_BUCKET_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ring_max: int | None = None,
 ) -> list[dict]:

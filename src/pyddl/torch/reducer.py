@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from pyddl import runtime
+from pyddl import defaults, runtime
 from pyddl.comm import ops as core_ops
 from pyddl.comm.codecs import get_codec
 from pyddl.comm.fusion import pack, plan_buckets, unpack
@@ -26,12 +26,8 @@ from pyddl.errors import CollectiveMismatchError
 
 __all__ = ["GradientReducer", "ReducerOptions", "DEFAULT_BUCKET_BYTES"]
 
-# DDP starts with a small first bucket so communication begins early in backward.
-_FIRST_BUCKET_BYTES = 1024 * 1024
-# Smaller than DDP's 25 MB: the bucket that becomes ready when backward ends is exposed whole.
-# ResNet-18 on 2 emulated servers at 1 Gbit/s (pinned, fp16 wire): 25 MiB buckets left a last
-# ~20 MiB bucket exposed (121 ms of a ~1060 ms step); 2 MiB buckets track backward closely.
-DEFAULT_BUCKET_BYTES = 2 * 1024 * 1024
+_FIRST_BUCKET_BYTES = defaults.FIRST_GRADIENT_BUCKET_BYTES
+DEFAULT_BUCKET_BYTES = defaults.GRADIENT_BUCKET_BYTES  # why 2 MiB: see pyddl/defaults.py
 
 
 @dataclass(frozen=True)
@@ -73,6 +69,7 @@ class GradientReducer:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], options: ReducerOptions):
         self.options = options
+        core_ops.check_algorithm(options.algorithm)  # a bad name fails here; "auto" tunes here
         self.names = [n for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in named_params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
