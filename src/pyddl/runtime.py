@@ -204,7 +204,7 @@ def init(
             engine=Engine(wait_limit_s=settings.timeout_s * 2 + 60),
             monitor=Monitor(store, my_rank, world_size, settings.timeout_s, settings.stall_warn_s),
             owns_world=owns_world,
-            timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank),
+            timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank, world_size),
         )
     if settings.allreduce == "auto":
         ensure_tuned()

@@ -7,7 +7,6 @@ per rank. Open it in chrome://tracing or https://ui.perfetto.dev.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import threading
@@ -21,8 +20,8 @@ TIMELINE_ENV = "PYDDL_TIMELINE"
 class Timeline:
     """Event recorder for one rank; all methods are cheap no-ops when disabled."""
 
-    def __init__(self, path: str | None, rank: int):
-        self.path, self.rank = path, rank
+    def __init__(self, path: str | None, rank: int, world_size: int = 1):
+        self.path, self.rank, self.world_size = path, rank, world_size
         self.enabled = bool(path)
         self._lock = threading.Lock()
         self._fh = None
@@ -58,7 +57,8 @@ class Timeline:
             self._fh = None
         if merge:
             events = []
-            parts = sorted(glob.glob(f"{glob.escape(self.path)}.rank*"))
+            # This job's ranks only: an earlier, larger job may have left more rank files.
+            parts = [p for p in (f"{self.path}.rank{r}" for r in range(self.world_size)) if os.path.exists(p)]
             for part in parts:
                 with open(part) as fh:
                     events.extend(json.loads(line) for line in fh if line.strip())

@@ -105,3 +105,9 @@ def test_calibrate_write_cluster_then_validate_with_it(tmp_path):
     step = json.loads((tmp_path / "check.json").read_text())["steps"][0]
     expect = 0.2 + 0.5 + 0.01 + allreduce_s(TRUTH, "multiring", 20_000_000)
     assert step["predicted_s"] == pytest.approx(expect, rel=1e-3) and step["ratio"] == step["predicted_s"]
+    # A network twice as slow as the fitted one: every row is off by ~50%, and the exit code says so.
+    slow = Fabric(tuple(Level(lv.name, 2 * lv.latency_s, lv.link_Bps / 2) for lv in TRUTH.levels), TRUTH.dims,
+                  2 * TRUTH.gamma_s_per_byte)
+    _bench(tmp_path / "slow.json", slow)
+    proc = _run(["--cluster", "mine.toml", "--validate", "slow.json"], tmp_path)
+    assert proc.returncode == 1 and "27 of 27 predictions are off by more than 15%" in proc.stderr

@@ -109,6 +109,44 @@ def test_auto_tuned_on_first_use_while_more_collectives_are_submitted():
         assert torch.equal(native, torch.arange(300_000, dtype=torch.float32) * 3)
 
 
+def _stage_intervals(rank, world):
+    import threading
+    import time
+
+    import pyddl
+    from pyddl.comm import multiring
+
+    pyddl.init(topology="2x2", timeout_s=30, chunk_bytes=64 * 1024)
+    intervals, lock, real = [], threading.Lock(), multiring._run_stage
+
+    def timed(stage, levels, buf, op, tag):
+        t0 = time.perf_counter()
+        real(stage, levels, buf, op, tag)
+        with lock:
+            intervals.append((stage.index, tag & 0xFFF, t0, time.perf_counter()))
+
+    multiring._run_stage = timed
+    x = torch.full((1_000_000,), float(rank + 1))  # 4 MB: 62 chunks of 64 KiB
+    got = pyddl.allreduce(x, algorithm="multiring")
+    multiring._run_stage = real
+    pyddl.shutdown()
+    return torch.all(got == 10).item(), intervals
+
+
+def test_multiring_stages_overlap_across_chunks():
+    # 2x2 has 4 stages (reduce-scatter inside, across; allgather across, inside). Pipelined,
+    # a later stage works on chunk c while an earlier one already works on chunk c+1.
+    for correct, intervals in run_ranks(_stage_intervals, 4, timeout=60):
+        assert correct
+        assert sorted({s for s, _, _, _ in intervals}) == [0, 1, 2, 3]
+        assert len(intervals) == 4 * 62
+        overlapping = sum(
+            1 for (s, c, a0, a1) in intervals for (t, d, b0, b1) in intervals
+            if t == s + 1 and d == c - 1 and b0 < a1 and a0 < b1
+        )
+        assert overlapping > 0, "no stage ever ran beside the next stage's previous chunk"
+
+
 def _other_collectives(rank, world):
     import pyddl
 

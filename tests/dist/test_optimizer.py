@@ -212,3 +212,47 @@ def test_unused_parameters_zero_grad_misuse_and_mismatched_models():
         assert "zero_grad() was called after loss.backward() but before optimizer.step()" in out["zero_grad"]
         assert "the model differs across ranks at parameter #0" in out["mismatch"]
         assert "rank 0 has 'body.weight' float32[4, 3], rank 1 has 'body.weight' float32[5, 3]" in out["mismatch"]
+
+
+def _timeline_run(rank, world, path):
+    import pyddl
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(timeout_s=30)
+    torch.manual_seed(0)
+    # Wide layers, so backward takes long enough to see buckets reduced while it runs.
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(6)])
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), named_parameters=model.named_parameters(),
+                               bucket_bytes=512 * 513 * 4)  # one layer per bucket
+    x = torch.randn(256, 512)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    pyddl.shutdown()  # rank 0 merges every rank's file into `path`
+
+
+def test_timeline_shows_each_ranks_backward_buckets_and_exposed_wait(tmp_path):
+    import json
+
+    path = tmp_path / "timeline.json"
+    (tmp_path / "timeline.json.rank5").write_text('{"name": "from an earlier 8-rank job", "pid": 5}\n')
+    run_ranks(_timeline_run, 2, str(path), env={"PYDDL_TIMELINE": str(path)}, timeout=120)
+    events = json.loads(path.read_text())["traceEvents"]
+    assert {e["pid"] for e in events} == {0, 1}  # the stale rank file is not merged
+    for rank in (0, 1):
+        mine = [e for e in events if e["pid"] == rank]
+        spans = {}
+        for e in mine:
+            if e.get("ph") == "X":
+                spans.setdefault(e["name"], []).append(e)
+        assert len(spans["backward"]) == 3 and len(spans["optimizer step"]) == 3
+        assert len(spans["wait for gradients"]) == 3
+        # 7 buckets in the first step (its first bucket is capped at 1 MiB: the last layer's
+        # weight without its bias), then one per layer in the order observed.
+        assert len(spans["gradient_bucket"]) == 7 + 6 + 6
+        assert sum(e["name"].startswith("bucket ") and e["name"].endswith(" ready") for e in mine) == 7 + 6 + 6
+        # In the last step, the first bucket's allreduce began while backward was still running.
+        backward = spans["backward"][-1]
+        first_bucket = min((e for e in spans["gradient_bucket"] if e["ts"] >= backward["ts"]), key=lambda e: e["ts"])
+        assert first_bucket["ts"] < backward["ts"] + backward["dur"]

@@ -203,17 +203,21 @@ def test_four_ranks_on_two_servers_allreduce(tmp_path):
                 sums[f"{alg}/{dtype}"] = sorted(set(pyddl.allreduce(x, algorithm=alg).tolist()))
         print("REPORT " + json.dumps(dict(
             netns=netns(), spec=pyddl.topology().spec, cross=pyddl.cross_rank(), local=pyddl.local_rank(),
-            sums=sums, link=os.environ.get("PYDDL_LINK_GBPS"), ifname=os.environ.get("GLOO_SOCKET_IFNAME"))), flush=True)
+            sums=sums, link=os.environ.get("PYDDL_LINK_GBPS"), ifname=os.environ.get("GLOO_SOCKET_IFNAME"),
+            cpus=sorted(os.sched_getaffinity(0)))), flush=True)
         pyddl.shutdown()
     """)
-    proc = _run(["run", "-np", "4", "--emulate-nodes", "2", "--emulate-link-gbps", "1", script], tmp_path)
+    proc = _run(["run", "-np", "4", "--emulate-nodes", "2", "--emulate-link-gbps", "1", "--emulate-pin", script],
+                tmp_path)
     assert proc.returncode == 0, proc.stderr
     rep = _reports(proc.stdout)
     assert sorted(rep) == [0, 1, 2, 3]
+    cores = cpu_sets(2, sorted(os.sched_getaffinity(0)))  # each server's own cores
     for r, got in rep.items():
         assert got["sums"] == {k: [4 * 5 // 2] for k in got["sums"]}  # ranks give r+1: 1+2+3+4
         assert (got["spec"], got["cross"], got["local"]) == ("2x2", r // 2, r % 2)
         assert (float(got["link"]), got["ifname"]) == (1.0, "eth0")
+        assert got["cpus"] == cores[r // 2]
     # Consecutive ranks share a server; the two servers are different namespaces.
     assert rep[0]["netns"] == rep[1]["netns"] != rep[2]["netns"] == rep[3]["netns"]
     _assert_slot_clean("pyddl", re.match(r"pyddl(\d+)s", rep[0]["netns"]).group(1))

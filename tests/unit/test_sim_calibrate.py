@@ -109,29 +109,57 @@ def test_too_few_rows_for_the_parameters(tmp_path):
         fit_bench(load_bench(str(path)))
 
 
+def _toy_step():
+    from pyddl.sim.step import Gradient, StepProfile
+
+    # One 4 MB gradient, ready when backward (0.5 s) ends: all of its allreduce is exposed.
+    grads = (Gradient("w", 1_000_000, 4, 0.5),)
+    return StepProfile("toy", 8, 0.2, 0.5, 0.1, grads, "hand")
+
+
+def _toy_cluster():
+    from pyddl.sim.cluster import Cluster, LevelSpec
+
+    # 2 GPUs per server, 2 servers; the link between servers 1 Gbit/s, no latency.
+    return Cluster("toy", 2, 2, (LevelSpec("in", 1000.0, 0.0), LevelSpec("out", 1.0, 0.0)))
+
+
 def test_measured_steps_pair_with_predictions(tmp_path):
     path = tmp_path / "steps.json"
-    path.write_text(json.dumps({"rows": [{"world_size": 2, "algorithm": "native", "step_s": 1.2},
-                                         {"gpus": 8, "algorithm": "native", "step_s": 9.0}]}))
+    path.write_text(json.dumps({"rows": [{"world_size": 2, "algorithm": "native", "step_s": 1.2}]}))
     measured = load_measured_steps(str(path))
-    predicted = [{"gpus": 2, "algorithm": "native", "step_s": 1.5}]
-    assert compare_steps(predicted, measured) == [
-        {"gpus": 2, "algorithm": "native", "measured_s": 1.2, "predicted_s": 1.5, "ratio": 1.25}]
+    assert measured == [{"gpus": 2, "algorithm": "native", "step_s": 1.2}]
+    # 2 GPUs in one server: the ring crosses the fast link only (4 MB at 1000 Gbit/s = 32 us).
+    (row,) = compare_steps(_toy_step(), _toy_cluster(), measured, bucket_bytes=2**30)
+    expect = 0.8 + 4e6 / (1000e9 / 8)
+    assert row["topology"] == "2x1" and row["predicted_s"] == pytest.approx(expect, rel=1e-9)
+    assert row["ratio"] == pytest.approx(expect / 1.2) and row["measured_s"] == 1.2
     path.write_text(json.dumps([{"gpus": 2, "algorithm": "native"}]))
     with pytest.raises(ValueError, match="row 0 needs gpus"):
         load_measured_steps(str(path))
 
 
-def test_measured_steps_read_pyddl_bench_step_json(tmp_path):
-    path = tmp_path / "step.json"
+def test_measured_steps_from_a_bench_carry_the_layout_and_the_compute_of_the_same_run(tmp_path):
+    path = tmp_path / "scaling.json"
     rows = [{"system": s, "workers": w, "median_step_s": t} for s, w, t in [
         ("single", 1, 0.9), ("ddp", 2, 1.6), ("pyddl-native", 2, 1.3), ("pyddl-multiring", 2, 1.2),
-        ("pyddl-multiring-fp16", 2, 1.0), ("pyddl-noop", 2, 0.9)]]
-    path.write_text(json.dumps({"model": "resnet18", "rows": rows}))
-    assert load_measured_steps(str(path)) == [
-        {"gpus": 2, "algorithm": "native", "step_s": 1.3}, {"gpus": 2, "algorithm": "multiring", "step_s": 1.2}]
+        ("pyddl-multiring-fp16", 2, 1.0), ("pyddl-noop", 2, 1.0)]]
+    path.write_text(json.dumps({"model": "resnet18", "ranks_per_server": 1, "rows": rows}))
+    measured = load_measured_steps(str(path))
+    assert measured == [
+        {"gpus": 2, "algorithm": "native", "step_s": 1.3, "compute_s": 1.0, "gpus_per_server": 1},
+        {"gpus": 2, "algorithm": "multiring", "step_s": 1.2, "compute_s": 1.0, "gpus_per_server": 1}]
+    # One GPU per server: the 4 MB ring crosses the 1 Gbit/s link, each rank sending half of
+    # it twice (reduce-scatter, allgather): 2 x 2 MB / 125 MB/s = 32 ms; the compute (0.8 s in
+    # the profile) is scaled to the measured 1.0 s, so the gradient is ready at 0.625 s.
+    native, _ = compare_steps(_toy_step(), _toy_cluster(), measured, bucket_bytes=2**30)
+    wire = 2 * 2e6 / 125e6
+    assert native["topology"] == "1x2"
+    assert native["predicted_s"] == pytest.approx(1.0 + wire, rel=1e-6)
+    assert native["predicted_comm_s"] == pytest.approx(wire, rel=1e-6)
+    assert native["measured_comm_s"] == pytest.approx(0.3)
     path.write_text(json.dumps({"rows": rows[:2]}))
-    with pytest.raises(ValueError, match="no pyddl-native or pyddl-multiring rows"):
+    with pytest.raises(ValueError, match="no pyddl-native, pyddl-multiring or pyddl-auto rows"):
         load_measured_steps(str(path))
 
 

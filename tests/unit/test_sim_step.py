@@ -133,3 +133,16 @@ def test_measured_profile_on_cuda_dates_gradients_after_their_kernels():
     ready = [g.ready_s for g in prof.gradients]
     assert prof.gradients[-1].name == "conv1.weight"
     assert 0 < ready[0] < ready[-1] <= prof.backward_s * 1.001
+
+
+def test_the_2017_ddl_record_as_docs_simulate_md_reports_it():
+    # docs/simulate.md's table: ResNet-50, 32 per GPU, 256 GPUs, DDL's assumed 25 MiB buckets
+    # and 4 MiB chunks; the published figure is 95%.
+    pytest.importorskip("torchvision")
+    cluster = load_cluster("powerai-ddl-2017")
+    profile = flop_profile("resnet50", 32, cluster.device, 224, 1000)
+    eff = {(r["algorithm"], r["topology"]): round(r["scaling_efficiency"], 3)
+           for ring_max in (None, 16)
+           for r in predict_scaling(profile, cluster, [256], ["native", "multiring"], 25 * 2**20, 4 * 2**20, ring_max)}
+    assert eff == {("native", "4x64"): 0.959, ("multiring", "4x64"): 0.970,
+                   ("native", "4x16x4"): 0.959, ("multiring", "4x16x4"): 0.975}

@@ -183,7 +183,8 @@ def _scaling(args) -> int:
         where = f" on {n // args.ranks_per_server} emulated servers at {args.emulate_link_gbps:g} Gbit/s" if emulate else ""
         jobs.append((make, f"{n} workers{where}:"))
     def body():
-        rows = _finish(_run_step_jobs(args, jobs), args, {"workers": counts, "emulate_link_gbps": args.emulate_link_gbps})
+        rows = _finish(_run_step_jobs(args, jobs), args, {"workers": counts, "emulate_link_gbps": args.emulate_link_gbps,
+                                                          "ranks_per_server": args.ranks_per_server if emulate else None})
         if args.plot:
             bench.plot(rows, args.plot, f"{args.model}, batch {args.batch}/worker, {args.image_size} px"
                        + (f", {args.emulate_link_gbps:g} Gbit/s links" if emulate else ""))

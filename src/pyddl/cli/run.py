@@ -19,7 +19,7 @@ from pyddl.launch.hosts import DEFAULT_LAUNCHER, parse_hostfile, parse_hosts
 from pyddl.launch.local import LaunchError, RunConfig, launch, worker_command
 from pyddl.runtime import ALGORITHMS
 
-__all__ = ["register", "add_job_flags", "config_from_args", "scheduler_mode"]
+__all__ = ["register", "add_job_flags", "config_from_args", "scheduler_mode", "launch_mode", "run_through_srun"]
 
 
 def _nnodes(text: str) -> tuple[int, int | None]:
@@ -138,29 +138,36 @@ def _run_as_rank(cfg: RunConfig) -> int:
     return 127  # not reached: exec replaced this process
 
 
-def _run_through_srun() -> int:
-    argv = sys.argv[sys.argv.index("run") + 1:] if "run" in sys.argv else []
+def run_through_srun(subcommand: str) -> int:
+    """Start `pyddl <subcommand>` with this process's arguments as one srun task per rank."""
+    argv = sys.argv[sys.argv.index(subcommand) + 1:] if subcommand in sys.argv else []
     srun = shutil.which("srun")
     if srun is None:
-        raise ValueError("inside a SLURM allocation with no job step, pyddl run starts itself with srun, "
-                         "which is not on PATH; run `srun pyddl run ...` or give -np")
+        raise ValueError(f"inside a SLURM allocation with no job step, pyddl {subcommand} starts itself with "
+                         f"srun, which is not on PATH; run `srun pyddl {subcommand} ...` or give -np")
     # --kill-on-bad-exit: one failed rank ends the step instead of leaving the others waiting.
-    os.execv(srun, [srun, "--kill-on-bad-exit=1", sys.executable, "-u", "-m", "pyddl.cli.main", "run", *argv])
+    os.execv(srun, [srun, "--kill-on-bad-exit=1", sys.executable, "-u", "-m", "pyddl.cli.main", subcommand, *argv])
     return 127
+
+
+def launch_mode(args) -> str | None:
+    """scheduler_mode() for a command with job flags: None when the flags ask for a launch
+    (-np, hosts, --nnodes, emulation) rather than leaving the ranks to the scheduler."""
+    single = args.nproc is None and not (args.hosts or args.hostfile) and args.nnodes == (1, None)
+    return scheduler_mode(os.environ) if single and not args.emulate_nodes else None
 
 
 def _main(args) -> int:
     command = tuple(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    single = args.nproc is None and not (args.hosts or args.hostfile) and args.nnodes == (1, None)
-    mode = scheduler_mode(os.environ) if single and not args.emulate_nodes else None
+    mode = launch_mode(args)
     try:
         cfg = config_from_args(args, command)
         if mode == "rank":
             return _run_as_rank(cfg)
         if mode == "allocation":
-            return _run_through_srun()
+            return run_through_srun("run")
         launch(cfg)
     except ValueError as err:
         print(f"pyddl run: {err}", file=sys.stderr)

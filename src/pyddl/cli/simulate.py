@@ -6,6 +6,7 @@
   pyddl simulate --cluster mine.toml --validate bench.json --step-profile r18.json --measured-steps steps.json
 
 Predictions come from pyddl.sim (pure cost model + step model); nothing here runs a collective.
+With --validate or --measured-steps the exit code is 1 when a prediction is off by more than 15%.
 """
 
 from __future__ import annotations
@@ -229,7 +230,6 @@ def _check(args) -> int:
     from pyddl.sim.calibrate import (compare_allreduce, compare_steps, fit_bench, fitted_cluster, load_bench,
                                      load_measured_steps)
     from pyddl.sim.cluster import cluster_to_toml, load_cluster
-    from pyddl.sim.step import predict_scaling
 
     chunk = _mib(args.chunk_mb, "--chunk-mb")
     report: dict = {}
@@ -277,15 +277,24 @@ def _check(args) -> int:
     if args.measured_steps:
         measured = load_measured_steps(args.measured_steps)
         profile = _profile_for(args, cluster)
-        predicted = predict_scaling(profile, cluster, sorted({m["gpus"] for m in measured}),
-                                    list(dict.fromkeys(m["algorithm"] for m in measured)),
-                                    _mib(args.bucket_mb, "--bucket-mb"), chunk, args.ring_max)
-        rows = compare_steps(predicted, measured)
+        rows = compare_steps(profile, cluster, measured, _mib(args.bucket_mb, "--bucket-mb"), chunk, args.ring_max)
         print(f"step time on {cluster.name} ({profile.source}) vs {args.measured_steps}:")
         _print_comparison(rows, "step", "gpus")
+        comm = [r for r in rows if "compute_s" in r]
+        if comm:
+            print("compute scaled to the measured no-communication step; what communication adds:")
+            for r in comm:
+                print(f"{r['gpus']:>12} {r['algorithm']:>10} compute {r['compute_s'] * 1e3:7.1f} ms, communication "
+                      f"adds {r['measured_comm_s'] * 1e3:6.1f} ms measured, {r['predicted_comm_s'] * 1e3:6.1f} ms predicted")
         report["steps"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"wrote {args.json}")
+    held = report.get("allreduce", []) + report.get("steps", [])
+    outside = sum(abs(r["ratio"] - 1) > _TOLERANCE for r in held)
+    if outside:
+        print(f"pyddl simulate: {outside} of {len(held)} predictions are off by more than {_TOLERANCE:.0%}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 from pyddl import env as _env
-from pyddl.cli.run import add_job_flags, config_from_args as run_config_from_args
+from pyddl.cli.run import add_job_flags, config_from_args as run_config_from_args, launch_mode, run_through_srun
 from pyddl.launch.local import LaunchError, launch
 from pyddl.train.config import TrainConfig, add_train_arguments, config_from_args
 
@@ -40,14 +41,22 @@ def _main(args) -> int:
     from pyddl.train import worker
     from pyddl.train.trainer import check_inputs, new_out_dir
 
+    # As `pyddl run` decides: inside a job's rank (pyddl run, torchrun, an srun task, an mpirun
+    # rank) train as that rank; in an sbatch/salloc allocation with no job step, start one srun
+    # task per rank; otherwise launch -np local workers (or -H servers).
+    mode = "rank" if "RANK" in os.environ else launch_mode(args)
     try:
+        if mode is not None and args.nproc is None:
+            args.nproc = _env.read_job_env().world_size  # the scheduler's ranks, for validation
         cfg = config_from_args(args)
     except (ValueError, TypeError) as err:
         return _fail(str(err))
-    if _env.read_job_env().source != "single":
+    if mode == "rank":
         return worker.run(cfg, timeout_s=args.timeout, chunk_bytes=args.chunk_bytes)
     try:
         check_inputs(cfg)
+        if mode == "allocation":
+            return run_through_srun("train")
     except (ValueError, ImportError) as err:
         return _fail(str(err))
     if cfg.out is None and cfg.checkpoint_dir is None:
@@ -56,6 +65,8 @@ def _main(args) -> int:
         cfg = dataclasses.replace(cfg, out=str(new_out_dir(cfg)))
     command = (sys.executable, "-m", "pyddl.train.worker", "--config-json",
                json.dumps(cfg.to_dict()))
+    if args.nproc is None and not (args.hosts or args.hostfile):
+        args.nproc = cfg.workers  # no -np: the config's default of 2 local workers
     try:
         # The job flags (-np, --topology, --allreduce, --timeout, ...) mean what they mean
         # for `pyddl run`; the same values are in cfg for the workers.
@@ -70,7 +81,7 @@ def _main(args) -> int:
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add `pyddl train`'s flags (job flags + TrainConfig's) to `parser` and return it."""
-    add_job_flags(parser, default_np=TrainConfig().workers)
+    add_job_flags(parser)  # no -np: TrainConfig's 2 workers, or the scheduler's ranks
     add_train_arguments(parser)
     return parser
 

@@ -17,6 +17,7 @@ import glob
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -274,7 +275,7 @@ def _stderr_tail(log_dir: str, local_rank: int) -> str:
     return "\n".join(f"    {line}" for line in lines[-_STDERR_TAIL_LINES:])
 
 
-def _describe_failures(err, log_dir: str) -> str:
+def _describe_failures(err, log_dir: str, where) -> str:
     # Workers the agent stopped after the first failure die of SIGTERM: they are collateral,
     # not causes, unless nothing else failed.
     failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
@@ -286,7 +287,7 @@ def _describe_failures(err, log_dir: str) -> str:
             how = f"was killed by signal {failure.signal_name()}"
         else:
             how = f"exited with code {failure.exitcode}"
-        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}")
+        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {where(rank)}) {how}")
         tail = _stderr_tail(log_dir, failure.local_rank)
         if tail:
             lines.append(f"  last lines of its stderr:\n{tail}")
@@ -385,7 +386,12 @@ def launch(cfg: RunConfig) -> None:
             else:
                 elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
         except ChildFailedError as err:
-            raise LaunchError(_describe_failures(err, log_dir)) from None
+            if cfg.emulate_nodes:
+                per_server = cfg.nproc // cfg.emulate_nodes
+                where = lambda rank: f"emulated server {rank // per_server}"  # noqa: E731
+            else:
+                where = lambda rank: f"host {socket.gethostname()}"  # noqa: E731
+            raise LaunchError(_describe_failures(err, log_dir, where)) from None
         except rendezvous.RendezvousBindError as err:
             raise LaunchError(f"pyddl run: {err}", 2) from None
         except SignalException as sig:

@@ -87,6 +87,10 @@ def load_measured_steps(path: str) -> list[dict]:
     the JSON of `pyddl bench step` / `pyddl bench scaling` (its pyddl-<algorithm> rows without a
     wire codec are used: the simulator models fp32 gradients).
 
+    From a bench file, each row also carries `compute_s`, the same run's step time of the same
+    workers with communication skipped (its pyddl-noop row), and `gpus_per_server`, the
+    emulated layout (`ranks_per_server`), when the file has them.
+
     Raises:
         ValueError: missing file, not JSON, or rows without those keys.
     """
@@ -103,16 +107,21 @@ def load_measured_steps(path: str) -> list[dict]:
                          "(or {\"rows\": [...]}) with gpus, algorithm and step_s")
     bench = [r for r in rows if isinstance(r, dict) and "system" in r and "median_step_s" in r]
     if bench:
-        rows = [{"gpus": r["workers"], "algorithm": r["system"].split("-", 1)[1], "step_s": r["median_step_s"]}
-                for r in bench if r["system"] in ("pyddl-native", "pyddl-multiring")]
+        noop = {r["workers"]: r["median_step_s"] for r in bench if r["system"] == "pyddl-noop"}
+        per_server = data.get("ranks_per_server") if isinstance(data, dict) else None
+        rows = [{"gpus": r["workers"], "algorithm": r["system"].split("-", 1)[1], "step_s": r["median_step_s"],
+                 **({"compute_s": noop[r["workers"]]} if r["workers"] in noop else {}),
+                 **({"gpus_per_server": per_server} if per_server else {})}
+                for r in bench if r["system"] in ("pyddl-native", "pyddl-multiring", "pyddl-auto")]
         if not rows:
-            raise ValueError(f"measured-steps file {path!r} has no pyddl-native or pyddl-multiring rows")
+            raise ValueError(f"measured-steps file {path!r} has no pyddl-native, pyddl-multiring or pyddl-auto rows")
     out = []
     for i, row in enumerate(rows):
         gpus = row.get("gpus", row.get("world_size")) if isinstance(row, dict) else None
         if not isinstance(gpus, int) or "algorithm" not in row or not isinstance(row.get("step_s"), (int, float)):
             raise ValueError(f"measured-steps file {path!r}: row {i} needs gpus (int), algorithm and step_s")
-        out.append({"gpus": gpus, "algorithm": row["algorithm"], "step_s": float(row["step_s"])})
+        out.append({**{k: row[k] for k in ("compute_s", "gpus_per_server") if k in row},
+                    "gpus": gpus, "algorithm": row["algorithm"], "step_s": float(row["step_s"])})
     return out
 
 
@@ -320,14 +329,31 @@ def compare_allreduce(fabric: Fabric, run: BenchRun, chunk_bytes: int = DEFAULT_
     return out
 
 
-def compare_steps(prediction_rows: list[dict], measured: list[dict]) -> list[dict]:
-    """Pair predicted steps (from `predict_scaling`) with measured ones by (gpus, algorithm)."""
-    by_key = {(r["gpus"], r["algorithm"]): r for r in prediction_rows}
+def compare_steps(profile, cluster: Cluster, measured: list[dict], bucket_bytes: int,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, ring_max: int | None = None) -> list[dict]:
+    """Predict each measured step (`load_measured_steps` rows) and pair the two.
+
+    A row's `gpus_per_server` lays the cluster out as the measurement ran (one pinned rank per
+    emulated server, say). A row's `compute_s` (the same workers' step with no communication)
+    rescales the profile's compute first: processes sharing a machine slow each other down
+    (ANCHORS.md: two ranks, no communication, ~10%), which a profile of one idle rank cannot
+    know; what remains to predict is what communication adds. Each result row also holds the
+    measured and predicted communication overhead (step minus compute).
+    """
+    from dataclasses import replace
+
+    from pyddl.sim.step import predict_scaling
+
+    single = profile.forward_s + profile.backward_s + profile.optimizer_s
     out = []
     for m in measured:
-        p = by_key.get((m["gpus"], m["algorithm"]))
-        if p is None:
-            continue
-        out.append({"gpus": m["gpus"], "algorithm": m["algorithm"], "measured_s": m["step_s"],
-                    "predicted_s": p["step_s"], "ratio": p["step_s"] / m["step_s"]})
+        cl = replace(cluster, gpus_per_server=m["gpus_per_server"]) if m.get("gpus_per_server") else cluster
+        prof = profile.scaled(m["compute_s"] / single, "measured no-communication step") if "compute_s" in m else profile
+        p = predict_scaling(prof, cl, [m["gpus"]], [m["algorithm"]], bucket_bytes, chunk_bytes, ring_max)[0]
+        row = {"gpus": m["gpus"], "algorithm": m["algorithm"], "topology": p["topology"], "measured_s": m["step_s"],
+               "predicted_s": p["step_s"], "ratio": p["step_s"] / m["step_s"]}
+        if "compute_s" in m:
+            row.update(compute_s=m["compute_s"], measured_comm_s=m["step_s"] - m["compute_s"],
+                       predicted_comm_s=p["step_s"] - m["compute_s"])
+        out.append(row)
     return out

@@ -80,6 +80,12 @@ class StepProfile:
         with open(path, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
 
+    def scaled(self, factor: float, why: str) -> "StepProfile":
+        """The same step with every compute time (and gradient ready time) times `factor`."""
+        grads = tuple(Gradient(g.name, g.numel, g.itemsize, g.ready_s * factor, g.dtype) for g in self.gradients)
+        return StepProfile(self.model, self.batch, self.forward_s * factor, self.backward_s * factor,
+                           self.optimizer_s * factor, grads, f"{self.source}, x{factor:.3f} ({why})", self.image_size)
+
 
 def load_profile(path: str) -> StepProfile:
     """Read a step profile JSON written by `StepProfile.save` (`pyddl simulate --profile-step`).

@@ -1,0 +1,28 @@
+"""The allreduce bench's arithmetic: sizes, the link bound of DESIGN.md, the printed table."""
+
+import pytest
+
+from pyddl.bench.allreduce import bound_s, format_table, parse_size
+
+
+def test_sizes_are_binary_units():
+    assert [parse_size(s) for s in ("4K", "64M", "1G", "512", "2MiB", "1.5K")] == [
+        4096, 64 * 2**20, 2**30, 512, 2 * 2**20, 1536]
+    with pytest.raises(ValueError, match="not a number"):
+        parse_size("12Q")
+
+
+def test_bound_is_2_m_minus_1_over_m_times_bytes_over_link_rate():
+    s = 64 * 2**20
+    assert bound_s(s, 2, 1.0) == pytest.approx(s * 8 / 1e9)  # 2 servers: S / B, 537 ms
+    assert bound_s(s, 4, 10.0) == pytest.approx(1.5 * s * 8 / 10e9)
+    assert bound_s(s, 1, 1.0) == 0.0  # one server has no link between servers to bound by
+
+
+def test_table_shows_the_bound_and_the_ratio_when_the_link_is_known():
+    row = {"algorithm": "multiring", "bytes": 64 * 2**20, "median_s": 0.6, "algbw_gbps": 0.89, "busbw_gbps": 1.34,
+           "bound_s": bound_s(64 * 2**20, 2, 1.0), "bound_ratio": bound_s(64 * 2**20, 2, 1.0) / 0.6}
+    table = format_table([row, {**row, "algorithm": "native", "bound_s": None, "bound_ratio": None}])
+    first, second = table.splitlines()[2:]
+    assert first.split() == ["64M", "multiring", "600.00", "0.890", "1.340", "536.87", "0.89"]
+    assert second.split()[-2:] == ["-", "-"]
