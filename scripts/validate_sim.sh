@@ -16,11 +16,12 @@ mkdir -p "$OUT"
 pyddl=.venv/bin/pyddl
 link=(--emulate-nodes 2 --emulate-link-gbps 1)
 sizes=4K,64K,256K,1M,4M,16M,64M
+iters=(--iters 15 --warmup 2)  # small messages are noisy: more repetitions for the fit
 
 echo "== calibration rows: 2 ranks in one server"
-$pyddl bench allreduce -np 2 --topology 2 --sizes $sizes --algorithms native,multiring --json "$OUT/in.json"
+$pyddl bench allreduce -np 2 --topology 2 --sizes $sizes --algorithms native,multiring "${iters[@]}" --json "$OUT/in.json"
 echo "== calibration rows: 1 rank on each of 2 emulated servers"
-$pyddl bench allreduce -np 2 "${link[@]}" --sizes $sizes --algorithms native,multiring --json "$OUT/across.json"
+$pyddl bench allreduce -np 2 "${link[@]}" --sizes $sizes --algorithms native,multiring "${iters[@]}" --json "$OUT/across.json"
 echo "== fit"
 $pyddl simulate --calibrate "$OUT/in.json,$OUT/across.json" --write-cluster "$OUT/emulated.toml"
 echo "== held out: 2 emulated servers x 2 ranks"

@@ -165,6 +165,9 @@ def test_bench_step_compares_systems(tmp_path):
         noop = rows["ddp-noop" if name == "ddp" else "pyddl-noop"]
         by_round = [n / m for n, m in zip(noop["round_medians_s"], r["round_medians_s"])]
         assert r["comm_efficiency"] == pytest.approx(statistics.median(by_round))
+        assert r["comm_cpu_s"] == pytest.approx(r["cpu_s_per_step"] - noop["cpu_s_per_step"])
+        assert r["cpu_bound_comm_efficiency"] == pytest.approx(
+            noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"])))
         assert r["exposed_comm_fraction"] == pytest.approx(1 - r["comm_efficiency"])
         assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (2 * single["images_per_s"]))
         assert r["images_per_s"] == pytest.approx(2 * 4 / r["median_step_s"])

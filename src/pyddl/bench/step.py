@@ -13,7 +13,10 @@ Figures per system: the median step time (the slowest rank's), images/s, the com
 efficiency = (its own family's no-communication step time) / (its step time), whose
 complement is the exposed-communication fraction (with several rounds: the median over rounds
 of that ratio within each round), and the scaling efficiency against the one worker alone =
-throughput(n) / (n x throughput(1)).
+throughput(n) / (n x throughput(1)). Also the CPU time per step of the slowest rank's process
+and, against the no-communication run, the CPU that communication costs ("comm cpu") and the
+communication efficiency that CPU alone allows where it shares the cores with compute ("cpu
+ceiling" = no-communication step / (that step + comm cpu)).
 """
 
 from __future__ import annotations
@@ -82,22 +85,26 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
     return model, model, opt
 
 
-def _time_system(system: str, model_name: str, batch: int, image_size: int, steps: int, warmup: int, bucket_mb: float) -> list[float]:
+def _time_system(system: str, model_name: str, batch: int, image_size: int, steps: int, warmup: int,
+                 bucket_mb: float) -> tuple[list[float], list[float]]:
+    """Time `steps` steps after `warmup`; return each step's wall time and this process's CPU
+    time (every thread: compute, the backend's threads, the kernel's work charged to them)."""
     num_classes = 1000
     model, forward, opt = _build(system, model_name, num_classes, image_size, bucket_mb)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, image_size, image_size, generator=g)
     y = torch.randint(0, num_classes, (batch,), generator=g)
     loss_fn = nn.CrossEntropyLoss()
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         opt.zero_grad()
         loss_fn(forward(x), y).backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    return times
+            cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int,
@@ -110,23 +117,26 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
     pyddl.init()
     rank = pyddl.rank()
     times: dict[str, list[float]] = {s: [] for s in systems}
+    cpu: dict[str, list[float]] = {s: [] for s in systems}
     per_round: dict[str, list[float]] = {s: [] for s in systems}
     for r in range(rounds):
         for system in systems:
             pyddl.barrier()
-            mine = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
+            mine, mine_cpu = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
             times[system].extend(mine)
+            cpu[system].extend(mine_cpu)
             med = torch.tensor([statistics.median(mine)], dtype=torch.float64)
             per_round[system].append(pyddl.allreduce(med, op="max").item())
             if rank == 0:
                 print(f"  round {r + 1}/{rounds}  {system:<22} {per_round[system][-1] * 1e3:8.1f} ms/step", flush=True)
     rows = []
     for system in systems:
-        med = torch.tensor([statistics.median(times[system])], dtype=torch.float64)
-        worst = pyddl.allreduce(med, op="max").item()
+        med = torch.tensor([statistics.median(times[system]), statistics.median(cpu[system])], dtype=torch.float64)
+        worst, worst_cpu = pyddl.allreduce(med, op="max").tolist()
         rows.append({"system": system, "workers": pyddl.size(), "batch_per_worker": batch,
                      "median_step_s": worst, "images_per_s": pyddl.size() * batch / worst,
-                     "round_medians_s": per_round[system], "step_times_s": times[system]})
+                     "cpu_s_per_step": worst_cpu, "round_medians_s": per_round[system],
+                     "step_times_s": times[system]})
     pyddl.shutdown()
     return rank, rows
 
@@ -149,6 +159,13 @@ def summarize(rows: list[dict]) -> list[dict]:
             else:
                 r["comm_efficiency"] = noop["median_step_s"] / r["median_step_s"]
             r["exposed_comm_fraction"] = 1 - r["comm_efficiency"]
+            if "cpu_s_per_step" in r and "cpu_s_per_step" in noop:
+                # The CPU that communication itself burns in this process (packing, the
+                # backend's threads, the kernel's TCP work charged to them). Where it shares
+                # the cores with compute, as on the emulated bed, the step cannot be shorter
+                # than compute + this, whatever the overlap: the efficiency's ceiling.
+                r["comm_cpu_s"] = r["cpu_s_per_step"] - noop["cpu_s_per_step"]
+                r["cpu_bound_comm_efficiency"] = noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"]))
         if single is not None:
             r["scaling_efficiency"] = r["images_per_s"] / (r["workers"] * single["images_per_s"])
         out.append(r)
@@ -157,14 +174,19 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     head = (f"{'system':<22} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'exposed':>8} "
-            f"{'scaling eff':>11}  {'round medians ms':<16}")
+            f"{'scaling eff':>11} {'comm cpu ms':>11} {'cpu ceiling':>11}  {'round medians ms':<16}")
     lines = [head, "-" * len(head)]
+
+    def cell(r, key, width, fmt):
+        return f"{format(r[key], fmt):>{width}}" if key in r else f"{'-':>{width}}"
+
     for r in rows:
-        ce = f"{r['comm_efficiency']:9.3f}" if "comm_efficiency" in r else f"{'-':>9}"
-        ex = f"{r['exposed_comm_fraction']:8.3f}" if "exposed_comm_fraction" in r else f"{'-':>8}"
-        se = f"{r['scaling_efficiency']:11.3f}" if "scaling_efficiency" in r else f"{'-':>11}"
+        comm_cpu = {"comm_cpu_ms": r["comm_cpu_s"] * 1e3} if "comm_cpu_s" in r else {}
         spread = "/".join(f"{m * 1e3:.0f}" for m in r.get("round_medians_s", []))
-        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} {ce} {ex} {se}  {spread}")
+        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} "
+                     f"{cell(r, 'comm_efficiency', 9, '.3f')} {cell(r, 'exposed_comm_fraction', 8, '.3f')} "
+                     f"{cell(r, 'scaling_efficiency', 11, '.3f')} {cell(comm_cpu, 'comm_cpu_ms', 11, '.1f')} "
+                     f"{cell(r, 'cpu_bound_comm_efficiency', 11, '.3f')}  {spread}")
     return "\n".join(lines)
 
 
