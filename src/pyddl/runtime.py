@@ -23,7 +23,7 @@ from pyddl import env as _env
 from pyddl.comm.engine import Engine
 from pyddl.comm.guard import Monitor, OpInfo, exchange
 from pyddl.comm.multiring import Level
-from pyddl.errors import NotInitializedError, PyddlError
+from pyddl.errors import CollectiveTimeoutError, NotInitializedError, PyddlError
 from pyddl.timeline import TIMELINE_ENV, Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
 
@@ -170,18 +170,28 @@ def init(
         owns_world = not dist.is_initialized()
         if owns_world:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            if job.source == "torchrun":
-                dist.init_process_group(backend, timeout=timeout)
-            elif job.source == "single":
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-            else:
-                dist.init_process_group(
-                    backend,
-                    init_method=f"tcp://{job.master_addr}:{job.master_port}",
-                    rank=job.rank,
-                    world_size=job.world_size,
-                    timeout=timeout,
-                )
+            try:
+                if job.source == "torchrun":
+                    dist.init_process_group(backend, timeout=timeout)
+                elif job.source == "single":
+                    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+                else:
+                    dist.init_process_group(
+                        backend,
+                        init_method=f"tcp://{job.master_addr}:{job.master_port}",
+                        rank=job.rank,
+                        world_size=job.world_size,
+                        timeout=timeout,
+                    )
+            except dist.DistStoreError as err:
+                # torch counts who connected ("1/2 clients joined") but not which ranks.
+                raise CollectiveTimeoutError(
+                    f"pyddl.init: rank {job.rank} waited {settings.timeout_s:g} s for the other ranks of a "
+                    f"{job.world_size}-rank job ({job.source}) to join and they did not ({err}). Ranks that "
+                    "never call pyddl.init() were not started, failed before it (see their output), or belong "
+                    f"to another job: check WORLD_SIZE and MASTER_ADDR:MASTER_PORT "
+                    f"({job.master_addr}:{job.master_port}) on every rank."
+                ) from None
         backend = dist.get_backend()
         world = dist.group.WORLD
         my_rank, world_size = dist.get_rank(), dist.get_world_size()

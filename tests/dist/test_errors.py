@@ -82,6 +82,29 @@ def test_a_rank_that_never_arrives_is_named():
         assert "an earlier collective failed" in again
 
 
+def _late_to_init(rank, world):
+    import time
+
+    import pyddl
+
+    if rank == 1:
+        time.sleep(15)  # never joins in time
+        return None
+    t0 = time.monotonic()
+    try:
+        pyddl.init(timeout_s=4)
+    except pyddl.CollectiveTimeoutError as err:
+        return str(err), time.monotonic() - t0
+    return "joined", 0.0
+
+
+def test_a_rank_that_never_calls_init_is_a_timeout_error_saying_what_to_check():
+    (text, waited), _ = run_ranks(_late_to_init, 2, timeout=60)
+    assert "pyddl.init: rank 0 waited 4 s for the other ranks of a 2-rank job" in text
+    assert "1/2 clients joined" in text and "check WORLD_SIZE and MASTER_ADDR:MASTER_PORT" in text
+    assert waited < 12
+
+
 def _before_init(rank, world):
     import pyddl
 
