@@ -46,6 +46,16 @@ def _mine(step, rank):
     return x[sl], y[sl]
 
 
+def _train(rank, model, forward, opt):
+    """STEPS steps of this rank's shard; return the model's parameters."""
+    for step in range(STEPS):
+        x, y = _mine(step, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def _train_variants(rank, world):
     import pyddl
     from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook
@@ -59,23 +69,12 @@ def _train_variants(rank, world):
             model = _model()
             opt = DistributedOptimizer(_sgd(model), named_parameters=model.named_parameters(),
                                        compression=codec, algorithm=alg, bucket_bytes=600)
-            for step in range(STEPS):
-                x, y = _mine(step, rank)
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                opt.step()
-            results[("opt", alg, comp)] = [p.detach().clone() for p in model.parameters()]
+            results[("opt", alg, comp)] = _train(rank, model, model, opt)
 
             model = _model()
             ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
             ddp.register_comm_hook(HookState(algorithm=alg), fp16_allreduce_hook if comp == "fp16" else allreduce_hook)
-            sgd = _sgd(ddp)
-            for step in range(STEPS):
-                x, y = _mine(step, rank)
-                sgd.zero_grad()
-                nn.functional.cross_entropy(ddp(x), y).backward()
-                sgd.step()
-            results[("ddp", alg, comp)] = [p.detach().clone() for p in model.parameters()]
+            results[("ddp", alg, comp)] = _train(rank, model, ddp, _sgd(ddp))
 
     # Horovod's own options: the real Compression objects, auto (tuned when the optimizer is
     # built, in a job whose default is native), Sum with the learning rate divided by the
@@ -102,22 +101,11 @@ def _train_variants(rank, world):
         model = _model()
         sgd = torch.optim.SGD(model.parameters(), lr=kw.pop("lr", 0.1), momentum=0.9)
         opt = DistributedOptimizer(sgd, named_parameters=model.named_parameters(), bucket_bytes=600, **kw)
-        for step in range(STEPS):
-            x, y = _mine(step, rank)
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-        results[key] = [p.detach().clone() for p in model.parameters()]
+        results[key] = _train(rank, model, model, opt)
     model = _model()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.001)
     ddp.register_comm_hook(HookState(algorithm="multiring"), bf16_allreduce_hook)
-    sgd = _sgd(ddp)
-    for step in range(STEPS):
-        x, y = _mine(step, rank)
-        sgd.zero_grad()
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        sgd.step()
-    results["ddp-bf16"] = [p.detach().clone() for p in model.parameters()]
+    results["ddp-bf16"] = _train(rank, model, ddp, _sgd(ddp))
 
     # Gradient accumulation: two micro-batches of 4 per step, the loss halved as Horovod asks.
     model = _model()
