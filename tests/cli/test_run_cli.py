@@ -43,6 +43,16 @@ def test_run_four_workers_prefixes_output_by_rank(tmp_path):
         assert f"[rank{r}] rank {r} of 4 sum 10 ['--flag', 'x'] multiring 45" in proc.stdout
 
 
+def test_the_allreduce_demo_of_the_readme(tmp_path):
+    demo = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "allreduce_demo.py")
+    proc = _run(["run", "-np", "4", "--topology", "2x2", demo], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for alg in ("native", "multiring", "auto"):
+        assert f"{alg}: 16 MiB allreduce over 4 ranks (2x2) in" in proc.stdout
+    assert proc.stdout.count("every element == 10: True") == 3
+    assert "allgather of ranks: [0.0, 1.0, 2.0, 3.0]; local 0/2, server 0/2" in proc.stdout
+
+
 def test_run_python_dash_m(tmp_path):
     (tmp_path / "mymod.py").write_text("import pyddl\npyddl.init()\nprint('size', pyddl.size())\n")
     proc = _run(["run", "-np", "2", "python", "-m", "mymod"], tmp_path)

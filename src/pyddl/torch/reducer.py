@@ -81,7 +81,8 @@ class GradientReducer:
         order = list(reversed(range(len(self.params))))
         self._set_layout(self._plan(order, first_bucket_bytes=_FIRST_BUCKET_BYTES))
         self._check_layout_across_ranks()
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
 
     # Layout -----------------------------------------------------------------------------
 
@@ -270,10 +271,6 @@ class GradientReducer:
         order_t = torch.tensor(order, dtype=torch.int64)
         core_ops.broadcast_(order_t, root=0)
         self._set_layout(self._plan(order_t.tolist()))
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
 
 
 def _describe_param(entry) -> str:
