@@ -293,6 +293,15 @@ def test_in_an_allocation_pyddl_run_starts_itself_through_srun(tmp_path):
         "rank 0 of 2 via slurm sum 3", "rank 1 of 2 via slurm sum 3"]
 
 
+def test_in_an_allocation_pyddl_bench_launches_its_workers(tmp_path):
+    # It used to run as "rank 0 of 2" of the allocation and wait for a rank that never came.
+    env = _fake_srun(tmp_path)
+    proc = subprocess.run(PYDDL + ["bench", "allreduce", "-np", "2", "--sizes", "4K", "--algorithms", "native"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=100, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "allreduce over 2 ranks" in proc.stdout
+
+
 def test_in_an_allocation_pyddl_train_starts_itself_through_srun(tmp_path):
     # It used to train at once as "rank 0 of 2" and wait for a rank 1 that never started.
     env = _fake_srun(tmp_path)

@@ -10,14 +10,16 @@ import argparse
 import os
 import sys
 
-from pyddl.cli.run import add_job_flags, config_from_args
+from pyddl.cli.run import add_job_flags, config_from_args, scheduler_mode
 from pyddl.launch.local import LaunchError, launch
 
 __all__ = ["register"]
 
 
 def _in_job() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+    # A rank of a job (pyddl run, torchrun, an srun task, an mpirun rank), not an sbatch script
+    # or salloc shell: there SLURM_PROCID is 0 of the allocation's tasks, none of them started.
+    return "RANK" in os.environ or scheduler_mode(os.environ) == "rank"
 
 
 def _launched(what: str, body) -> int:
