@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -349,9 +349,7 @@ def compare_steps(profile, cluster: Cluster, measured: list[dict], bucket_bytes:
     know; what remains to predict is what communication adds. Each result row also holds the
     measured and predicted communication overhead (step minus compute).
     """
-    from dataclasses import replace
-
-    from pyddl.sim.step import predict_scaling
+    from pyddl.sim.step import predict_scaling  # here: pyddl.sim.step imports torch
 
     single = profile.forward_s + profile.backward_s + profile.optimizer_s
     out = []
