@@ -51,7 +51,6 @@ __all__ = [
 ALGORITHMS = ("native", "multiring", "auto")
 _DEFAULT_TIMEOUT_S = 300.0
 _tune_lock = threading.Lock()
-_DEFAULT_CHUNK_BYTES = defaults.CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class Settings:
 
     allreduce: str = "native"
     timeout_s: float = _DEFAULT_TIMEOUT_S
-    chunk_bytes: int = _DEFAULT_CHUNK_BYTES
+    chunk_bytes: int = defaults.CHUNK_BYTES
     check: bool = True
     stall_warn_s: float | None = None  # default: min(60 s, timeout / 2)
 
@@ -97,7 +96,7 @@ def _resolve_settings(allreduce, timeout_s, chunk_bytes) -> Settings:
     timeout = float(timeout_s if timeout_s is not None else os.environ.get(_env.PYDDL_TIMEOUT, _DEFAULT_TIMEOUT_S))
     if timeout <= 0:
         raise ValueError(f"timeout must be positive seconds, got {timeout}")
-    chunk = int(chunk_bytes if chunk_bytes is not None else os.environ.get(_env.PYDDL_CHUNK_BYTES, _DEFAULT_CHUNK_BYTES))
+    chunk = int(chunk_bytes if chunk_bytes is not None else os.environ.get(_env.PYDDL_CHUNK_BYTES, defaults.CHUNK_BYTES))
     if chunk <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk}")
     check = os.environ.get(_env.PYDDL_CHECK, "1") not in ("0", "false", "off")

@@ -13,7 +13,7 @@ import difflib
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 from pyddl.comm.fusion import plan_buckets
@@ -82,9 +82,9 @@ class StepProfile:
 
     def scaled(self, factor: float, why: str) -> "StepProfile":
         """The same step with every compute time (and gradient ready time) times `factor`."""
-        grads = tuple(Gradient(g.name, g.numel, g.itemsize, g.ready_s * factor, g.dtype) for g in self.gradients)
-        return StepProfile(self.model, self.batch, self.forward_s * factor, self.backward_s * factor,
-                           self.optimizer_s * factor, grads, f"{self.source}, x{factor:.3f} ({why})", self.image_size)
+        return replace(self, forward_s=self.forward_s * factor, backward_s=self.backward_s * factor,
+                       optimizer_s=self.optimizer_s * factor, source=f"{self.source}, x{factor:.3f} ({why})",
+                       gradients=tuple(replace(g, ready_s=g.ready_s * factor) for g in self.gradients))
 
 
 def load_profile(path: str) -> StepProfile:

@@ -26,7 +26,6 @@ from pyddl.errors import CollectiveMismatchError
 
 __all__ = ["GradientReducer", "ReducerOptions", "DEFAULT_BUCKET_BYTES"]
 
-_FIRST_BUCKET_BYTES = defaults.FIRST_GRADIENT_BUCKET_BYTES
 DEFAULT_BUCKET_BYTES = defaults.GRADIENT_BUCKET_BYTES  # why 2 MiB: see pyddl/defaults.py
 
 
@@ -79,7 +78,7 @@ class GradientReducer:
         self._rebuilt = False
         self._timeline = runtime.timeline()
         order = list(reversed(range(len(self.params))))
-        self._set_layout(self._plan(order, first_bucket_bytes=_FIRST_BUCKET_BYTES))
+        self._set_layout(self._plan(order, first_bucket_bytes=defaults.FIRST_GRADIENT_BUCKET_BYTES))
         self._check_layout_across_ranks()
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._on_grad)
