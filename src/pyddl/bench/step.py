@@ -5,9 +5,10 @@ starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop h
 pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
 no communication). Same model, seed and synthetic batch everywhere; data loading is left out.
 
-The systems run in interleaved rounds (each round times every system in turn), so a change in
-the machine's speed during the run (a shared or virtual machine drifts by 5-10% over minutes)
-falls on every system alike instead of on whichever ran last.
+The systems are interleaved step by step: every system is built once, and each pass of a round
+times one step of each in turn, so a change in the machine's speed during the run (a shared or
+virtual machine drifts by 5-10% within a minute) falls on every system alike instead of on
+whichever ran last.
 
 Figures per system: the median step time (the slowest rank's), images/s, the communication
 efficiency = (its own family's no-communication step time) / (its step time), whose
@@ -85,50 +86,66 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
     return model, model, opt
 
 
-def _time_system(system: str, model_name: str, batch: int, image_size: int, steps: int, warmup: int,
-                 bucket_mb: float) -> tuple[list[float], list[float]]:
-    """Time `steps` steps after `warmup`; return each step's wall time and this process's CPU
-    time (every thread: compute, the backend's threads, the kernel's work charged to them)."""
-    num_classes = 1000
-    model, forward, opt = _build(system, model_name, num_classes, image_size, bucket_mb)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, image_size, image_size, generator=g)
-    y = torch.randint(0, num_classes, (batch,), generator=g)
-    loss_fn = nn.CrossEntropyLoss()
-    times, cpu = [], []
-    for i in range(warmup + steps):
+class _Runner:
+    """One system, built once: its model, forward and optimizer on one fixed synthetic batch."""
+
+    def __init__(self, system: str, model_name: str, batch: int, image_size: int, bucket_mb: float):
+        num_classes = 1000
+        self.model, self.forward, self.opt = _build(system, model_name, num_classes, image_size, bucket_mb)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(batch, 3, image_size, image_size, generator=g)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def step(self) -> tuple[float, float]:
+        """One training step; return its wall time and this process's CPU time (every thread:
+        compute, the backend's threads, the kernel's work charged to them)."""
         t0, c0 = time.perf_counter(), time.process_time()
-        opt.zero_grad()
-        loss_fn(forward(x), y).backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            cpu.append(time.process_time() - c0)
-    return times, cpu
+        self.opt.zero_grad()
+        self.loss_fn(self.forward(self.x), self.y).backward()
+        self.opt.step()
+        return time.perf_counter() - t0, time.process_time() - c0
 
 
 def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int,
                 bucket_mb: float, rounds: int = 1) -> tuple[int, list[dict]]:
-    """Inside a job: time each system on every rank, `rounds` times interleaved; return
-    (rank, rows), each row holding the slowest rank's median over all its timed steps and
-    the median of each round."""
+    """Inside a job: time each system on every rank; return (rank, rows), each row holding the
+    slowest rank's median over all its timed steps and the median of each round.
+
+    Every system is built once and warmed up; then each round makes `steps` passes, and each
+    pass times one step of every system, starting one system further each pass. A system's
+    steps are thus spread over the round like everyone else's, so the machine's drift (seconds
+    to minutes) falls on all systems alike and cancels in the per-round ratios.
+    """
     import pyddl
 
     pyddl.init()
     rank = pyddl.rank()
+    runners = {s: _Runner(s, model_name, batch, image_size, bucket_mb) for s in systems}
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.step()
     times: dict[str, list[float]] = {s: [] for s in systems}
     cpu: dict[str, list[float]] = {s: [] for s in systems}
     per_round: dict[str, list[float]] = {s: [] for s in systems}
+    passes = 0
     for r in range(rounds):
-        for system in systems:
+        this_round: dict[str, list[float]] = {s: [] for s in systems}
+        for _ in range(steps):
             pyddl.barrier()
-            mine, mine_cpu = _time_system(system, model_name, batch, image_size, steps, warmup, bucket_mb)
-            times[system].extend(mine)
-            cpu[system].extend(mine_cpu)
-            med = torch.tensor([statistics.median(mine)], dtype=torch.float64)
-            per_round[system].append(pyddl.allreduce(med, op="max").item())
+            first = passes % len(systems)
+            for system in systems[first:] + systems[:first]:
+                wall, used = runners[system].step()
+                this_round[system].append(wall)
+                cpu[system].append(used)
+            passes += 1
+        meds = torch.tensor([statistics.median(this_round[s]) for s in systems], dtype=torch.float64)
+        worst = pyddl.allreduce(meds, op="max").tolist()  # the slowest rank sets the pace
+        for system, med in zip(systems, worst):
+            times[system].extend(this_round[system])
+            per_round[system].append(med)
             if rank == 0:
-                print(f"  round {r + 1}/{rounds}  {system:<22} {per_round[system][-1] * 1e3:8.1f} ms/step", flush=True)
+                print(f"  round {r + 1}/{rounds}  {system:<22} {med * 1e3:8.1f} ms/step", flush=True)
     rows = []
     for system in systems:
         med = torch.tensor([statistics.median(times[system]), statistics.median(cpu[system])], dtype=torch.float64)

@@ -201,10 +201,11 @@ def _add_step_flags(parser) -> None:
     parser.add_argument("--model", default="resnet18", help="small_cnn or a torchvision classifier")
     parser.add_argument("--batch", type=int, default=32, help="images per worker per step")
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per system per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per system per round")
+    parser.add_argument("--steps", type=int, default=6,
+                        help="timed steps per system per round, interleaved step by step with the other systems")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per system before the first round")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="interleaved rounds over all systems (the median is over all timed steps)")
+                        help="rounds; comm eff is the median of the per-round ratios (the median step pools all rounds)")
     parser.add_argument("--bucket-mb", type=float, default=0.0,
                         help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
     parser.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")
