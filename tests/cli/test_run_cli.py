@@ -137,6 +137,7 @@ def test_bench_allreduce_table_and_json(tmp_path):
     assert "algbw Gb/s" in proc.stdout and "busbw Gb/s" in proc.stdout
     data = json.loads(out.read_text())
     assert data["meta"]["world_size"] == 2
+    assert data["meta"]["host"] == {"cpus": os.cpu_count(), "ranks": 2}  # both ranks on this machine
     rows = data["rows"]
     assert [(r["bytes"], r["algorithm"]) for r in rows] == [
         (65536, "native"), (65536, "multiring"), (1048576, "native"), (1048576, "multiring")

@@ -2,6 +2,7 @@
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -17,29 +18,39 @@ from pyddl.sim.calibrate import (
 from pyddl.sim.cluster import cluster_to_toml, load_cluster
 from pyddl.sim.cost import Fabric, Level, allreduce_s
 
-# The emulated bed: 2 servers x 2 ranks, loopback inside, a 1 Gbit/s link between.
-TRUE = Fabric((Level("in", 20e-6, 3e9), Level("out", 100e-6, 0.125e9)), (2, 2), 0.5e-9)
-TRUE_VALUES = {"alpha0": 20e-6, "rate0": 3e9, "alpha1": 100e-6, "rate1": 0.125e9, "gamma": 0.5e-9}
+# The emulated bed: 2 servers x 2 ranks, loopback inside, a 1 Gbit/s link between; 300 us of
+# host time per multiring stage and chunk.
+TRUE = Fabric((Level("in", 20e-6, 3e9), Level("out", 100e-6, 0.125e9)), (2, 2), 0.5e-9, 300e-6)
+TRUE_VALUES = {"alpha0": 20e-6, "rate0": 3e9, "alpha1": 100e-6, "rate1": 0.125e9, "gamma": 0.5e-9,
+               "sigma": 300e-6}
 
 
-def write_bench(path, fabric=TRUE, algorithms=("native", "multiring"), noise=0.0, seed=0):
+def write_bench(path, fabric=TRUE, algorithms=("native", "multiring"), noise=0.0, seed=0, host=None):
+    """Rows the cost model predicts on `fabric`; `host` = {"cpus", "ranks"} of the machine."""
     rng = random.Random(seed)
+    load = max(1.0, host["ranks"] / host["cpus"]) if host else 1.0
     rows = []
     for alg in algorithms:
         for k in range(10, 27, 2):  # 1 KiB .. 64 MiB
-            t = allreduce_s(fabric, alg, 2**k) * (1 + rng.uniform(-noise, noise))
+            t = allreduce_s(fabric.with_host_load(load), alg, 2**k) * (1 + rng.uniform(-noise, noise))
             rows.append({"algorithm": alg, "bytes": 2**k, "dtype": "float32", "median_s": t, "min_s": t,
                          "algbw_gbps": 0, "busbw_gbps": 0, "bound_s": None, "bound_ratio": None})
     rows.append({"algorithm": "broadcast-ish", "bytes": 4096, "median_s": 1.0})  # not priced: skipped
     meta = {"world_size": fabric.size, "dims": list(fabric.dims), "backend": "gloo",
             "emulate": {"nodes": fabric.dims[-1], "link_gbps": 1.0}, "torch": "2.14.1"}
+    if host:
+        meta["host"] = host
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     return str(path)
 
 
 def test_recovers_known_parameters_from_exact_rows(tmp_path):
-    fit = fit_bench(load_bench(write_bench(tmp_path / "b.json")), noise=1e-4)
-    assert fit.rows_used == 18 and fit.rows_skipped == 1
+    # On 2x2 alone a multiring stage's host time and the inner latency are seen only as their
+    # sum; 2 ranks in one server, where native and multiring differ by the stages, split them.
+    inside = replace(TRUE, levels=TRUE.levels[:1], dims=(2,))
+    runs = [load_bench(write_bench(tmp_path / "b.json")), load_bench(write_bench(tmp_path / "in.json", inside))]
+    fit = fit_bench(runs, noise=1e-4)
+    assert fit.rows_used == 36 and fit.rows_skipped == 2
     for p in fit.params:
         assert p.identified, p
         assert p.value == pytest.approx(TRUE_VALUES[p.name], rel=1e-3), p
@@ -185,8 +196,8 @@ def test_measured_steps_from_a_bench_carry_the_layout_and_the_compute_of_the_sam
 def test_simple_layouts_calibrate_a_prediction_for_a_layout_never_fitted(tmp_path):
     # Fit on 2 ranks in one server and on 1 rank on each of 2 servers; predict 2 x 2, where
     # the two ranks of a server share its link and the multiring pipelines two levels.
-    inside = Fabric(TRUE.levels[:1], (2,), TRUE.gamma_s_per_byte)
-    across = Fabric(TRUE.levels, (1, 2), TRUE.gamma_s_per_byte)
+    inside = replace(TRUE, levels=TRUE.levels[:1], dims=(2,))
+    across = replace(TRUE, dims=(1, 2))
     runs = [load_bench(write_bench(tmp_path / "in.json", inside)),
             load_bench(write_bench(tmp_path / "across.json", across))]
     fit = fit_bench(runs, noise=1e-3)
@@ -194,6 +205,15 @@ def test_simple_layouts_calibrate_a_prediction_for_a_layout_never_fitted(tmp_pat
     held_out = load_bench(write_bench(tmp_path / "2x2.json", TRUE))
     for row in compare_allreduce(fit.fabric(held_out.dims), held_out):
         assert row["ratio"] == pytest.approx(1, rel=0.01), row
+    # Emulated on one 2-core machine, 2x2 puts 2 ranks on each core: its host work (stages,
+    # reductions) takes twice as long, and the prediction must know it from the bench file.
+    crowded = load_bench(write_bench(tmp_path / "2x2-crowded.json", TRUE, host={"cpus": 2, "ranks": 4}))
+    assert crowded.host_load == 2.0 and held_out.host_load == 1.0
+    for row in compare_allreduce(fit.fabric(crowded.dims), crowded):
+        assert row["ratio"] == pytest.approx(1, rel=0.01), row
+    slower = [r["measured_s"] / h["measured_s"] for r, h in zip(compare_allreduce(fit.fabric((2, 2)), crowded),
+                                                                compare_allreduce(fit.fabric((2, 2)), held_out))]
+    assert max(slower) > 1.05
 
 
 def test_runs_on_different_backends_cannot_share_a_fit(tmp_path):

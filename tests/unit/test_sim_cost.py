@@ -173,3 +173,29 @@ def test_pipelining_cannot_overlap_a_ranks_own_reductions():
     f = Fabric((Level("in", 0.0, 1e30), Level("out", 0.0, 1e30)), (2, 2), 1e-9)
     s = 64 * MIB
     assert multiring_s(f, s, chunk_bytes=MIB) == pytest.approx(0.75 * s * 1e-9, rel=1e-9)
+
+
+def test_multiring_stage_host_time_by_hand():
+    # 2 ranks, free links, no reductions, 1 ms of host time per stage and chunk: one chunk
+    # goes through its 2 stages in 2 ms; pipelined chunks still take turns on the rank's one
+    # interpreter, so 4 chunks cost 4 x 2 ms, unpipelined or not.
+    f = Fabric((Level("net", 0.0, 1e30),), (2,), 0.0, stage_s=1e-3)
+    assert multiring_s(f, MIB, chunk_bytes=MIB) == pytest.approx(2e-3)
+    assert multiring_s(f, 4 * MIB, chunk_bytes=MIB) == pytest.approx(8e-3)
+    assert multiring_s(f, 4 * MIB, chunk_bytes=MIB, pipeline=False) == pytest.approx(8e-3)
+    assert native_s(f, 4 * MIB) == pytest.approx(0.0, abs=1e-12)  # the backend's own ring: no Python stages
+    # On a real link the stage time adds to each stage; the link still sets the period.
+    g = Fabric((Level("net", 0.0, 1e9),), (2,), 0.0, stage_s=1e-3)
+    wire = MIB / 2 / 1e9
+    assert multiring_s(g, 4 * MIB, chunk_bytes=MIB) == pytest.approx(2 * (wire + 1e-3) + 3 * max(wire + 1e-3, 2 * wire, 2e-3))
+    with pytest.raises(ValueError, match="stage_s"):
+        Fabric((Level("net", 0.0, 1e9),), (2,), 0.0, stage_s=-1.0)
+
+
+def test_host_load_scales_host_costs_not_links():
+    f = Fabric((Level("in", 1e-5, 1e9), Level("out", 1e-4, 1e8)), (2, 2), 1e-9, 2e-4)
+    loaded = f.with_host_load(2.0)
+    assert loaded.levels == f.levels and loaded.dims == f.dims
+    assert loaded.gamma_s_per_byte == 2e-9 and loaded.stage_s == 4e-4
+    assert native_s(loaded, 64 * MIB) > native_s(f, 64 * MIB)  # the reductions take longer
+    assert f.with_host_load(1.0) == f

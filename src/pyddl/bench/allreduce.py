@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import time
 
@@ -108,6 +109,10 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
     pyddl.init()
     link = link_gbps or (float(os.environ[LINK_GBPS_ENV]) if os.environ.get(LINK_GBPS_ENV) else None)
     rows = bench_allreduce(sizes, algorithms, iters, warmup, link)
+    # How many ranks share this machine's cores (emulated servers all do): the simulator
+    # scales its host costs by that load when it fits or predicts these rows.
+    hosts: list = [None] * pyddl.size()
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
     if pyddl.rank() == 0:
         topo = pyddl.topology()
         print(f"allreduce over {pyddl.size()} ranks, topology {topo.spec} ({pyddl.cross_size()} servers), "
@@ -121,6 +126,7 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
                 "backend": torch.distributed.get_backend(),
                 "emulate": {"nodes": pyddl.cross_size(), "link_gbps": link} if link else None,
                 "chunk_bytes": pyddl.settings().chunk_bytes,
+                "host": {"cpus": os.cpu_count() or 1, "ranks": hosts.count(hosts[0])},
                 "torch": torch.__version__.split("+")[0],
             }
             with open(json_path, "w") as fh:

@@ -271,7 +271,8 @@ def _check(args) -> int:
         rows = compare_allreduce(fabric, bench, chunk, cluster.multiring_pipeline)
         fitted = args.calibrate and args.validate in _csv(args.calibrate, "calibrate")
         same = " (in-sample: these rows were fitted)" if fitted else ""
-        print(f"allreduce on {cluster.name} vs {args.validate}{same}:")
+        load = f", host costs x{bench.host_load:g} (more ranks than cores)" if bench.host_load > 1 else ""
+        print(f"allreduce on {cluster.name} vs {args.validate}{same}{load}:")
         _print_comparison(rows, "allreduce", "bytes")
         report["allreduce"] = rows
     if args.measured_steps:

@@ -48,6 +48,8 @@ class BenchRun:
     backend: str
     link_gbps: float | None
     rows: tuple[dict, ...]
+    # Ranks per core on the bench's machine, at least 1 (meta.host: 4 ranks on 2 cores -> 2).
+    host_load: float = 1.0
 
 
 def load_bench(path: str) -> BenchRun:
@@ -78,8 +80,10 @@ def load_bench(path: str) -> BenchRun:
         if missing:
             raise ValueError(f"bench file {path!r}: row {i} lacks {', '.join(missing)}")
     emulate = meta.get("emulate") or {}
+    host = meta.get("host") or {}
+    load = host.get("ranks", 1) / host.get("cpus", 1) if host.get("cpus", 0) > 0 else 1.0
     return BenchRun(path, world, dims, str(meta.get("backend", "gloo")),
-                    emulate.get("link_gbps"), tuple(data["rows"]))
+                    emulate.get("link_gbps"), tuple(data["rows"]), max(1.0, float(load)))
 
 
 def load_measured_steps(path: str) -> list[dict]:
@@ -145,6 +149,7 @@ class Fit:
 
     levels: tuple[Level, ...]
     gamma_s_per_byte: float
+    stage_s: float
     dims: tuple[int, ...]
     params: tuple[FitParam, ...]
     rms_log_error: float
@@ -158,7 +163,7 @@ class Fit:
         dims = tuple(dims or self.dims)
         if len(dims) > len(self.levels):
             raise ValueError(f"dims {dims} have more levels than the fit's {len(self.levels)}")
-        return Fabric(self.levels[: len(dims)], dims, self.gamma_s_per_byte)
+        return Fabric(self.levels[: len(dims)], dims, self.gamma_s_per_byte, self.stage_s)
 
 
 def _level_name(j: int, n: int) -> str:
@@ -166,7 +171,8 @@ def _level_name(j: int, n: int) -> str:
 
 
 def _prior(runs: list[BenchRun]) -> tuple[list[str], np.ndarray]:
-    """Parameter names and prior values: alpha and rate per level some run uses, then gamma."""
+    """Parameter names and prior values: alpha and rate per level some run uses, then gamma
+    and the multiring's host time per stage and chunk."""
     depth = max(len(r.dims) for r in runs)
     link_gbps = next((r.link_gbps for r in runs if r.link_gbps), None) or 10.0
     names, values = [], []
@@ -174,20 +180,21 @@ def _prior(runs: list[BenchRun]) -> tuple[list[str], np.ndarray]:
         if all(len(r.dims) <= j or r.dims[j] == 1 for r in runs):
             continue
         # Priors: 50 us per message; loopback inside a server ~5 GB/s; the emulated link's
-        # stated rate between servers (10 Gbit/s if unknown); ~1 GB/s reduction on a CPU core.
+        # stated rate between servers (10 Gbit/s if unknown); ~1 GB/s reduction on a CPU core;
+        # 100 us of Python per multiring stage and chunk.
         names += [f"alpha{j}", f"rate{j}"]
         values += [50e-6, 5e9 if j == 0 else link_gbps * 1e9 / 8]
-    names.append("gamma")
-    values.append(1e-9)
+    names += ["gamma", "sigma"]
+    values += [1e-9, 100e-6]
     return names, np.array(values)
 
 
-def _levels(depth: int, names: list[str], values) -> tuple[tuple[Level, ...], float]:
+def _levels(depth: int, names: list[str], values) -> tuple[tuple[Level, ...], float, float]:
     p = dict(zip(names, map(float, values)))
     levels = tuple(
         Level(_level_name(j, depth), p.get(f"alpha{j}", 0.0), p.get(f"rate{j}", 1e9)) for j in range(depth)
     )
-    return levels, p["gamma"]
+    return levels, p["gamma"], p["sigma"]
 
 
 def _lm(fun, x0: np.ndarray, max_iter: int = 200) -> np.ndarray:
@@ -234,7 +241,9 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
     prior around a generic value. Several runs share one parameter set
     per level (level 0 inside a server, level 1 between servers, ...), so runs of simple
     layouts (2 ranks in one server; 1 rank on each of 2 servers) can calibrate a model that is
-    then held against a layout it never saw (2x2). A parameter whose posterior spread stays
+    then held against a layout it never saw (2x2). The host costs (reduction, multiring stage)
+    are fitted for a rank with a core to itself: a run with more ranks than cores on its
+    machine sees them multiplied by its `host_load`. A parameter whose posterior spread stays
     above +-10% is reported as not identified (its value leans on the prior).
 
     Args:
@@ -269,8 +278,9 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
     x0 = np.log(prior)
 
     def log_errors(x):
-        levels, gamma = _levels(depth, names, np.exp(x))
-        fabrics = {run.path: Fabric(levels[: len(run.dims)], run.dims, gamma) for run in runs}
+        levels, gamma, sigma = _levels(depth, names, np.exp(x))
+        fabrics = {run.path: Fabric(levels[: len(run.dims)], run.dims, gamma, sigma).with_host_load(run.host_load)
+                   for run in runs}
         pred = [allreduce_s(fabrics[run.path], r["algorithm"], r["bytes"], chunk_bytes, pipeline) for run, r in rows]
         return np.log(pred) - measured
 
@@ -289,14 +299,15 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
     identified = np.sqrt(np.diag(cov)) < _IDENTIFIED_LOG_SD
     values = np.exp(x)
     params = tuple(
-        FitParam(name, float(value), {"alpha": "s", "rate": "B/s", "gamma": "s/B"}[name.rstrip("0123456789")], bool(ok))
+        FitParam(name, float(value), {"alpha": "s", "rate": "B/s", "gamma": "s/B", "sigma": "s"}[name.rstrip("0123456789")],
+                 bool(ok))
         for name, value, ok in zip(names, values, identified)
     )
-    levels, gamma = _levels(depth, names, values)
+    levels, gamma, sigma = _levels(depth, names, values)
     dims = tuple(max((run.dims[j] if j < len(run.dims) else 1) for run in runs) for j in range(depth))
     rms = float(np.sqrt(np.mean(log_errors(x) ** 2)))
     total = sum(len(run.rows) for run in runs)
-    return Fit(levels, gamma, dims, params, rms, len(rows), total - len(rows), pipeline, chunk_bytes)
+    return Fit(levels, gamma, sigma, dims, params, rms, len(rows), total - len(rows), pipeline, chunk_bytes)
 
 
 def fitted_cluster(fit: Fit, name: str) -> Cluster:
@@ -314,6 +325,7 @@ def fitted_cluster(fit: Fit, name: str) -> Cluster:
         device=None,
         reduce_gb_per_s=1.0 / fit.gamma_s_per_byte / 1e9 if fit.gamma_s_per_byte > 0 else None,
         multiring_pipeline=fit.pipeline,
+        multiring_stage_us=fit.stage_s * 1e6,
         description=f"fitted by pyddl simulate --calibrate ({fit.rows_used} rows, rms log error {fit.rms_log_error:.3f})",
     )
 
@@ -322,12 +334,15 @@ def compare_allreduce(fabric: Fabric, run: BenchRun, chunk_bytes: int = DEFAULT_
                       pipeline: bool = True) -> list[dict]:
     """Predict every priced row of `run` on `fabric`: measured, predicted, ratio (pred/meas).
 
+    The fabric's host costs are multiplied by the run's `host_load` (ranks per core).
+
     Raises:
         ValueError: the fabric's rank count differs from the bench job's.
     """
     if fabric.size != run.world_size:
         raise ValueError(f"the cluster lays out {fabric.size} ranks but bench file {run.path!r} ran "
                          f"{run.world_size}; pass --gpus {run.world_size} or a matching cluster")
+    fabric = fabric.with_host_load(run.host_load)
     out = []
     for r in run.rows:
         if r["algorithm"] not in _FITTABLE or r["bytes"] <= 0 or r["median_s"] <= 0:

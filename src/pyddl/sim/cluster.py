@@ -59,6 +59,8 @@ class Cluster:
     device: DeviceSpec | None = None
     reduce_gb_per_s: float | None = None
     multiring_pipeline: bool = True
+    # Host time of one multiring stage on one chunk (thread hand-off, issuing its p2p calls).
+    multiring_stage_us: float = 0.0
     description: str = ""
 
     @property
@@ -130,7 +132,7 @@ class Cluster:
             parts = _split_ring(d, ring_max) if j > 0 and ring_max else [d]
             levels += [level] * len(parts)
             dims += parts
-        return Fabric(tuple(levels), tuple(dims), self.gamma_s_per_byte)
+        return Fabric(tuple(levels), tuple(dims), self.gamma_s_per_byte, self.multiring_stage_us * 1e-6)
 
 
 def _split_ring(d: int, ring_max: int) -> list[int]:
@@ -258,6 +260,7 @@ def _parse(data: dict, where: str) -> Cluster:
         raise ValueError(f"{where}: {servers} servers do not fill whole groups of {groups} servers")
     if "reduce_gb_per_s" in top:
         _positive(top["reduce_gb_per_s"], "reduce_gb_per_s", where)
+    _positive(top.get("multiring_stage_us", 0.0), "multiring_stage_us", where, zero_ok=True)
     return Cluster(
         name=str(top["name"]),
         gpus_per_server=g,
@@ -266,6 +269,7 @@ def _parse(data: dict, where: str) -> Cluster:
         device=device,
         reduce_gb_per_s=top.get("reduce_gb_per_s"),
         multiring_pipeline=bool(top.get("multiring_pipeline", True)),
+        multiring_stage_us=float(top.get("multiring_stage_us", 0.0)),
         description=str(top.get("description", "")),
     )
 
@@ -290,6 +294,8 @@ def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
         "servers": cluster.servers,
         "multiring_pipeline": cluster.multiring_pipeline,
     }
+    if cluster.multiring_stage_us:
+        top["multiring_stage_us"] = cluster.multiring_stage_us
     if cluster.reduce_gb_per_s is not None:
         top["reduce_gb_per_s"] = cluster.reduce_gb_per_s
     lines += [f"{k} = {_toml_value(v)}" for k, v in top.items()]

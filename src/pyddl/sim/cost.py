@@ -10,7 +10,7 @@ are full duplex and contention-free apart from that sharing; no torch, no proces
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pyddl.defaults import CHUNK_BYTES
 
@@ -81,6 +81,7 @@ class Fabric:
     levels: tuple[Level, ...]
     dims: tuple[int, ...]
     gamma_s_per_byte: float = 0.0
+    stage_s: float = 0.0
 
     def __post_init__(self):
         if len(self.levels) != len(self.dims) or not self.dims:
@@ -91,10 +92,18 @@ class Fabric:
             raise ValueError(f"fabric dims must be positive integers, got {self.dims!r}")
         if not (self.gamma_s_per_byte >= 0 and math.isfinite(self.gamma_s_per_byte)):
             raise ValueError(f"gamma_s_per_byte must be >= 0, got {self.gamma_s_per_byte!r}")
+        if not (self.stage_s >= 0 and math.isfinite(self.stage_s)):
+            raise ValueError(f"stage_s must be >= 0, got {self.stage_s!r}")
 
     @property
     def size(self) -> int:
         return math.prod(self.dims)
+
+    def with_host_load(self, load: float) -> "Fabric":
+        """This fabric with its host costs (reduction and multiring stage times) multiplied
+        by `load`: ranks per core, where more ranks than cores share a machine (an emulated
+        cluster on one host); the links are unchanged."""
+        return replace(self, gamma_s_per_byte=self.gamma_s_per_byte * load, stage_s=self.stage_s * load)
 
     @property
     def ranks_per_server(self) -> int:
@@ -176,7 +185,9 @@ def native_s(fabric: Fabric, nbytes: float) -> float:
 
 
 def _level_stage_times(fabric: Fabric, chunk: float) -> list[tuple[Level, float, float, float, float]]:
-    """(link, reduce-scatter, allgather, wire time of both, reduction time) of one chunk per active dim."""
+    """(link, reduce-scatter, allgather, wire time of both, reduction time) of one chunk per active dim.
+
+    Each stage's time includes its host time `fabric.stage_s`."""
     out = []
     for j, d in enumerate(fabric.dims):
         if d == 1:
@@ -187,8 +198,8 @@ def _level_stage_times(fabric: Fabric, chunk: float) -> list[tuple[Level, float,
         rate = fabric.flow_Bps(j, fabric.ranks_per_server if j > 0 else 1)
         lat = fabric.levels[j].latency_s
         wire = m / rate
-        rs = (d - 1) * (lat + wire + m * fabric.gamma_s_per_byte)
-        ag = (d - 1) * (lat + wire)
+        rs = (d - 1) * (lat + wire + m * fabric.gamma_s_per_byte) + fabric.stage_s
+        ag = (d - 1) * (lat + wire) + fabric.stage_s
         out.append((fabric.levels[j], rs, ag, 2 * (d - 1) * wire, (d - 1) * m * fabric.gamma_s_per_byte))
     return out
 
@@ -202,8 +213,9 @@ def multiring_s(
     (reduce-scatter of each level, then allgather of each level in reverse). pyddl runs each
     stage on its own thread, so with `pipeline` the time is one chunk through every stage plus
     (chunks - 1) periods of the bottleneck: the slowest stage; a link, whose wire time the
-    reduce-scatters and allgathers of every dim on it share; or the rank's own reductions,
-    which share its processor. Without `pipeline` (pyddl on NCCL) chunks run in turn.
+    reduce-scatters and allgathers of every dim on it share; or the rank's own processor,
+    which does every stage's reductions and host work (Python stages take turns on one
+    interpreter). Without `pipeline` (pyddl on NCCL) chunks run in turn.
     """
     if fabric.size <= 1 or nbytes <= 0:
         return 0.0
@@ -216,8 +228,8 @@ def multiring_s(
     for link, _, _, wire, _ in stages:
         link_busy[link] = link_busy.get(link, 0.0) + wire
     slowest_stage = max(max(rs, ag) for _, rs, ag, _, _ in stages)
-    reductions = sum(red for *_, red in stages)
-    period = max(slowest_stage, max(link_busy.values()), reductions)
+    processor = sum(red for *_, red in stages) + 2 * len(stages) * fabric.stage_s
+    period = max(slowest_stage, max(link_busy.values()), processor)
     return one_chunk + (n_chunks - 1) * period
 
 
