@@ -20,9 +20,9 @@ def test_bound_is_2_m_minus_1_over_m_times_bytes_over_link_rate():
 
 
 def test_table_shows_the_bound_and_the_ratio_when_the_link_is_known():
-    row = {"algorithm": "multiring", "bytes": 64 * 2**20, "median_s": 0.6, "algbw_gbps": 0.89, "busbw_gbps": 1.34,
+    row = {"algorithm": "multiring", "bytes": 64 * 2**20, "median_s": 0.6, "cpu_s": 0.25, "algbw_gbps": 0.89, "busbw_gbps": 1.34,
            "bound_s": bound_s(64 * 2**20, 2, 1.0), "bound_ratio": bound_s(64 * 2**20, 2, 1.0) / 0.6}
     table = format_table([row, {**row, "algorithm": "native", "bound_s": None, "bound_ratio": None}])
     first, second = table.splitlines()[2:]
-    assert first.split() == ["64M", "multiring", "600.00", "0.890", "1.340", "536.87", "0.89"]
+    assert first.split() == ["64M", "multiring", "600.00", "250.00", "0.890", "1.340", "536.87", "0.89"]
     assert second.split()[-2:] == ["-", "-"]

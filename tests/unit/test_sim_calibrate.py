@@ -11,12 +11,14 @@ from pyddl.sim.calibrate import (
     compare_allreduce,
     compare_steps,
     fit_bench,
+    fit_comm_cpu,
     fitted_cluster,
     load_bench,
     load_measured_steps,
 )
 from pyddl.sim.cluster import cluster_to_toml, load_cluster
 from pyddl.sim.cost import Fabric, Level, allreduce_s
+from pyddl.sim.step import Gradient, StepProfile, predict_scaling
 
 # The emulated bed: 2 servers x 2 ranks, loopback inside, a 1 Gbit/s link between; 300 us of
 # host time per multiring stage and chunk.
@@ -221,3 +223,36 @@ def test_runs_on_different_backends_cannot_share_a_fit(tmp_path):
     b = BenchRun(**{**a.__dict__, "path": "b.json", "backend": "nccl"})
     with pytest.raises(ValueError, match="different backends"):
         fit_bench([a, b])
+
+
+def test_communication_cpu_is_fitted_per_algorithm_from_runs_across_servers(tmp_path):
+    # cpu = a + b x bytes per algorithm, from a run with one rank per server and a core each.
+    def with_cpu(name, dims, costs, host=None, backend="gloo"):
+        path = write_bench(tmp_path / name, replace(TRUE, levels=TRUE.levels[: len(dims)], dims=dims), host=host)
+        data = json.loads(open(path).read())
+        data["meta"]["backend"] = backend
+        for row in data["rows"]:
+            if row["algorithm"] in costs:
+                a, b = costs[row["algorithm"]]
+                row["cpu_s"] = a + b * row["bytes"]
+        open(path, "w").write(json.dumps(data))
+        return load_bench(path)
+
+    truth = {"native": (300e-6, 1.5e-9), "multiring": (900e-6, 2.5e-9)}
+    across = with_cpu("across.json", (1, 2), truth)
+    got = fit_comm_cpu([across])
+    for alg, (a, b) in truth.items():
+        assert got[alg] == pytest.approx((a, b), rel=1e-6)
+    # Runs inside one server, with more ranks than cores, or on NCCL say nothing about it.
+    assert fit_comm_cpu([with_cpu("in.json", (2,), truth)]) == {}
+    assert fit_comm_cpu([with_cpu("crowded.json", (2, 2), truth, host={"cpus": 2, "ranks": 4})]) == {}
+    assert fit_comm_cpu([with_cpu("gpu.json", (1, 2), truth, backend="nccl")]) == {}
+    # A cluster fitted with it charges the step for it; without it, nothing.
+    fit = fit_bench([across], noise=1e-3)
+    profile = StepProfile("toy", 8, 0.5, 3.0, 0.25, tuple(Gradient(f"g{i}", 2**18, 4, t) for i, t in enumerate((1, 2, 3))),
+                          "hand")
+    with_it, without = (predict_scaling(profile, fitted_cluster(fit, "f", c), [2], ["native"], 2**20)[0]
+                        for c in (got, None))
+    assert with_it["comm_cpu_s"] == pytest.approx(3 * (300e-6 + 1.5e-9 * 2**20))
+    assert without["comm_cpu_s"] == 0.0
+    assert with_it["step_s"] > without["step_s"]

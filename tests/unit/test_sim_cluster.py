@@ -62,6 +62,17 @@ latency_us = 5.0
 """
 
 
+COMM_CPU = """
+[comm_cpu.native]
+per_call_us = 300.0
+per_byte_ns = 1.5
+
+[comm_cpu.multiring]
+per_call_us = 900.0
+per_byte_ns = 2.5
+"""
+
+
 def test_intermediate_levels_group_servers(tmp_path):
     path = tmp_path / "racks.toml"
     path.write_text(THREE_LEVELS)
@@ -74,6 +85,14 @@ def test_intermediate_levels_group_servers(tmp_path):
     again = tmp_path / "again.toml"
     again.write_text(cluster_to_toml(c, "round trip"))
     assert load_cluster(str(again)) == c
+    # A CPU bed's host costs (multiring stages; communication CPU per algorithm) round-trip too.
+    path.write_text("multiring_stage_us = 250.0\n" + THREE_LEVELS + COMM_CPU)
+    cpu = load_cluster(str(path))
+    assert cpu.fabric(4).stage_s == pytest.approx(250e-6)
+    assert cpu.comm_cpu["native"].seconds(2**20) == pytest.approx(300e-6 + 2**20 * 1.5e-9)
+    assert set(cpu.comm_cpu) == {"native", "multiring"}
+    again.write_text(cluster_to_toml(cpu))
+    assert load_cluster(str(again)) == cpu
 
 
 def test_round_trip_of_a_shipped_cluster(tmp_path):
@@ -90,6 +109,9 @@ def test_round_trip_of_a_shipped_cluster(tmp_path):
     (lambda s: s.replace("size = 4\n", ""), "size"),
     (lambda s: s.replace("servers = 12", "servers = 10"), "whole groups of 4"),
     (lambda s: s + "[[levels]\n", "not valid TOML"),
+    (lambda s: s + COMM_CPU.replace("comm_cpu.multiring", "comm_cpu.tree"), r"\[comm_cpu.native\] and"),
+    (lambda s: s + COMM_CPU.replace("per_byte_ns = 1.5", "per_byte_ns = -1.5"), "per_byte_ns must be"),
+    (lambda s: s + COMM_CPU.replace("per_byte_ns = 1.5\n", ""), "missing key"),
 ])
 def test_bad_descriptions_say_what_is_wrong(tmp_path, edit, text):
     path = tmp_path / "bad.toml"

@@ -43,6 +43,16 @@ def test_bucket_waits_for_its_last_gradient_and_hides_behind_backward():
     assert pred.exposed_s == pytest.approx(0.5)
 
 
+def test_communication_cpu_comes_out_of_backward_where_they_share_the_cores():
+    # 0.2 s of CPU per bucket, 3 buckets: backward (3 s) takes 3.6 s and each gradient is
+    # ready 1.2x later, at 1.2, 2.4, 3.6; allreduces of 0.5 s run 1.2-1.7, 2.4-2.9, 3.6-4.1.
+    pred = simulate_step(toy(), lambda n: 0.5, bucket_bytes=MB, cpu_s=lambda n: 0.2)
+    assert [(b.ready_s, b.end_s) for b in pred.buckets] == [pytest.approx((1.2, 1.7)), pytest.approx((2.4, 2.9)),
+                                                           pytest.approx((3.6, 4.1))]
+    assert pred.comm_cpu_s == pytest.approx(0.6) and pred.exposed_s == pytest.approx(0.5)
+    assert pred.step_s == pytest.approx(0.5 + 3 + 0.6 + 0.5 + 0.25)
+
+
 def test_free_communication_exposes_nothing():
     pred = simulate_step(toy(), lambda n: 0.0)
     assert pred.exposed_s == 0 and pred.step_s == pytest.approx(0.5 + 3 + 0.25)

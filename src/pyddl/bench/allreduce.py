@@ -1,4 +1,4 @@
-"""Allreduce benchmark: median time, algorithm and bus bandwidth per size and algorithm.
+"""Allreduce benchmark: median time, CPU time, algorithm and bus bandwidth per size and algorithm.
 
 Run inside a job (`pyddl run -np 4 pyddl bench allreduce`, or `pyddl bench allreduce -np 4`
 which launches itself). Bus bandwidth follows nccl-tests: busbw = algbw x 2(n-1)/n. When the
@@ -56,14 +56,16 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
         for alg in algorithms:
             for _ in range(warmup):
                 pyddl.allreduce_(x, algorithm=alg)
-            samples = []
+            samples, cpu = [], []
             for _ in range(iters):
                 pyddl.barrier()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 pyddl.allreduce_(x, algorithm=alg)
                 samples.append(time.perf_counter() - t0)
-            worst = pyddl.allreduce(torch.tensor([statistics.median(samples), min(samples)], dtype=torch.float64), op="max")
-            median_s, min_s = float(worst[0]), float(worst[1])
+                cpu.append(time.process_time() - c0)
+            stats = [statistics.median(samples), min(samples), statistics.median(cpu)]
+            worst = pyddl.allreduce(torch.tensor(stats, dtype=torch.float64), op="max")
+            median_s, min_s, cpu_s = (float(v) for v in worst)
             algbw = nbytes / median_s / 1e9
             row = {
                 "algorithm": alg,
@@ -71,6 +73,7 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
                 "dtype": "float32",
                 "median_s": median_s,
                 "min_s": min_s,
+                "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
                 "algbw_gbps": algbw * 8,
                 "busbw_gbps": algbw * 8 * 2 * (n - 1) / n,
                 "bound_s": None,
@@ -92,13 +95,15 @@ def _fmt_bytes(n: int) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """Render the rows as the aligned text table `pyddl bench allreduce` prints."""
-    head = f"{'size':>6} {'algorithm':>10} {'median ms':>10} {'algbw Gb/s':>11} {'busbw Gb/s':>11} {'bound ms':>9} {'bound/meas':>10}"
+    head = (f"{'size':>6} {'algorithm':>10} {'median ms':>10} {'cpu ms':>8} {'algbw Gb/s':>11} {'busbw Gb/s':>11} "
+            f"{'bound ms':>9} {'bound/meas':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
+        cpu = f"{r['cpu_s'] * 1e3:8.2f}" if r.get("cpu_s") is not None else f"{'-':>8}"
         bound = f"{r['bound_s'] * 1e3:9.2f}" if r["bound_s"] else f"{'-':>9}"
         ratio = f"{r['bound_ratio']:10.2f}" if r["bound_ratio"] else f"{'-':>10}"
         lines.append(
-            f"{_fmt_bytes(r['bytes']):>6} {r['algorithm']:>10} {r['median_s'] * 1e3:10.2f} "
+            f"{_fmt_bytes(r['bytes']):>6} {r['algorithm']:>10} {r['median_s'] * 1e3:10.2f} {cpu} "
             f"{r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f} {bound} {ratio}"
         )
     return "\n".join(lines)

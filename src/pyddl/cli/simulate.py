@@ -227,8 +227,8 @@ def _print_comparison(rows: list[dict], label: str, key: str) -> None:
 
 
 def _check(args) -> int:
-    from pyddl.sim.calibrate import (compare_allreduce, compare_steps, fit_bench, fitted_cluster, load_bench,
-                                     load_measured_steps)
+    from pyddl.sim.calibrate import (compare_allreduce, compare_steps, fit_bench, fit_comm_cpu, fitted_cluster,
+                                     load_bench, load_measured_steps)
     from pyddl.sim.cluster import cluster_to_toml, load_cluster
 
     chunk = _mib(args.chunk_mb, "--chunk-mb")
@@ -237,14 +237,19 @@ def _check(args) -> int:
         paths = _csv(args.calibrate, "calibrate")
         benches = [load_bench(p) for p in paths]
         fit = fit_bench(benches, chunk, noise=args.noise)
-        cluster = fitted_cluster(fit, f"fitted-{'x'.join(map(str, fit.dims))}")
+        comm_cpu = fit_comm_cpu(benches)
+        cluster = fitted_cluster(fit, f"fitted-{'x'.join(map(str, fit.dims))}", comm_cpu)
         print(f"fit to {', '.join(paths)}: {fit.rows_used} rows ({fit.rows_skipped} skipped), "
               f"rms log error {fit.rms_log_error:.3f}")
         for p in fit.params:
             shown = {"s": f"{p.value * 1e6:.2f} us", "B/s": f"{p.value * 8 / 1e9:.3f} Gbit/s",
                      "s/B": f"{p.value * 1e9:.4f} ns/byte"}[p.unit]
             print(f"  {p.name:>7} = {shown:>18}  {'' if p.identified else '(not identified: leans on the prior)'}")
-        report["fit"] = {"params": [p.__dict__ for p in fit.params], "rows": []}
+        for alg, (call, byte) in comm_cpu.items():
+            print(f"  CPU per {alg} allreduce across servers: {call * 1e6:.0f} us + {byte * 1e9:.3f} ns/byte "
+                  f"({(call + byte * 2**20) * 1e3:.2f} ms per MiB)")
+        report["fit"] = {"params": [p.__dict__ for p in fit.params], "rows": [],
+                         "comm_cpu": {alg: {"per_call_s": c, "per_byte_s": b} for alg, (c, b) in comm_cpu.items()}}
         for bench in benches:
             rows = compare_allreduce(fit.fabric(bench.dims), bench, chunk, fit.pipeline)
             print(f"in-sample, {bench.path} ({'x'.join(map(str, bench.dims))}):")
@@ -285,8 +290,9 @@ def _check(args) -> int:
         if comm:
             print("compute scaled to the measured no-communication step; what communication adds:")
             for r in comm:
+                cpu = f" (of which {r['predicted_comm_cpu_s'] * 1e3:.1f} ms CPU taken from compute)" if r.get("predicted_comm_cpu_s") else ""
                 print(f"{r['gpus']:>12} {r['algorithm']:>10} compute {r['compute_s'] * 1e3:7.1f} ms, communication "
-                      f"adds {r['measured_comm_s'] * 1e3:6.1f} ms measured, {r['predicted_comm_s'] * 1e3:6.1f} ms predicted")
+                      f"adds {r['measured_comm_s'] * 1e3:6.1f} ms measured, {r['predicted_comm_s'] * 1e3:6.1f} ms predicted{cpu}")
         report["steps"] = rows
     if args.json:
         with open(args.json, "w") as f:

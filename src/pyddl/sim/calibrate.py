@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from pyddl.sim.cluster import Cluster, LevelSpec
+from pyddl.sim.cluster import Cluster, CommCpuSpec, LevelSpec
 from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, Fabric, Level, allreduce_s
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "load_bench",
     "load_measured_steps",
     "fit_bench",
+    "fit_comm_cpu",
     "fitted_cluster",
     "compare_allreduce",
     "compare_steps",
@@ -310,8 +311,42 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
     return Fit(levels, gamma, sigma, dims, params, rms, len(rows), total - len(rows), pipeline, chunk_bytes)
 
 
-def fitted_cluster(fit: Fit, name: str) -> Cluster:
-    """Turn a fit into a cluster description (no [device]: pair it with a step profile)."""
+def fit_comm_cpu(runs) -> dict[str, tuple[float, float]]:
+    """Fit the CPU time one rank spends on one allreduce, per algorithm: (per call s, per byte s).
+
+    From the bench rows' `cpu_s` (the process's CPU time, every thread and the kernel's work
+    charged to them) of Gloo runs across servers with a core per rank: what communication
+    takes from compute where the two share the cores, as on the emulated bed. A least-squares
+    line on relative error, cpu = a + b x bytes, held at a, b >= 0. Algorithms with fewer
+    than 2 such rows are left out; NCCL runs give nothing (the GPU computes, not the CPU).
+    """
+    runs = [runs] if isinstance(runs, BenchRun) else list(runs)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        if run.backend != "gloo" or run.host_load > 1 or len(run.dims) < 2 or math.prod(run.dims[1:]) < 2:
+            continue
+        for r in run.rows:
+            if r["algorithm"] in ("native", "multiring") and r.get("cpu_s", 0) > 0 and r["bytes"] > 0:
+                points.setdefault(r["algorithm"], []).append((float(r["bytes"]), float(r["cpu_s"])))
+    out = {}
+    for alg, pts in points.items():
+        if len({b for b, _ in pts}) < 2:
+            continue
+        a = np.array([[1 / c, b / c] for b, c in pts])
+        coef = np.linalg.lstsq(a, np.ones(len(pts)), rcond=None)[0]
+        if coef[0] < 0 or coef[1] < 0:  # one term alone: the better of the two
+            per_byte = max(0.0, float(np.sum(a[:, 1]) / np.sum(a[:, 1] ** 2)))
+            per_call = max(0.0, float(np.sum(a[:, 0]) / np.sum(a[:, 0] ** 2)))
+            err_b = np.sum((a[:, 1] * per_byte - 1) ** 2)
+            err_c = np.sum((a[:, 0] * per_call - 1) ** 2)
+            coef = (0.0, per_byte) if err_b <= err_c else (per_call, 0.0)
+        out[alg] = (float(coef[0]), float(coef[1]))
+    return out
+
+
+def fitted_cluster(fit: Fit, name: str, comm_cpu: dict[str, tuple[float, float]] | None = None) -> Cluster:
+    """Turn a fit into a cluster description (no [device]: pair it with a step profile);
+    `comm_cpu` is `fit_comm_cpu`'s result, for beds where communication shares the cores."""
     dims = fit.dims
     levels = tuple(
         LevelSpec(lv.name, lv.link_Bps * 8 / 1e9, lv.latency_s * 1e6, 1, dims[j] if 0 < j < len(dims) - 1 else None)
@@ -326,6 +361,7 @@ def fitted_cluster(fit: Fit, name: str) -> Cluster:
         reduce_gb_per_s=1.0 / fit.gamma_s_per_byte / 1e9 if fit.gamma_s_per_byte > 0 else None,
         multiring_pipeline=fit.pipeline,
         multiring_stage_us=fit.stage_s * 1e6,
+        comm_cpu={alg: CommCpuSpec(call * 1e6, byte * 1e9) for alg, (call, byte) in (comm_cpu or {}).items()},
         description=f"fitted by pyddl simulate --calibrate ({fit.rows_used} rows, rms log error {fit.rms_log_error:.3f})",
     )
 
@@ -376,6 +412,6 @@ def compare_steps(profile, cluster: Cluster, measured: list[dict], bucket_bytes:
                "predicted_s": p["step_s"], "ratio": p["step_s"] / m["step_s"]}
         if "compute_s" in m:
             row.update(compute_s=m["compute_s"], measured_comm_s=m["step_s"] - m["compute_s"],
-                       predicted_comm_s=p["step_s"] - m["compute_s"])
+                       predicted_comm_s=p["step_s"] - m["compute_s"], predicted_comm_cpu_s=p["comm_cpu_s"])
         out.append(row)
     return out

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 from pyddl.sim.cost import Fabric, Level
 
-__all__ = ["LevelSpec", "DeviceSpec", "Cluster", "load_cluster", "shipped_clusters", "cluster_to_toml"]
+__all__ = ["LevelSpec", "DeviceSpec", "CommCpuSpec", "Cluster", "load_cluster", "shipped_clusters", "cluster_to_toml"]
 
 _SHIPPED_DIR = "clusters"
 
@@ -49,6 +49,21 @@ class DeviceSpec:
 
 
 @dataclass(frozen=True)
+class CommCpuSpec:
+    """The CPU time one rank spends on one allreduce of one algorithm: per call plus per byte.
+
+    Stated (or fitted by `--calibrate` from Gloo benches) only where communication shares the
+    cores with compute, as on a CPU cluster with every core training: that time then comes
+    out of the compute."""
+
+    per_call_us: float
+    per_byte_ns: float
+
+    def seconds(self, nbytes: float) -> float:
+        return self.per_call_us * 1e-6 + self.per_byte_ns * 1e-9 * nbytes
+
+
+@dataclass(frozen=True)
 class Cluster:
     """A cluster: `servers` x `gpus_per_server` GPUs, `levels` innermost first."""
 
@@ -61,6 +76,8 @@ class Cluster:
     multiring_pipeline: bool = True
     # Host time of one multiring stage on one chunk (thread hand-off, issuing its p2p calls).
     multiring_stage_us: float = 0.0
+    # Per algorithm ("native", "multiring"), where communication shares the compute cores.
+    comm_cpu: dict[str, CommCpuSpec] = field(default_factory=dict)
     description: str = ""
 
     @property
@@ -228,6 +245,7 @@ def _parse(data: dict, where: str) -> Cluster:
     top = dict(data)
     levels_raw = top.pop("levels", None)
     device_raw = top.pop("device", None)
+    comm_cpu_raw = top.pop("comm_cpu", {})
     _take(top, Cluster, where, ("name", "gpus_per_server", "servers"))
     if not isinstance(levels_raw, list) or not levels_raw:
         raise ValueError(f"{where}: needs at least one [[levels]] table (innermost first)")
@@ -251,6 +269,16 @@ def _parse(data: dict, where: str) -> Cluster:
         _positive(device_raw["memory_gb_per_s"], "memory_gb_per_s", at)
         _positive(device_raw.get("step_overhead_us", 0.0), "step_overhead_us", at, zero_ok=True)
         device = DeviceSpec(**device_raw)
+    comm_cpu = {}
+    if not isinstance(comm_cpu_raw, dict):
+        raise ValueError(f"{where}: comm_cpu must be tables [comm_cpu.native] / [comm_cpu.multiring]")
+    for alg, raw in comm_cpu_raw.items():
+        at = f"{where} [comm_cpu.{alg}]"
+        if alg not in ("native", "multiring") or not isinstance(raw, dict):
+            raise ValueError(f"{at}: comm_cpu tables are [comm_cpu.native] and [comm_cpu.multiring]")
+        _take(raw, CommCpuSpec, at, ("per_call_us", "per_byte_ns"))
+        comm_cpu[alg] = CommCpuSpec(float(_positive(raw["per_call_us"], "per_call_us", at, zero_ok=True)),
+                                    float(_positive(raw["per_byte_ns"], "per_byte_ns", at, zero_ok=True)))
     g = _positive(top["gpus_per_server"], "gpus_per_server", where, integer=True)
     servers = _positive(top["servers"], "servers", where, integer=True)
     if servers > 1 and len(levels) < 2:
@@ -270,6 +298,7 @@ def _parse(data: dict, where: str) -> Cluster:
         reduce_gb_per_s=top.get("reduce_gb_per_s"),
         multiring_pipeline=bool(top.get("multiring_pipeline", True)),
         multiring_stage_us=float(top.get("multiring_stage_us", 0.0)),
+        comm_cpu=comm_cpu,
         description=str(top.get("description", "")),
     )
 
@@ -302,6 +331,9 @@ def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
     if cluster.device is not None:
         lines += ["", "[device]"]
         lines += [f"{f.name} = {_toml_value(getattr(cluster.device, f.name))}" for f in fields(DeviceSpec)]
+    for alg, spec in cluster.comm_cpu.items():
+        lines += ["", f"[comm_cpu.{alg}]"]
+        lines += [f"{f.name} = {_toml_value(getattr(spec, f.name))}" for f in fields(CommCpuSpec)]
     for spec in cluster.levels:
         lines += ["", "[[levels]]"]
         for f in fields(LevelSpec):

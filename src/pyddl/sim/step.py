@@ -121,17 +121,22 @@ class BucketRun:
 
 @dataclass(frozen=True)
 class StepPrediction:
-    """A predicted step: compute, the collectives it waits for, and the exposed part."""
+    """A predicted step: compute, the collectives it waits for, and the exposed part.
+
+    `comm_cpu_s` is the CPU time communication takes from backward where they share the
+    cores (0 unless the cluster states it); `backward_s` is the profile's, without it.
+    """
 
     forward_s: float
     backward_s: float
     optimizer_s: float
     exposed_s: float
     buckets: tuple[BucketRun, ...]
+    comm_cpu_s: float = 0.0
 
     @property
     def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.exposed_s + self.optimizer_s
+        return self.forward_s + self.backward_s + self.comm_cpu_s + self.exposed_s + self.optimizer_s
 
     @property
     def comm_s(self) -> float:
@@ -142,17 +147,21 @@ def simulate_step(
     profile: StepProfile,
     collective_s: Callable[[int], float],
     bucket_bytes: int = GRADIENT_BUCKET_BYTES,
+    cpu_s: Callable[[int], float] | None = None,
 ) -> StepPrediction:
     """Predict one step: buckets in ready order, one collective at a time, exposure at the end.
 
     A bucket is handed to the engine when its last gradient is ready and starts once the
     engine is free (pyddl runs bucket collectives in one global order, DESIGN.md "Overlap").
-    Times are relative to the start of backward.
+    Times are relative to the start of backward. With `cpu_s`, communication's CPU time
+    comes out of compute: backward lasts longer by the buckets' total CPU time, spread
+    evenly over it (each gradient is ready that much later in proportion).
 
     Args:
         profile: the worker's step.
         collective_s: seconds to allreduce a bucket of that many bytes.
         bucket_bytes: the bucket cap (a larger gradient gets a bucket of its own).
+        cpu_s: CPU seconds a bucket of that many bytes takes from compute (None: none).
 
     Returns:
         The prediction; `step_s` = forward + backward + exposed + optimizer.
@@ -164,15 +173,18 @@ def simulate_step(
         2.0
     """
     items = [(g.numel, g.dtype, g.itemsize) for g in profile.gradients]
+    buckets = plan_buckets(items, bucket_bytes) if items else []
+    sizes = [sum(profile.gradients[i].nbytes for i in members) for members in buckets]
+    cpu = sum(cpu_s(n) for n in sizes) if cpu_s is not None else 0.0
+    stretch = (profile.backward_s + cpu) / profile.backward_s if profile.backward_s > 0 else 1.0
     runs, engine_free = [], 0.0
-    for members in plan_buckets(items, bucket_bytes) if items else []:
-        nbytes = sum(profile.gradients[i].nbytes for i in members)
-        ready = max(profile.gradients[i].ready_s for i in members)
+    for members, nbytes in zip(buckets, sizes):
+        ready = max(profile.gradients[i].ready_s for i in members) * stretch
         start = max(ready, engine_free)
         engine_free = start + collective_s(nbytes)
         runs.append(BucketRun(nbytes, ready, start, engine_free))
-    exposed = max(0.0, engine_free - profile.backward_s)
-    return StepPrediction(profile.forward_s, profile.backward_s, profile.optimizer_s, exposed, tuple(runs))
+    exposed = max(0.0, engine_free - (profile.backward_s + cpu))
+    return StepPrediction(profile.forward_s, profile.backward_s, profile.optimizer_s, exposed, tuple(runs), cpu)
 
 
 def predict_scaling(
@@ -195,7 +207,7 @@ def predict_scaling(
 
     Returns:
         One dict per (gpus, algorithm): gpus, algorithm, topology, step_s, images_per_s,
-        scaling_efficiency, exposed_s, comm_s, buckets.
+        scaling_efficiency, exposed_s, comm_s, comm_cpu_s, buckets.
 
     Raises:
         ValueError: a GPU count the cluster cannot lay out, or an algorithm the cost model
@@ -210,6 +222,7 @@ def predict_scaling(
                 profile,
                 lambda nbytes: allreduce_s(fabric, alg, nbytes, chunk_bytes, cluster.multiring_pipeline),
                 bucket_bytes,
+                _comm_cpu(cluster, fabric, alg, chunk_bytes) if n > 1 else None,
             )
             rows.append({
                 "gpus": n,
@@ -220,9 +233,22 @@ def predict_scaling(
                 "scaling_efficiency": base / pred.step_s,
                 "exposed_s": pred.exposed_s,
                 "comm_s": pred.comm_s,
+                "comm_cpu_s": pred.comm_cpu_s,
                 "buckets": len(pred.buckets),
             })
     return rows
+
+
+def _comm_cpu(cluster, fabric, algorithm: str, chunk_bytes: int) -> Callable[[int], float] | None:
+    """The CPU seconds a bucket's allreduce takes from compute, where the cluster states it."""
+    costs = cluster.comm_cpu
+    if algorithm == "auto" and "native" in costs and "multiring" in costs:
+        def auto(nbytes: int) -> float:
+            faster = min(("native", "multiring"),
+                         key=lambda a: allreduce_s(fabric, a, nbytes, chunk_bytes, cluster.multiring_pipeline))
+            return costs[faster].seconds(nbytes)
+        return auto
+    return costs[algorithm].seconds if algorithm in costs else None
 
 
 # ---- per-layer information from a real torch module -----------------------------------------
