@@ -163,7 +163,7 @@ def test_bench_step_compares_systems(tmp_path):
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout
+    assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout and "by thread (rank 0)" in proc.stdout
     assert "round 2/2  pyddl-auto" in proc.stdout
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"single", "ddp", "ddp-noop", "pyddl-multiring-fp16", "pyddl-auto", "pyddl-noop"}
@@ -171,6 +171,8 @@ def test_bench_step_compares_systems(tmp_path):
     assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
     for r in rows.values():  # 2 rounds of 2 timed steps, pooled
         assert len(r["step_times_s"]) == 4 and len(r["round_medians_s"]) == 2
+        assert r["rank0_thread_cpu_s_per_step"]["MainThread"] >= 0  # in clock ticks: 0 for a toy model
+    assert "pyddl-engine" in rows["pyddl-multiring-fp16"]["rank0_thread_cpu_s_per_step"]
     for name in ("ddp", "pyddl-multiring-fp16"):
         r = rows[name]
         noop = rows["ddp-noop" if name == "ddp" else "pyddl-noop"]
@@ -180,6 +182,8 @@ def test_bench_step_compares_systems(tmp_path):
         assert r["cpu_bound_comm_efficiency"] == pytest.approx(
             noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"])))
         assert r["exposed_comm_fraction"] == pytest.approx(1 - r["comm_efficiency"])
+        plain = rows["pyddl-noop"]["round_medians_s"]
+        assert r["plain_efficiency"] == pytest.approx(statistics.median(p / m for p, m in zip(plain, r["round_medians_s"])))
         assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (2 * single["images_per_s"]))
         assert r["images_per_s"] == pytest.approx(2 * 4 / r["median_step_s"])
 

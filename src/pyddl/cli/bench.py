@@ -124,6 +124,9 @@ def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
 
     rows = bench.summarize(rows)
     print(bench.format_table(rows))
+    threads = bench.format_threads(rows)
+    if threads:
+        print(threads)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, "batch_per_worker": args.batch, "image_size": args.image_size,

@@ -1,0 +1,44 @@
+"""The step bench's derived figures: efficiencies against each baseline, the thread table."""
+
+import threading
+
+import pytest
+
+from pyddl.bench.step import format_threads, summarize, thread_cpu_s
+
+
+def _row(system, rounds):
+    return {"system": system, "workers": 2, "median_step_s": sorted(rounds)[len(rounds) // 2],
+            "images_per_s": 64 / rounds[0], "round_medians_s": rounds}
+
+
+def test_each_family_against_its_own_noop_and_all_against_the_bare_model():
+    rows = {r["system"]: r for r in summarize([
+        _row("ddp-fp16", [1.20, 1.30, 1.25]), _row("ddp-noop", [1.10, 1.20, 1.15]),
+        _row("pyddl-multiring-fp16", [1.15, 1.25, 1.20]), _row("pyddl-noop", [1.00, 1.10, 1.05])])}
+    ddp, pyddl = rows["ddp-fp16"], rows["pyddl-multiring-fp16"]
+    assert ddp["comm_efficiency"] == pytest.approx(1.15 / 1.25)  # median of 1.1/1.2, 1.2/1.3, 1.15/1.25
+    assert ddp["plain_efficiency"] == pytest.approx(1.05 / 1.25)
+    assert pyddl["plain_efficiency"] == pyddl["comm_efficiency"] == pytest.approx(1.05 / 1.20)
+    assert rows["ddp-noop"]["plain_efficiency"] < 1 < rows["ddp-noop"]["comm_efficiency"] + 1e-9
+
+
+def test_thread_table_lists_busy_threads_and_the_idle_rest():
+    text = format_threads([{"system": "pyddl-multiring", "median_step_s": 1.2,
+                            "rank0_thread_cpu_s_per_step": {"MainThread": 1.08, "pyddl-engine": 0.04,
+                                                            "pyddl-heartbeat": 0.0001}}])
+    assert text.splitlines()[1].split() == ["pyddl-multiring", "MainThread", "1080", "pyddl-engine", "40",
+                                            "|", "idle", "80"]
+    assert format_threads([{"system": "ddp", "median_step_s": 1.0}]) == ""
+
+
+def test_thread_cpu_names_python_threads():
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait, name="pyddl-stage7")
+    worker.start()
+    try:
+        cpu = thread_cpu_s()
+    finally:
+        done.set()
+        worker.join()
+    assert "MainThread" in cpu and "pyddl-stage" in cpu and all(v >= 0 for v in cpu.values())
