@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Hold pyddl simulate against the emulated cluster (issue 7's first target), by one command:
-#   bash scripts/validate_sim.sh [OUT_DIR]        # as root; about 15 minutes on 2 cores
+#   bash scripts/validate_sim.sh [OUT_DIR]        # as root; about 5 minutes on 2 cores (after set-up)
 # 1. calibrate the cost model on two simple layouts: 2 ranks in one server, 1 rank on each of
 #    2 servers behind 1 Gbit/s links;
-# 2. predict a layout it never saw, 2 servers x 2 ranks, allreduce of 1-64 MiB;
+# 2. predict a layout it never saw, 2 servers x 2 ranks, allreduce of 1-64 MiB (native, multiring, auto);
 # 3. predict the ResNet-18 scaling bed (batch 32, 112 px, 1 pinned rank per server) from a
 #    per-layer profile of one rank;
 # and print predicted against measured, with how many rows fall within 15%.
@@ -25,13 +25,13 @@ $pyddl bench allreduce -np 2 "${link[@]}" --sizes $sizes --algorithms native,mul
 echo "== fit"
 $pyddl simulate --calibrate "$OUT/in.json,$OUT/across.json" --write-cluster "$OUT/emulated.toml"
 echo "== held out: 2 emulated servers x 2 ranks"
-$pyddl bench allreduce -np 4 "${link[@]}" --sizes 1M,2M,4M,8M,16M,32M,64M --algorithms native,multiring \
+$pyddl bench allreduce -np 4 "${link[@]}" --sizes 1M,2M,4M,8M,16M,32M,64M --algorithms native,multiring,auto \
     --json "$OUT/2x2.json"
 echo "== per-layer profile of one ResNet-18 rank (one thread, as each pinned rank has)"
 $pyddl simulate --profile-step "$OUT/resnet18.json" --model resnet18 --batch 32 --image-size 112 --threads 1
 echo "== the scaling bed"
 $pyddl bench scaling --model resnet18 --batch 32 --image-size 112 --workers 1,2 --emulate-link-gbps 1 \
-    --emulate-pin --systems single,pyddl-native,pyddl-multiring,pyddl-noop \
+    --emulate-pin --systems single,pyddl-native,pyddl-multiring,pyddl-auto,pyddl-noop \
     --json "$OUT/steps.json" --plot "$OUT/steps.png"
 echo "== predicted against measured"
 $pyddl simulate --cluster "$OUT/emulated.toml" --validate "$OUT/2x2.json" --step-profile "$OUT/resnet18.json" \

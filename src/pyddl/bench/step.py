@@ -188,6 +188,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
                      "median_step_s": worst, "images_per_s": pyddl.size() * batch / worst,
                      "cpu_s_per_step": worst_cpu, "round_medians_s": per_round[system],
                      "rank0_thread_cpu_s_per_step": {k: v / len(times[system]) for k, v in by_thread[system].items()},
+                     "rank0_mean_step_s": statistics.fmean(times[system]),
                      "step_times_s": times[system]})
     pyddl.shutdown()
     return rank, rows
@@ -255,20 +256,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def format_threads(rows: list[dict]) -> str:
-    """Rank 0's CPU per step by thread, per system, with the idle rest (step - CPU): where the
-    time of a step goes when every core is busy. Empty when no row has the breakdown."""
+    """Rank 0's CPU per step by thread, per system, with the idle rest (rank 0's mean step -
+    its CPU): where the time of a step goes when every core is busy. Means, not medians, so
+    that the parts add up. Empty when no row has the breakdown."""
     lines = []
     for r in rows:
         threads = r.get("rank0_thread_cpu_s_per_step")
         if not threads:
             continue
         busy = sorted(((v, k) for k, v in threads.items() if v >= 0.0005), reverse=True)
-        idle = r["median_step_s"] - sum(threads.values())
+        idle = r.get("rank0_mean_step_s", r["median_step_s"]) - sum(threads.values())
         cells = "  ".join(f"{name} {v * 1e3:.0f}" for v, name in busy)
         lines.append(f"{r['system']:<22} {cells}  | idle {idle * 1e3:.0f}")
     if not lines:
         return ""
-    return "CPU ms per step by thread (rank 0), and the rest of the step spent waiting:\n" + "\n".join(lines)
+    return "CPU ms per step by thread (rank 0, means), and the rest of its step spent waiting:\n" + "\n".join(lines)
 
 
 def worker_main(out_path: str, systems: list[str], model_name: str, batch: int, image_size: int, steps: int,
