@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 pyddl=.venv/bin/pyddl
 link=(--emulate-nodes 2 --emulate-link-gbps 1)
 sizes=4K,64K,256K,1M,4M,16M,64M
-iters=(--iters 15 --warmup 2)  # small messages are noisy: more repetitions for the fit
+iters=(--iters 15 --warmup 2)  # small messages are noisy: 15 repetitions, fitted and held-out rows alike
 
 echo "== calibration rows: 2 ranks in one server"
 $pyddl bench allreduce -np 2 --topology 2 --sizes $sizes --algorithms native,multiring "${iters[@]}" --json "$OUT/in.json"
@@ -26,7 +26,7 @@ echo "== fit"
 $pyddl simulate --calibrate "$OUT/in.json,$OUT/across.json" --write-cluster "$OUT/emulated.toml"
 echo "== held out: 2 emulated servers x 2 ranks"
 $pyddl bench allreduce -np 4 "${link[@]}" --sizes 1M,2M,4M,8M,16M,32M,64M --algorithms native,multiring,auto \
-    --json "$OUT/2x2.json"
+    "${iters[@]}" --json "$OUT/2x2.json"
 echo "== per-layer profile of one ResNet-18 rank (one thread, as each pinned rank has)"
 $pyddl simulate --profile-step "$OUT/resnet18.json" --model resnet18 --batch 32 --image-size 112 --threads 1
 echo "== the scaling bed"
