@@ -23,6 +23,7 @@ ceiling" = no-communication step / (that step + comm cpu)).
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import time
@@ -190,6 +191,10 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
                      "rank0_thread_cpu_s_per_step": {k: v / len(times[system]) for k, v in by_thread[system].items()},
                      "rank0_mean_step_s": statistics.fmean(times[system]),
                      "step_times_s": times[system]})
+    # DDP's reducers must go while their process group is alive: destroyed after it, at
+    # interpreter exit, they abort the process.
+    runners.clear()
+    gc.collect()
     pyddl.shutdown()
     return rank, rows
 
