@@ -104,6 +104,24 @@ def test_two_servers_by_two_ranks_through_H(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_rank_that_exits_with_a_code_passes_it_through_every_launcher(tmp_path):
+    # Bad input found by one worker (exit 2 by convention) must reach the user as 2, through
+    # its server's launcher and the driver, as if the program had run alone.
+    script = _script(tmp_path, """
+        pyddl.init(timeout_s=60)
+        if pyddl.rank() == 2:
+            print("rank 2: bad input", file=sys.stderr, flush=True)
+            sys.exit(2)
+        pyddl.allreduce(torch.ones(1))
+    """)
+    with EmulatedCluster(2) as cluster:
+        proc = subprocess.run(PYDDL + _hosts_args(cluster, 2, script), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=100, env=_env())
+    assert proc.returncode == 2, proc.stderr
+    assert "rank 2 (local rank 0" in proc.stderr and "exited with code 2" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
 def test_a_rank_killed_at_step_k_is_named_and_every_server_stops(tmp_path):
     k = 3
     script = _script(tmp_path, f"""

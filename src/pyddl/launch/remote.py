@@ -227,4 +227,6 @@ def _report(cfg: RunConfig, placements: list[Placement], failed: list[_Server], 
         return
     others = [p for p in placements if all(p is not s.placement for s in failed)]
     stopped = ", ".join(f"{p.host} (node {p.node})" for p in others)
-    raise LaunchError(message + (f"\npyddl run: stopped the other servers: {stopped}" if stopped else ""))
+    code = failed[0].proc.returncode  # the server's launcher passes its failed worker's code on
+    raise LaunchError(message + (f"\npyddl run: stopped the other servers: {stopped}" if stopped else ""),
+                      code if code > 0 else 1)
