@@ -1,7 +1,9 @@
 """Bad input on some or all ranks ends `pyddl train`'s loop on every rank with a message, and
 nothing is lost: differing class folders, a rank whose data folder is missing, a non-finite
-loss (stopped at its step, debug dump written, the good checkpoint left as it was)."""
+loss (stopped at its step, debug dump written, the good checkpoint left as it was). A restart
+that finds no good checkpoint starts over; an explicit --resume stops."""
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -57,11 +59,34 @@ def _nonfinite(rank, out):
     return outcome, hashlib.sha256(good).hexdigest()
 
 
+def _restart_over_bad_checkpoints(rank, out):
+    import os
+
+    import pyddl
+    from pyddl.train.config import TrainConfig
+    from pyddl.train.trainer import train
+
+    folder = Path(out, "checkpoints")
+    if rank == 0:  # a crash during the first write: a checkpoint without its sidecar
+        folder.mkdir(parents=True)
+        (folder / "ckpt-000000.pt").write_bytes(b"half a checkpoint")
+    pyddl.barrier()
+    cfg = TrainConfig(epochs=1, max_steps_per_epoch=2, out=out, log_every_s=1e9)
+    explicit = _outcome(lambda: train(dataclasses.replace(cfg, resume=True)))
+    os.environ["PYDDL_RESTART_COUNT"] = "1"  # what the launcher sets for a restarted attempt
+    try:
+        restarted = _outcome(lambda: train(cfg))
+    finally:
+        del os.environ["PYDDL_RESTART_COUNT"]
+    return explicit, restarted, (folder / "ckpt-000001.pt").exists()
+
+
 def _scenarios(rank, world, root):
     import pyddl
 
     pyddl.init()  # one session for every run (train() leaves it up)
-    results = _bad_input(rank, root), _nonfinite(rank, f"{root}/run")
+    results = (_bad_input(rank, root), _nonfinite(rank, f"{root}/run"),
+               _restart_over_bad_checkpoints(rank, f"{root}/restart"))
     pyddl.shutdown()
     return results
 
@@ -76,7 +101,7 @@ def outcomes(tmp_path_factory):
 
 def test_differing_class_folders_and_one_rank_without_data_stop_every_rank(outcomes):
     tmp_path, results = outcomes
-    (r0_layout, r0_missing), (r1_layout, r1_missing) = [bad for bad, _ in results]
+    (r0_layout, r0_missing), (r1_layout, r1_missing) = [r[0] for r in results]
     for text in (r0_layout, r1_layout):
         assert text.startswith("ValueError: the class folders differ across ranks (rank 0: 2 "
                                "classes (fingerprint "), text
@@ -94,7 +119,7 @@ def test_non_finite_loss_stops_every_rank_at_its_step_and_keeps_the_good_checkpo
     import torch
 
     out = outcomes[0] / "run"
-    results = [nonfinite for _, nonfinite in outcomes[1]]
+    results = [r[1] for r in outcomes[1]]
     texts = [t for t, _ in results]
     assert texts[0] == texts[1], texts  # the same verdict, at the same step, on both ranks
     match = re.match(r"NonFiniteLossError: the loss became (nan|inf) at optimizer step (\d+) "
@@ -112,3 +137,10 @@ def test_non_finite_loss_stops_every_rank_at_its_step_and_keeps_the_good_checkpo
         dump = torch.load(out / "nonfinite" / f"step-{step}-rank-{rank}.pt", weights_only=True)
         assert dump["global_step"] == step and dump["inputs"].shape == (32, 1, 8, 8)
         assert dump["indices"].tolist() and ("model" in dump) == (rank == 0)
+
+
+def test_a_restart_that_finds_no_good_checkpoint_starts_over_but_an_explicit_resume_stops(outcomes):
+    _, results = outcomes
+    for _, _, (explicit, restarted, saved) in results:
+        assert explicit.startswith("ValueError: --resume: no checkpoint in") and "passed its check" in explicit
+        assert restarted == "ok" and saved

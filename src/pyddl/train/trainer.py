@@ -199,18 +199,28 @@ class _Run:
             self.data, self.model, self.recipe = _open_inputs(cfg, model)
             self.model_name = cfg.model if model is None else type(model).__name__
             manager = _checkpoints(cfg, cfg.out)
-            if not cfg.resume and manager is not None and manager.indices() and _env.read_job_env().restart_count:
+            restarted = _env.read_job_env().restart_count
+            if not cfg.resume and manager is not None and manager.indices() and restarted:
                 # The launcher restarted the workers after a failure (--max-restarts): go on
                 # from the last checkpoint instead of refusing the folder.
                 self.cfg = cfg = dataclasses.replace(cfg, resume=True)
             _check_fresh_start(cfg, manager)
             if cfg.resume:
                 index, state = manager.load_latest()
-                if state is None:
+                if state is None and not restarted:
                     raise ValueError(f"--resume: no checkpoint in {manager.directory} passed its "
                                      f"check (see the warnings above); drop --resume to start anew")
-                report[_RESUMED] = index
-                self.resumed_from = manager.path(index)
+                if state is None:
+                    # A restart after a crash that left no good checkpoint (e.g. during the
+                    # first write): nothing to go on from, so the attempt starts over.
+                    self.cfg = cfg = dataclasses.replace(cfg, resume=False)
+                    if self.rank == 0:
+                        print(f"pyddl train: restart {restarted}: no checkpoint in {manager.directory} "
+                              "passed its check (see the warnings above); starting from scratch",
+                              file=sys.stderr, flush=True)
+                else:
+                    report[_RESUMED] = index
+                    self.resumed_from = manager.path(index)
             fp = class_fingerprint(self.data.classes)
             report[_FINGERPRINT] = fingerprint_int64(fp)
             report[_CLASSES] = self.data.num_classes
