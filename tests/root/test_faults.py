@@ -104,6 +104,21 @@ def test_two_servers_by_two_ranks_through_H(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_train_on_servers_checks_the_data_where_the_workers_run(tmp_path):
+    # With -H the launching machine need not hold the data: the workers check it on their
+    # servers, and the bad input reaches the user with their message and exit code 2.
+    with EmulatedCluster(2) as cluster:
+        hosts = ",".join(f"{s.address}:1" for s in cluster.servers)
+        proc = subprocess.run(
+            PYDDL + ["train", "-np", "2", "-H", hosts, "--launcher", f"ip netns exec {cluster.netns_prefix}{{node}}",
+                     "--network-interface", "eth0", "--data", str(tmp_path / "no-such-data"), "--epochs", "1",
+                     "--out", str(tmp_path / "run")],
+            cwd=tmp_path, capture_output=True, text=True, timeout=100, env=_env())
+    assert proc.returncode == 2, proc.stderr
+    assert "exited with code 2" in proc.stderr and "no-such-data" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(120)
 def test_a_rank_that_exits_with_a_code_passes_it_through_every_launcher(tmp_path):
     # Bad input found by one worker (exit 2 by convention) must reach the user as 2, through
     # its server's launcher and the driver, as if the program had run alone.

@@ -1,7 +1,7 @@
 """`pyddl train`: the reference distributed trainer (small CNN on digits by default).
 
 Outside a job, `pyddl train -np N` checks its inputs once, then starts N local workers through
-the launcher (each runs pyddl.train.worker); inside a job (`pyddl run`, torchrun, srun, mpirun)
+the launcher (each runs pyddl.train.worker; with -H the servers' workers check the inputs); inside a job (`pyddl run`, torchrun, srun, mpirun)
 it trains on that job's ranks. Flags are pyddl run's job flags plus TrainConfig's.
 """
 
@@ -54,7 +54,10 @@ def _main(args) -> int:
     if mode == "rank":
         return worker.run(cfg, timeout_s=args.timeout, chunk_bytes=args.chunk_bytes)
     try:
-        check_inputs(cfg)
+        if not (args.hosts or args.hostfile):
+            # With -H the data and --out live on the servers, not necessarily here: there
+            # the workers check them, and a bad input ends the job with their message and 2.
+            check_inputs(cfg)
         if mode == "allocation":
             return run_through_srun("train")
     except (ValueError, ImportError) as err:
