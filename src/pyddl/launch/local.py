@@ -276,18 +276,18 @@ def _stderr_tail(log_dir: str, local_rank: int) -> str:
 
 
 def _failure_error(err, log_dir: str, where) -> LaunchError:
-    """The launcher's error for failed workers: the first failed worker's own exit code (a
-    program's `sys.exit(2)` for bad input stays 2, as if it had run alone), 1 for a worker
+    """The launcher's error for failed workers, with the first failed worker's own exit code
+    (a program's `sys.exit(2)` for bad input stays 2, as if it had run alone), 1 for a worker
     killed by a signal."""
     failures = sorted(err.failures.items(), key=lambda kv: kv[1].timestamp)
-    first = next((f for _, f in failures if f.exitcode != -signal.SIGTERM), failures[0][1])
-    return LaunchError(_describe_failures(failures, log_dir, where), first.exitcode if first.exitcode > 0 else 1)
-
-
-def _describe_failures(failures, log_dir: str, where) -> str:
     # Workers the agent stopped after the first failure die of SIGTERM: they are collateral,
     # not causes, unless nothing else failed.
     causes = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures[:1]
+    code = causes[0][1].exitcode
+    return LaunchError(_describe_failures(failures, causes, log_dir, where), code if code > 0 else 1)
+
+
+def _describe_failures(failures, causes, log_dir: str, where) -> str:
     stopped = [r for r, _ in failures if all(r != c for c, _ in causes)]
     lines = []
     for rank, failure in causes:
