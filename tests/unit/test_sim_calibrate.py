@@ -242,7 +242,7 @@ def test_communication_cpu_is_fitted_per_algorithm_from_runs_across_servers(tmp_
     across = with_cpu("across.json", (1, 2), truth)
     got = fit_comm_cpu([across])
     for alg, (a, b) in truth.items():
-        assert got[alg] == pytest.approx((a, b), rel=1e-6)
+        assert (got[alg].per_call_us * 1e-6, got[alg].per_byte_ns * 1e-9) == pytest.approx((a, b), rel=1e-6)
     # Runs inside one server, with more ranks than cores, or on NCCL say nothing about it.
     assert fit_comm_cpu([with_cpu("in.json", (2,), truth)]) == {}
     assert fit_comm_cpu([with_cpu("crowded.json", (2, 2), truth, host={"cpus": 2, "ranks": 4})]) == {}

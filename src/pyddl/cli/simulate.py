@@ -245,11 +245,11 @@ def _check(args) -> int:
             shown = {"s": f"{p.value * 1e6:.2f} us", "B/s": f"{p.value * 8 / 1e9:.3f} Gbit/s",
                      "s/B": f"{p.value * 1e9:.4f} ns/byte"}[p.unit]
             print(f"  {p.name:>7} = {shown:>18}  {'' if p.identified else '(not identified: leans on the prior)'}")
-        for alg, (call, byte) in comm_cpu.items():
-            print(f"  CPU per {alg} allreduce across servers: {call * 1e6:.0f} us + {byte * 1e9:.3f} ns/byte "
-                  f"({(call + byte * 2**20) * 1e3:.2f} ms per MiB)")
+        for alg, cpu in comm_cpu.items():
+            print(f"  CPU per {alg} allreduce across servers: {cpu.per_call_us:.0f} us + {cpu.per_byte_ns:.3f} "
+                  f"ns/byte ({cpu.seconds(2**20) * 1e3:.2f} ms per MiB)")
         report["fit"] = {"params": [p.__dict__ for p in fit.params], "rows": [],
-                         "comm_cpu": {alg: {"per_call_s": c, "per_byte_s": b} for alg, (c, b) in comm_cpu.items()}}
+                         "comm_cpu": {alg: cpu.__dict__ for alg, cpu in comm_cpu.items()}}
         for bench in benches:
             rows = compare_allreduce(fit.fabric(bench.dims), bench, chunk, fit.pipeline)
             print(f"in-sample, {bench.path} ({'x'.join(map(str, bench.dims))}):")

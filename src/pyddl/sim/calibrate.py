@@ -311,8 +311,8 @@ def fit_bench(runs, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool | Non
     return Fit(levels, gamma, sigma, dims, params, rms, len(rows), total - len(rows), pipeline, chunk_bytes)
 
 
-def fit_comm_cpu(runs) -> dict[str, tuple[float, float]]:
-    """Fit the CPU time one rank spends on one allreduce, per algorithm: (per call s, per byte s).
+def fit_comm_cpu(runs) -> dict[str, CommCpuSpec]:
+    """Fit the CPU time one rank spends on one allreduce, per algorithm: per call plus per byte.
 
     From the bench rows' `cpu_s` (the process's CPU time, every thread and the kernel's work
     charged to them) of Gloo runs across servers with a core per rank: what communication
@@ -332,19 +332,22 @@ def fit_comm_cpu(runs) -> dict[str, tuple[float, float]]:
     for alg, pts in points.items():
         if len({b for b, _ in pts}) < 2:
             continue
-        a = np.array([[1 / c, b / c] for b, c in pts])
-        coef = np.linalg.lstsq(a, np.ones(len(pts)), rcond=None)[0]
-        if coef[0] < 0 or coef[1] < 0:  # one term alone: the better of the two
-            per_byte = max(0.0, float(np.sum(a[:, 1]) / np.sum(a[:, 1] ** 2)))
-            per_call = max(0.0, float(np.sum(a[:, 0]) / np.sum(a[:, 0] ** 2)))
-            err_b = np.sum((a[:, 1] * per_byte - 1) ** 2)
-            err_c = np.sum((a[:, 0] * per_call - 1) ** 2)
-            coef = (0.0, per_byte) if err_b <= err_c else (per_call, 0.0)
-        out[alg] = (float(coef[0]), float(coef[1]))
+        a = np.array([[1 / c, b / c] for b, c in pts])  # rows scaled so the target is 1
+        call, byte = np.linalg.lstsq(a, np.ones(len(pts)), rcond=None)[0]
+        if call < 0 or byte < 0:  # one term alone: the better of the two
+            (err_c, call), (err_b, byte) = (_one_term(a[:, 0]), _one_term(a[:, 1]))
+            call, byte = (call, 0.0) if err_c < err_b else (0.0, byte)
+        out[alg] = CommCpuSpec(float(call) * 1e6, float(byte) * 1e9)
     return out
 
 
-def fitted_cluster(fit: Fit, name: str, comm_cpu: dict[str, tuple[float, float]] | None = None) -> Cluster:
+def _one_term(column: np.ndarray) -> tuple[float, float]:
+    """(squared error, k >= 0) of the least-squares k with column x k = 1."""
+    k = max(0.0, float(np.sum(column) / np.sum(column**2)))
+    return float(np.sum((column * k - 1) ** 2)), k
+
+
+def fitted_cluster(fit: Fit, name: str, comm_cpu: dict[str, CommCpuSpec] | None = None) -> Cluster:
     """Turn a fit into a cluster description (no [device]: pair it with a step profile);
     `comm_cpu` is `fit_comm_cpu`'s result, for beds where communication shares the cores."""
     dims = fit.dims
@@ -361,7 +364,7 @@ def fitted_cluster(fit: Fit, name: str, comm_cpu: dict[str, tuple[float, float]]
         reduce_gb_per_s=1.0 / fit.gamma_s_per_byte / 1e9 if fit.gamma_s_per_byte > 0 else None,
         multiring_pipeline=fit.pipeline,
         multiring_stage_us=fit.stage_s * 1e6,
-        comm_cpu={alg: CommCpuSpec(call * 1e6, byte * 1e9) for alg, (call, byte) in (comm_cpu or {}).items()},
+        comm_cpu=dict(comm_cpu or {}),
         description=f"fitted by pyddl simulate --calibrate ({fit.rows_used} rows, rms log error {fit.rms_log_error:.3f})",
     )
 

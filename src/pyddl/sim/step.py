@@ -164,7 +164,8 @@ def simulate_step(
         cpu_s: CPU seconds a bucket of that many bytes takes from compute (None: none).
 
     Returns:
-        The prediction; `step_s` = forward + backward + exposed + optimizer.
+        The prediction; `step_s` = forward + backward + its communication CPU + exposed +
+        optimizer.
 
     Example:
         >>> g = (Gradient("w", 1, 4, 1.0),)
