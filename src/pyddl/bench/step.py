@@ -16,16 +16,19 @@ complement is the exposed-communication fraction (with several rounds: the media
 of that ratio within each round); "vs plain", the same ratio against one baseline for every
 family, the bare model and optimizer (the pyddl-noop run); and the scaling efficiency against
 the one worker alone = throughput(n) / (n x throughput(1)). Also the CPU time per step of the
-slowest rank's process and, against the no-communication run, the CPU that communication costs ("comm cpu") and the
-communication efficiency that CPU alone allows where it shares the cores with compute ("cpu
-ceiling" = no-communication step / (that step + comm cpu)).
+slowest rank's process and, against the no-communication run, the CPU that communication
+costs ("comm cpu") and the communication efficiency that CPU alone allows where it shares the
+cores with compute ("cpu ceiling" = no-communication step / (that step + comm cpu)).
 """
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -93,10 +96,6 @@ def thread_cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) each live thread of this process has used, by name: the
     Python name where the thread is Python's (pyddl-engine, pyddl-stage*), else the kernel's
     (gloo_tcp_loop, pt_gloo_runloop). Empty where /proc is not available."""
-    import collections
-    import os
-    import threading
-
     names = {t.native_id: ("pyddl-stage" if t.name.startswith("pyddl-stage") else t.name)
              for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")

@@ -1,8 +1,9 @@
 """`pyddl train`: the reference distributed trainer (small CNN on digits by default).
 
 Outside a job, `pyddl train -np N` checks its inputs once, then starts N local workers through
-the launcher (each runs pyddl.train.worker; with -H the servers' workers check the inputs); inside a job (`pyddl run`, torchrun, srun, mpirun)
-it trains on that job's ranks. Flags are pyddl run's job flags plus TrainConfig's.
+the launcher (each runs pyddl.train.worker; with -H the servers' workers check the inputs);
+inside a job (`pyddl run`, torchrun, srun, mpirun) it trains on that job's ranks. Flags are
+pyddl run's job flags plus TrainConfig's.
 """
 
 from __future__ import annotations

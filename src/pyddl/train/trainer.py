@@ -207,10 +207,10 @@ class _Run:
             _check_fresh_start(cfg, manager)
             if cfg.resume:
                 index, state = manager.load_latest()
-                if state is None and not restarted:
-                    raise ValueError(f"--resume: no checkpoint in {manager.directory} passed its "
-                                     f"check (see the warnings above); drop --resume to start anew")
                 if state is None:
+                    if not restarted:
+                        raise ValueError(f"--resume: no checkpoint in {manager.directory} passed its "
+                                         f"check (see the warnings above); drop --resume to start anew")
                     # A restart after a crash that left no good checkpoint (e.g. during the
                     # first write): nothing to go on from, so the attempt starts over.
                     self.cfg = cfg = dataclasses.replace(cfg, resume=False)
