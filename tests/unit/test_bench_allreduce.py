@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyddl.bench.allreduce import bound_s, format_table, parse_size
+from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_size
 
 
 def test_sizes_are_binary_units():
@@ -26,3 +26,11 @@ def test_table_shows_the_bound_and_the_ratio_when_the_link_is_known():
     first, second = table.splitlines()[2:]
     assert first.split() == ["64M", "multiring", "600.00", "250.00", "0.890", "1.340", "536.87", "0.89"]
     assert second.split()[-2:] == ["-", "-"]
+
+
+def test_short_calls_are_timed_back_to_back_long_ones_alone():
+    assert calls_per_sample(0.001) == 20  # 20 ms per sample
+    assert calls_per_sample(0.0003) == 64  # capped
+    assert calls_per_sample(0.007) == 3
+    assert calls_per_sample(0.02) == calls_per_sample(0.5) == 1
+    assert calls_per_sample(0.0) == 64  # a call too fast for the clock

@@ -9,6 +9,7 @@ bound of DESIGN.md, T_min = 2(M-1)/M x S / B on M servers, and the ratio T_min /
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -18,7 +19,7 @@ import torch
 
 import pyddl
 
-__all__ = ["parse_size", "bound_s", "bench_allreduce", "format_table", "LINK_GBPS_ENV"]
+__all__ = ["parse_size", "bound_s", "calls_per_sample", "bench_allreduce", "format_table", "LINK_GBPS_ENV"]
 
 LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' NIC rate, set by the emulated cluster
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -45,9 +46,26 @@ def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:
     return 2 * (servers - 1) / servers * nbytes * 8 / (link_gbps * 1e9)
 
 
+SAMPLE_S = 0.02  # a timed sample lasts at least this long: back-to-back calls, averaged
+MAX_CALLS = 64   # ... of at most this many calls
+
+
+def calls_per_sample(call_s: float, sample_s: float = SAMPLE_S, max_calls: int = MAX_CALLS) -> int:
+    """How many back-to-back calls one timed sample averages, from one call's time: enough to
+    last `sample_s` (a 4 KiB allreduce timed alone scatters by 2-4x with the barrier's exit
+    skew and wake-ups; an average over 20 ms does not), one for calls longer than that."""
+    if not call_s > 0:
+        return max_calls
+    return max(1, min(max_calls, math.ceil(sample_s / call_s)))
+
+
 def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None) -> list[dict]:
     """Time each (size, algorithm) on this job; every rank returns the same rows (rank 0's
-    view of the slowest rank's median, since an allreduce ends when its last rank does)."""
+    view of the slowest rank's median, since an allreduce ends when its last rank does).
+
+    Each of the `iters` samples starts at a barrier and times k calls back to back, as
+    nccl-tests does; k (`calls_per_sample`, the same on every rank) is 1 for calls of 20 ms
+    and more. A row's times and CPU are per call."""
     n = pyddl.size()
     servers = pyddl.cross_size()
     rows = []
@@ -56,13 +74,19 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
         for alg in algorithms:
             for _ in range(warmup):
                 pyddl.allreduce_(x, algorithm=alg)
+            pyddl.barrier()
+            t0 = time.perf_counter()
+            pyddl.allreduce_(x, algorithm=alg)  # one untimed call sizes the samples
+            probe = time.perf_counter() - t0
+            calls = calls_per_sample(float(pyddl.allreduce(torch.tensor([probe], dtype=torch.float64), op="max")))
             samples, cpu = [], []
             for _ in range(iters):
                 pyddl.barrier()
                 t0, c0 = time.perf_counter(), time.process_time()
-                pyddl.allreduce_(x, algorithm=alg)
-                samples.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
+                for _ in range(calls):
+                    pyddl.allreduce_(x, algorithm=alg)
+                samples.append((time.perf_counter() - t0) / calls)
+                cpu.append((time.process_time() - c0) / calls)
             stats = [statistics.median(samples), min(samples), statistics.median(cpu)]
             worst = pyddl.allreduce(torch.tensor(stats, dtype=torch.float64), op="max")
             median_s, min_s, cpu_s = (float(v) for v in worst)
@@ -74,6 +98,7 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
                 "median_s": median_s,
                 "min_s": min_s,
                 "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
+                "calls_per_sample": calls,
                 "algbw_gbps": algbw * 8,
                 "busbw_gbps": algbw * 8 * 2 * (n - 1) / n,
                 "bound_s": None,
