@@ -135,6 +135,80 @@ def _make_levels(topo: Topology, my_rank: int, timeout: timedelta) -> list[Level
     return levels
 
 
+_JOIN_GRACE_S = 10.0  # how much later than rank 0 another rank may start waiting
+
+
+def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
+    """Reach the job's store and wait until every rank has, naming the ranks that never do.
+
+    The store is where torch's env:// and tcp:// rendezvous would put it: the launcher's
+    agent (torchrun, `pyddl run`) serves it when it says so, otherwise rank 0 does. torch's
+    own wait counts the clients that connected ("1/2 clients joined"); here each rank leaves
+    its name under its number, rank 0 waits for all of them and writes its verdict (who is
+    missing), and the others read it: one error, the same on every rank that came.
+    """
+    where = f"{job.master_addr}:{job.master_port}"
+    agent = job.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    serves = "the launcher's agent" if agent else "rank 0"
+    try:
+        store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=job.rank == 0 and not agent,
+                              timeout=timeout, wait_for_workers=False, multi_tenant=not agent)
+    except dist.DistNetworkError as err:
+        raise CollectiveTimeoutError(
+            f"pyddl.init: rank {job.rank} could not reach the job's rendezvous at {where}, which "
+            f"{serves} serves ({job.source}): {str(err).splitlines()[0]}. It has not started, has "
+            "failed (see its output), or the address is wrong: check MASTER_ADDR:MASTER_PORT on every rank.",
+            missing_ranks=() if agent else (0,),
+        ) from None
+
+    def key(name) -> str:  # every attempt gets a new store (torch's agent makes one per round)
+        return f"pyddl/join/{name}"
+
+    ranks = range(job.world_size)
+    store.set(key(job.rank), _env.host_identity())
+    if job.rank == 0:
+        try:
+            store.wait([key(r) for r in ranks], timeout)
+            missing = []
+        except dist.DistStoreError:
+            missing = [r for r in ranks if not store.check([key(r)])]
+        store.set(key("missing"), ",".join(map(str, missing)))
+        if missing:  # the store may be this process's: serve the verdict before leaving
+            try:
+                store.wait([key(f"read{r}") for r in ranks if r and r not in missing], timedelta(seconds=_JOIN_GRACE_S))
+            except dist.DistStoreError:
+                pass
+    else:
+        store.set_timeout(timeout + timedelta(seconds=_JOIN_GRACE_S))
+        try:
+            verdict = store.get(key("missing")).decode()
+            missing = [int(r) for r in verdict.split(",")] if verdict else []
+        except dist.DistStoreError:  # rank 0 gave no verdict: judge from what the store holds
+            missing = [r for r in ranks if not store.check([key(r)])]
+        except dist.DistNetworkError as err:
+            raise CollectiveTimeoutError(
+                f"pyddl.init: rank {job.rank} lost the job's rendezvous at {where} ({str(err).splitlines()[0]}): "
+                "rank 0, which serves it, has failed or left; see its output.",
+                missing_ranks=(0,),
+            ) from None
+        store.set_timeout(timeout)
+        if missing:
+            store.set(key(f"read{job.rank}"), "")
+    if missing:
+        raise CollectiveTimeoutError(
+            f"pyddl.init: rank {job.rank} waited {timeout.total_seconds():g} s for the other ranks of a "
+            f"{job.world_size}-rank job ({job.source}) to join; rank(s) {_ranks(missing)} never did. Ranks "
+            "that never call pyddl.init() were not started, failed before it (see their output), or belong "
+            f"to another job: check WORLD_SIZE and MASTER_ADDR:MASTER_PORT ({where}) on every rank.",
+            missing_ranks=tuple(missing),
+        )
+    return store
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks[:16])) + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
+
+
 def init(
     topology: str | None = None,
     allreduce: str | None = None,
@@ -169,28 +243,11 @@ def init(
         owns_world = not dist.is_initialized()
         if owns_world:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            try:
-                if job.source == "torchrun":
-                    dist.init_process_group(backend, timeout=timeout)
-                elif job.source == "single":
-                    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-                else:
-                    dist.init_process_group(
-                        backend,
-                        init_method=f"tcp://{job.master_addr}:{job.master_port}",
-                        rank=job.rank,
-                        world_size=job.world_size,
-                        timeout=timeout,
-                    )
-            except dist.DistStoreError as err:
-                # torch counts who connected ("1/2 clients joined") but not which ranks.
-                raise CollectiveTimeoutError(
-                    f"pyddl.init: rank {job.rank} waited {settings.timeout_s:g} s for the other ranks of a "
-                    f"{job.world_size}-rank job ({job.source}) to join and they did not ({err}). Ranks that "
-                    "never call pyddl.init() were not started, failed before it (see their output), or belong "
-                    f"to another job: check WORLD_SIZE and MASTER_ADDR:MASTER_PORT "
-                    f"({job.master_addr}:{job.master_port}) on every rank."
-                ) from None
+            if job.source == "single":
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            else:
+                store = _join(job, timeout)
+                dist.init_process_group(backend, store=store, rank=job.rank, world_size=job.world_size, timeout=timeout)
         backend = dist.get_backend()
         world = dist.group.WORLD
         my_rank, world_size = dist.get_rank(), dist.get_world_size()

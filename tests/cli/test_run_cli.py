@@ -80,6 +80,19 @@ def test_failed_worker_is_named_and_the_rest_stop(tmp_path):
     assert stopped_after < 10  # the others stopped within seconds, not at the 60 s collective timeout
 
 
+def test_a_worker_stuck_before_init_is_named_by_the_others(tmp_path):
+    script = _script(tmp_path, """
+        import os, time, pyddl
+        if os.environ["RANK"] == "2":
+            time.sleep(60)  # stuck loading data, say: never reaches init in time
+        pyddl.init()
+    """)
+    proc = _run(["run", "-np", "3", "--timeout", "5", script], tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "CollectiveTimeoutError: pyddl.init: rank 0 waited 5 s for the other ranks of a 3-rank job" in proc.stderr
+    assert "rank(s) 2 never did" in proc.stderr
+
+
 def test_ctrl_c_stops_every_worker(tmp_path):
     script = _script(tmp_path, """
         import os, time, pyddl

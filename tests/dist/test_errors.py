@@ -82,26 +82,34 @@ def test_a_rank_that_never_arrives_is_named():
         assert "an earlier collective failed" in again
 
 
-def _late_to_init(rank, world):
+def _late_to_init(rank, world, late):
     import time
 
     import pyddl
 
-    if rank == 1:
+    if rank in late:
         time.sleep(15)  # never joins in time
         return None
     t0 = time.monotonic()
     try:
         pyddl.init(timeout_s=4)
     except pyddl.CollectiveTimeoutError as err:
-        return str(err), time.monotonic() - t0
-    return "joined", 0.0
+        return str(err), err.missing_ranks, time.monotonic() - t0
+    return "joined", (), 0.0
 
 
-def test_a_rank_that_never_calls_init_is_a_timeout_error_saying_what_to_check():
-    (text, waited), _ = run_ranks(_late_to_init, 2, timeout=60)
-    assert "pyddl.init: rank 0 waited 4 s for the other ranks of a 2-rank job" in text
-    assert "1/2 clients joined" in text and "check WORLD_SIZE and MASTER_ADDR:MASTER_PORT" in text
+def test_ranks_that_never_call_init_are_named_in_a_timeout_error_saying_what_to_check():
+    (text, missing, waited), (text1, _, _), _, _ = run_ranks(_late_to_init, 4, {2, 3}, timeout=60)
+    assert "pyddl.init: rank 0 waited 4 s for the other ranks of a 4-rank job" in text
+    assert "rank(s) 2, 3 never did" in text and "check WORLD_SIZE and MASTER_ADDR:MASTER_PORT" in text
+    assert missing == (2, 3) and "rank(s) 2, 3 never did" in text1
+    assert waited < 12
+
+
+def test_a_missing_rank_0_is_named_as_the_rendezvous_it_serves():
+    _, (text, _, waited) = run_ranks(_late_to_init, 2, {0}, timeout=60)
+    assert "pyddl.init: rank 1 could not reach the job's rendezvous at" in text
+    assert "which rank 0 serves" in text and "check MASTER_ADDR:MASTER_PORT" in text
     assert waited < 12
 
 
