@@ -111,3 +111,6 @@ def test_calibrate_write_cluster_then_validate_with_it(tmp_path):
     _bench(tmp_path / "slow.json", slow)
     proc = _run(["--cluster", "mine.toml", "--validate", "slow.json"], tmp_path)
     assert proc.returncode == 1 and "27 of 27 predictions are off by more than 15%" in proc.stderr
+    # Three runs, one of them slow: each row is held against the median of its runs.
+    proc = _run(["--cluster", "mine.toml", "--validate", "bench.json,slow.json,bench.json"], tmp_path)
+    assert proc.returncode == 0 and "allreduce: 27/27 rows within 15%" in proc.stdout, proc.stderr

@@ -15,6 +15,7 @@ from pyddl.sim.calibrate import (
     fitted_cluster,
     load_bench,
     load_measured_steps,
+    median_of_runs,
 )
 from pyddl.sim.cluster import cluster_to_toml, load_cluster
 from pyddl.sim.cost import Fabric, Level, allreduce_s
@@ -116,6 +117,23 @@ def test_compare_rejects_a_different_rank_count(tmp_path):
     run = load_bench(write_bench(tmp_path / "b.json"))
     with pytest.raises(ValueError, match="pass --gpus 4"):
         compare_allreduce(load_cluster("powerai-ddl-2017").fabric(8), run)
+
+
+def test_several_runs_of_one_layout_are_held_as_their_median_per_row(tmp_path):
+    runs = [load_bench(write_bench(tmp_path / f"b{i}.json", noise=0.2, seed=i)) for i in range(3)]
+    merged = median_of_runs(runs)
+    assert merged.dims == (2, 2) and merged.path == ",".join(r.path for r in runs)
+    for i, row in enumerate(merged.rows):
+        times = sorted(r.rows[i]["median_s"] for r in runs)
+        assert row["median_s"] == times[1] and row["min_s"] == times[0]
+        assert (row["algorithm"], row["bytes"]) == (runs[0].rows[i]["algorithm"], runs[0].rows[i]["bytes"])
+    assert median_of_runs(runs[:1]) is runs[0]
+    other = load_bench(write_bench(tmp_path / "1x4.json", fabric=replace(TRUE, dims=(1, 4))))
+    with pytest.raises(ValueError, match="ran different layouts .*2x2 and 1x4"):
+        median_of_runs([runs[0], other])
+    fewer = load_bench(write_bench(tmp_path / "native.json", algorithms=("native",)))
+    with pytest.raises(ValueError, match="hold different rows"):
+        median_of_runs([runs[0], fewer])
 
 
 @pytest.mark.parametrize("content, text", [

@@ -61,7 +61,8 @@ def register(subparsers) -> None:
                      "cost per level to `pyddl bench allreduce --json` output (several files share one fit)")
     cal.add_argument("--write-cluster", metavar="OUT", help="with --calibrate: write the fitted cluster TOML")
     cal.add_argument("--noise", type=float, default=0.02, help="relative spread of bench medians (default 0.02)")
-    cal.add_argument("--validate", metavar="BENCH", help="compare predicted allreduce times with this bench's rows")
+    cal.add_argument("--validate", metavar="BENCH[,BENCH]", help="compare predicted allreduce times with this "
+                     "bench's rows (several runs of one layout: each row's median over them)")
     cal.add_argument("--measured-steps", metavar="PATH", help="compare predicted step times with measured "
                      "ones: JSON rows of gpus, algorithm, step_s")
     parser.set_defaults(func=run)
@@ -228,7 +229,7 @@ def _print_comparison(rows: list[dict], label: str, key: str) -> None:
 
 def _check(args) -> int:
     from pyddl.sim.calibrate import (compare_allreduce, compare_steps, fit_bench, fit_comm_cpu, fitted_cluster,
-                                     load_bench, load_measured_steps)
+                                     load_bench, load_measured_steps, median_of_runs)
     from pyddl.sim.cluster import cluster_to_toml, load_cluster
 
     chunk = _mib(args.chunk_mb, "--chunk-mb")
@@ -266,7 +267,7 @@ def _check(args) -> int:
     else:
         cluster = load_cluster(args.cluster)
     if args.validate:
-        bench = load_bench(args.validate)
+        bench = median_of_runs([load_bench(p) for p in _csv(args.validate, "validate")])
         fabric = cluster.fabric(bench.world_size)
         if [d for d in fabric.dims if d > 1] != [d for d in bench.dims if d > 1]:
             raise ValueError(f"cluster {cluster.name!r} lays {bench.world_size} ranks out as "
@@ -274,7 +275,7 @@ def _check(args) -> int:
                              f"{'x'.join(map(str, bench.dims))}; pass a cluster with "
                              f"{bench.dims[0]} GPUs per server")
         rows = compare_allreduce(fabric, bench, chunk, cluster.multiring_pipeline)
-        fitted = args.calibrate and args.validate in _csv(args.calibrate, "calibrate")
+        fitted = args.calibrate and set(_csv(args.validate, "validate")) & set(_csv(args.calibrate, "calibrate"))
         same = " (in-sample: these rows were fitted)" if fitted else ""
         load = f", host costs x{bench.host_load:g} (more ranks than cores)" if bench.host_load > 1 else ""
         print(f"allreduce on {cluster.name} vs {args.validate}{same}{load}:")

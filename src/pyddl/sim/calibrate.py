@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "FitParam",
     "Fit",
     "load_bench",
+    "median_of_runs",
     "load_measured_steps",
     "fit_bench",
     "fit_comm_cpu",
@@ -85,6 +87,33 @@ def load_bench(path: str) -> BenchRun:
     load = host.get("ranks", 1) / host.get("cpus", 1) if host.get("cpus", 0) > 0 else 1.0
     return BenchRun(path, world, dims, str(meta.get("backend", "gloo")),
                     emulate.get("link_gbps"), tuple(data["rows"]), max(1.0, float(load)))
+
+
+def median_of_runs(runs: list[BenchRun]) -> BenchRun:
+    """Several runs of one bench (same layout, same rows) as one: each row's median time is
+    the median over the runs, its min_s the least. On a shared machine the state moves between
+    runs minutes apart by 10-20% at 1 MiB; one run is one draw of it.
+
+    Raises:
+        ValueError: the runs differ in layout, host load or rows (the first such file named).
+    """
+    first = runs[0]
+    key = [(r["algorithm"], r["bytes"]) for r in first.rows]
+    for run in runs[1:]:
+        if (run.dims, run.backend, run.link_gbps, run.host_load) != (first.dims, first.backend, first.link_gbps,
+                                                                      first.host_load):
+            raise ValueError(f"bench files {first.path!r} and {run.path!r} ran different layouts "
+                             f"({'x'.join(map(str, first.dims))} and {'x'.join(map(str, run.dims))}, or another "
+                             "link, backend or host load): pass runs of one layout")
+        if [(r["algorithm"], r["bytes"]) for r in run.rows] != key:
+            raise ValueError(f"bench files {first.path!r} and {run.path!r} hold different rows (sizes or "
+                             "algorithms): run both with the same --sizes and --algorithms")
+    if len(runs) == 1:
+        return first
+    rows = tuple({**r, "median_s": statistics.median(run.rows[i]["median_s"] for run in runs),
+                  "min_s": min(run.rows[i].get("min_s", run.rows[i]["median_s"]) for run in runs)}
+                 for i, r in enumerate(first.rows))
+    return replace(first, path=",".join(run.path for run in runs), rows=rows)
 
 
 def load_measured_steps(path: str) -> list[dict]:
