@@ -27,6 +27,7 @@ __all__ = [
     "halving_doubling_s",
     "tree_s",
     "allreduce_s",
+    "auto_choice",
     "link_bound_s",
 ]
 
@@ -311,12 +312,17 @@ def allreduce_s(
     if algorithm == "multiring":
         return multiring_s(fabric, nbytes, chunk_bytes, pipeline)
     if algorithm == "auto":
-        return min(native_s(fabric, nbytes), multiring_s(fabric, nbytes, chunk_bytes, pipeline))
+        return allreduce_s(fabric, auto_choice(fabric, nbytes, chunk_bytes, pipeline), nbytes, chunk_bytes, pipeline)
     if algorithm == "hd":
         return halving_doubling_s(fabric, nbytes)
     if algorithm == "tree":
         return tree_s(fabric, nbytes)
     raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
+
+
+def auto_choice(fabric: Fabric, nbytes: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES, pipeline: bool = True) -> str:
+    """The algorithm "auto" is modelled to run for `nbytes`: the faster of native and multiring."""
+    return min(("native", "multiring"), key=lambda a: allreduce_s(fabric, a, nbytes, chunk_bytes, pipeline))
 
 
 def link_bound_s(fabric: Fabric, nbytes: float) -> float:

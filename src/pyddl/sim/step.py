@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 from pyddl.comm.fusion import plan_buckets
 from pyddl.defaults import GRADIENT_BUCKET_BYTES
-from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s
+from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s, auto_choice
 
 __all__ = [
     "Gradient",
@@ -244,11 +244,7 @@ def _comm_cpu(cluster, fabric, algorithm: str, chunk_bytes: int) -> Callable[[in
     """The CPU seconds a bucket's allreduce takes from compute, where the cluster states it."""
     costs = cluster.comm_cpu
     if algorithm == "auto" and "native" in costs and "multiring" in costs:
-        def auto(nbytes: int) -> float:
-            faster = min(("native", "multiring"),
-                         key=lambda a: allreduce_s(fabric, a, nbytes, chunk_bytes, cluster.multiring_pipeline))
-            return costs[faster].seconds(nbytes)
-        return auto
+        return lambda nbytes: costs[auto_choice(fabric, nbytes, chunk_bytes, cluster.multiring_pipeline)].seconds(nbytes)
     return costs[algorithm].seconds if algorithm in costs else None
 
 
