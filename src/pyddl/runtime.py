@@ -165,13 +165,17 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
         return f"pyddl/join/{name}"
 
     ranks = range(job.world_size)
+
+    def absent() -> list[int]:
+        return [r for r in ranks if not store.check([key(r)])]
+
     store.set(key(job.rank), _env.host_identity())
     if job.rank == 0:
         try:
             store.wait([key(r) for r in ranks], timeout)
             missing = []
         except dist.DistStoreError:
-            missing = [r for r in ranks if not store.check([key(r)])]
+            missing = absent()
         store.set(key("missing"), ",".join(map(str, missing)))
         if missing:  # the store may be this process's: serve the verdict before leaving
             try:
@@ -184,7 +188,7 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
             verdict = store.get(key("missing")).decode()
             missing = [int(r) for r in verdict.split(",")] if verdict else []
         except dist.DistStoreError:  # rank 0 gave no verdict: judge from what the store holds
-            missing = [r for r in ranks if not store.check([key(r)])]
+            missing = absent()
         except dist.DistNetworkError as err:
             raise CollectiveTimeoutError(
                 f"pyddl.init: rank {job.rank} lost the job's rendezvous at {where} ({str(err).splitlines()[0]}): "

@@ -267,7 +267,8 @@ def _check(args) -> int:
     else:
         cluster = load_cluster(args.cluster)
     if args.validate:
-        bench = median_of_runs([load_bench(p) for p in _csv(args.validate, "validate")])
+        validate = _csv(args.validate, "validate")
+        bench = median_of_runs([load_bench(p) for p in validate])
         fabric = cluster.fabric(bench.world_size)
         if [d for d in fabric.dims if d > 1] != [d for d in bench.dims if d > 1]:
             raise ValueError(f"cluster {cluster.name!r} lays {bench.world_size} ranks out as "
@@ -275,7 +276,7 @@ def _check(args) -> int:
                              f"{'x'.join(map(str, bench.dims))}; pass a cluster with "
                              f"{bench.dims[0]} GPUs per server")
         rows = compare_allreduce(fabric, bench, chunk, cluster.multiring_pipeline)
-        fitted = args.calibrate and set(_csv(args.validate, "validate")) & set(_csv(args.calibrate, "calibrate"))
+        fitted = args.calibrate and set(validate) & set(_csv(args.calibrate, "calibrate"))
         same = " (in-sample: these rows were fitted)" if fitted else ""
         load = f", host costs x{bench.host_load:g} (more ranks than cores)" if bench.host_load > 1 else ""
         print(f"allreduce on {cluster.name} vs {args.validate}{same}{load}:")
