@@ -163,9 +163,21 @@ def test_bench_allreduce_table_and_json(tmp_path):
         assert r["bound_s"] is None  # one server: no inter-server link to bound by
 
 
+def test_bench_allreduce_of_fp16_moves_half_the_elements_of_a_size(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["bench", "allreduce", "-np", "2", "--sizes", "1M", "--algorithms", "native,multiring",
+                 "--iters", "2", "--dtype", "fp16", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "allreduce of float16 over 2 ranks" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["bytes"]) for r in rows] == [("float16", 2**20)] * 2
+
+
 def test_bench_rejects_bad_sizes(tmp_path):
     proc = _run(["bench", "allreduce", "--sizes", "12Q"], tmp_path)
     assert proc.returncode == 2 and "not a number" in proc.stderr
+    proc = _run(["bench", "allreduce", "--dtype", "int8"], tmp_path)
+    assert proc.returncode == 2 and "dtype 'int8' is not one of float32, float16, bfloat16" in proc.stderr
 
 
 def test_bench_step_compares_systems(tmp_path):
@@ -318,7 +330,7 @@ def test_in_an_allocation_pyddl_bench_launches_its_workers(tmp_path):
     proc = subprocess.run(PYDDL + ["bench", "allreduce", "-np", "2", "--sizes", "4K", "--algorithms", "native"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=100, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "allreduce over 2 ranks" in proc.stdout
+    assert "allreduce of float32 over 2 ranks" in proc.stdout
 
 
 def test_in_an_allocation_pyddl_train_starts_itself_through_srun(tmp_path):

@@ -1,8 +1,9 @@
 """The allreduce bench's arithmetic: sizes, the link bound of DESIGN.md, the printed table."""
 
 import pytest
+import torch
 
-from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_size
+from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_dtype, parse_size
 
 
 def test_sizes_are_binary_units():
@@ -10,6 +11,13 @@ def test_sizes_are_binary_units():
         4096, 64 * 2**20, 2**30, 512, 2 * 2**20, 1536]
     with pytest.raises(ValueError, match="not a number"):
         parse_size("12Q")
+
+
+def test_dtypes_by_name_or_short_name():
+    assert [parse_dtype(s) for s in ("float32", "FP16", "bf16", "float16")] == [
+        torch.float32, torch.float16, torch.bfloat16, torch.float16]
+    with pytest.raises(ValueError, match="'int64' is not one of float32, float16, bfloat16"):
+        parse_dtype("int64")
 
 
 def test_bound_is_2_m_minus_1_over_m_times_bytes_over_link_rate():

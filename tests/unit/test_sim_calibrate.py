@@ -140,6 +140,8 @@ def test_several_runs_of_one_layout_are_held_as_their_median_per_row(tmp_path):
     ("[1, 2]", "needs the keys 'meta'"),
     ('{"meta": {"world_size": 4, "dims": [3, 2]}, "rows": []}', "multiply to it"),
     ('{"meta": {"world_size": 2, "dims": [2]}, "rows": [{"algorithm": "native"}]}', "row 0 lacks bytes"),
+    ('{"meta": {"world_size": 2, "dims": [2]}, "rows": [{"algorithm": "native", "bytes": 4, "median_s": 1, '
+     '"dtype": "float16"}]}', "row 0 moved float16; calibrate on float32 rows"),
     ("not json", "not JSON"),
 ])
 def test_bad_bench_files(tmp_path, content, text):

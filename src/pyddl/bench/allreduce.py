@@ -19,10 +19,14 @@ import torch
 
 import pyddl
 
-__all__ = ["parse_size", "bound_s", "calls_per_sample", "bench_allreduce", "format_table", "LINK_GBPS_ENV"]
+__all__ = ["parse_size", "parse_dtype", "bound_s", "calls_per_sample", "bench_allreduce", "format_table",
+           "DTYPES", "LINK_GBPS_ENV"]
 
 LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' NIC rate, set by the emulated cluster
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+# The element types a row may move: the floating types gradients travel in (fp16 and bf16 are
+# what a compressed wire carries, so their rows show the cost of that traffic alone).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def parse_size(text: str) -> int:
@@ -36,6 +40,14 @@ def parse_size(text: str) -> int:
     if value < 0:
         raise ValueError(f"size {text!r} is negative")
     return int(value * _UNITS[unit])
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """Parse "float32", "float16" or "bfloat16" (also "fp32", "fp16", "bf16")."""
+    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(text.strip().lower(), text.strip().lower())
+    if name not in DTYPES:
+        raise ValueError(f"dtype {text!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:
@@ -59,9 +71,11 @@ def calls_per_sample(call_s: float, sample_s: float = SAMPLE_S, max_calls: int =
     return max(1, min(max_calls, math.ceil(sample_s / call_s)))
 
 
-def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None) -> list[dict]:
+def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
+                    dtype: torch.dtype = torch.float32) -> list[dict]:
     """Time each (size, algorithm) on this job; every rank returns the same rows (rank 0's
     view of the slowest rank's median, since an allreduce ends when its last rank does).
+    A size is in bytes of `dtype` elements.
 
     Each of the `iters` samples starts at a barrier and times k calls back to back, as
     nccl-tests does; k (`calls_per_sample`, the same on every rank) is 1 for calls of 20 ms
@@ -70,7 +84,8 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
     servers = pyddl.cross_size()
     rows = []
     for nbytes in sizes:
-        x = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=pyddl.device())
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        x = torch.ones(max(1, nbytes // itemsize), dtype=dtype, device=pyddl.device())
         for alg in algorithms:
             for _ in range(warmup):
                 pyddl.allreduce_(x, algorithm=alg)
@@ -94,7 +109,7 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
             row = {
                 "algorithm": alg,
                 "bytes": nbytes,
-                "dtype": "float32",
+                "dtype": str(dtype).removeprefix("torch."),
                 "median_s": median_s,
                 "min_s": min_s,
                 "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
@@ -134,19 +149,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None) -> None:
+def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None,
+         dtype: torch.dtype = torch.float32) -> None:
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
     link = link_gbps or (float(os.environ[LINK_GBPS_ENV]) if os.environ.get(LINK_GBPS_ENV) else None)
-    rows = bench_allreduce(sizes, algorithms, iters, warmup, link)
+    rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.
     hosts: list = [None] * pyddl.size()
     torch.distributed.all_gather_object(hosts, socket.gethostname())
     if pyddl.rank() == 0:
         topo = pyddl.topology()
-        print(f"allreduce over {pyddl.size()} ranks, topology {topo.spec} ({pyddl.cross_size()} servers), "
-              f"backend {torch.distributed.get_backend()}"
+        print(f"allreduce of {str(dtype).removeprefix('torch.')} over {pyddl.size()} ranks, topology {topo.spec} "
+              f"({pyddl.cross_size()} servers), backend {torch.distributed.get_backend()}"
               + (f", link {link:g} Gbit/s" if link else ""))
         print(format_table(rows))
         if json_path:

@@ -47,6 +47,7 @@ def _allreduce(args) -> int:
 
     try:
         sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
+        dtype = bench.parse_dtype(args.dtype)
     except ValueError as err:
         print(f"pyddl bench allreduce: {err}", file=sys.stderr)
         return 2
@@ -57,13 +58,13 @@ def _allreduce(args) -> int:
         return 2
     if not _in_job():
         tail = ["allreduce", "--sizes", args.sizes, "--algorithms", args.algorithms,
-                "--iters", str(args.iters), "--warmup", str(args.warmup)]
+                "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype]
         if args.json:
             tail += ["--json", os.path.abspath(args.json)]
         if args.link_gbps:
             tail += ["--link-gbps", str(args.link_gbps)]
         return _relaunch(args, tail)
-    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps)
+    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype)
     return 0
 
 
@@ -231,6 +232,8 @@ def register(subparsers) -> None:
     ar.add_argument("--algorithms", default="native,multiring,auto", help="comma-separated algorithms")
     ar.add_argument("--iters", type=int, default=5, help="timed repetitions per size (median reported)")
     ar.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    ar.add_argument("--dtype", default="float32",
+                    help="element type: float32 (default), float16 or bfloat16 (what an fp16/bf16 wire moves)")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
     ar.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     ar.set_defaults(func=_allreduce)

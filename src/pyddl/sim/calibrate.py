@@ -82,6 +82,11 @@ def load_bench(path: str) -> BenchRun:
         missing = [k for k in ("algorithm", "bytes", "median_s") if k not in row]
         if missing:
             raise ValueError(f"bench file {path!r}: row {i} lacks {', '.join(missing)}")
+        if row.get("dtype", "float32") != "float32":
+            # The reduction's cost per byte depends on the element type (Gloo sums fp16
+            # element by element); the model's is fitted and predicted for float32.
+            raise ValueError(f"bench file {path!r}: row {i} moved {row['dtype']}; calibrate on float32 rows "
+                             "(pyddl bench allreduce without --dtype)")
     emulate = meta.get("emulate") or {}
     host = meta.get("host") or {}
     load = host.get("ranks", 1) / host.get("cpus", 1) if host.get("cpus", 0) > 0 else 1.0
