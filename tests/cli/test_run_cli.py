@@ -185,14 +185,16 @@ def test_bench_step_compares_systems(tmp_path):
     proc = _run(
         ["bench", "step", "-np", "2", "--model", "small_cnn", "--batch", "4", "--image-size", "16",
          "--steps", "2", "--warmup", "1", "--rounds", "2",
-         "--systems", "single,ddp,ddp-noop,pyddl-multiring-fp16,pyddl-auto,pyddl-noop", "--json", str(out)],
+         "--systems", "single,ddp,ddp-bf16,ddp-noop,pyddl-multiring-fp16,pyddl-native-bf16,pyddl-auto,pyddl-noop",
+         "--json", str(out)],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout and "by thread (rank 0" in proc.stdout
     assert "round 2/2  pyddl-auto" in proc.stdout
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"single", "ddp", "ddp-noop", "pyddl-multiring-fp16", "pyddl-auto", "pyddl-noop"}
+    assert set(rows) == {"single", "ddp", "ddp-bf16", "ddp-noop", "pyddl-multiring-fp16", "pyddl-native-bf16",
+                         "pyddl-auto", "pyddl-noop"}
     single = rows["single"]
     assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
     for r in rows.values():  # 2 rounds of 2 timed steps, pooled

@@ -3,7 +3,7 @@
 `pyddl bench step --model resnet18 -np 2` first times the model alone on one worker, then
 starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop hook) and
 pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
-no communication). Same model, seed and synthetic batch everywhere; data loading is left out.
+no communication); the bf16 wire of both (`ddp-bf16`, `pyddl-native-bf16`) when named. Same model, seed and synthetic batch everywhere; data loading is left out.
 
 The systems are interleaved step by step: every system is built once, and each pass of a round
 times one step of each in turn, so a change in the machine's speed during the run (a shared or
@@ -42,9 +42,11 @@ SYSTEMS = {
     "single": "one worker alone, plain optimizer",
     "ddp": "torch DDP, the backend's allreduce",
     "ddp-fp16": "torch DDP with torch's fp16_compress_hook",
+    "ddp-bf16": "torch DDP with torch's bf16_compress_hook",
     "ddp-noop": "torch DDP with a no-op hook (no communication)",
     "pyddl-native": "pyddl DistributedOptimizer, native allreduce",
     "pyddl-native-fp16": "pyddl, native allreduce, fp16 on the wire",
+    "pyddl-native-bf16": "pyddl, native allreduce, bf16 on the wire",
     "pyddl-multiring": "pyddl DistributedOptimizer, multiring allreduce",
     "pyddl-multiring-fp16": "pyddl, multiring allreduce, fp16 on the wire",
     "pyddl-auto": "pyddl DistributedOptimizer, auto (timed at start-up, per message size)",
@@ -54,7 +56,8 @@ SYSTEMS = {
 
 
 def default_systems() -> list[str]:
-    return [s for s in SYSTEMS if s != "single"]
+    """What `pyddl bench step` runs without --systems (the bf16 variants only when named)."""
+    return [s for s in SYSTEMS if s != "single" and not s.endswith("bf16")]
 
 
 def _family(system: str) -> str:
@@ -77,13 +80,15 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
         ddp = nn.parallel.DistributedDataParallel(model, **({"bucket_cap_mb": bucket_mb} if bucket_mb else {}))
         if system == "ddp-fp16":
             ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif system == "ddp-bf16":
+            ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
         elif system == "ddp-noop":
             ddp.register_comm_hook(None, noop_hook)
         return model, ddp, sgd(ddp.parameters())
     from pyddl.torch.optimizer import DistributedOptimizer
 
     parts = system.split("-")
-    codec = type("Codec", (), {"codec": "fp16" if parts[-1] == "fp16" else "none"})()
+    codec = type("Codec", (), {"codec": parts[-1] if parts[-1] in ("fp16", "bf16") else "none"})()
     sizing = {"bucket_bytes": int(bucket_mb * 1024 * 1024)} if bucket_mb else {}
     opt = DistributedOptimizer(
         sgd(model.parameters()), named_parameters=model.named_parameters(), compression=codec,
