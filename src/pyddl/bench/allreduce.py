@@ -82,10 +82,10 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
     and more. A row's times and CPU are per call."""
     n = pyddl.size()
     servers = pyddl.cross_size()
+    name = str(dtype).removeprefix("torch.")
     rows = []
     for nbytes in sizes:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        x = torch.ones(max(1, nbytes // itemsize), dtype=dtype, device=pyddl.device())
+        x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=pyddl.device())
         for alg in algorithms:
             for _ in range(warmup):
                 pyddl.allreduce_(x, algorithm=alg)
@@ -109,7 +109,7 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
             row = {
                 "algorithm": alg,
                 "bytes": nbytes,
-                "dtype": str(dtype).removeprefix("torch."),
+                "dtype": name,
                 "median_s": median_s,
                 "min_s": min_s,
                 "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank

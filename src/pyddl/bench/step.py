@@ -3,7 +3,8 @@
 `pyddl bench step --model resnet18 -np 2` first times the model alone on one worker, then
 starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop hook) and
 pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
-no communication); the bf16 wire of both (`ddp-bf16`, `pyddl-native-bf16`) when named. Same model, seed and synthetic batch everywhere; data loading is left out.
+no communication); the bf16 wire of both (`ddp-bf16`, `pyddl-native-bf16`) when named. Same
+model, seed and synthetic batch everywhere; data loading is left out.
 
 The systems are interleaved step by step: every system is built once, and each pass of a round
 times one step of each in turn, so a change in the machine's speed during the run (a shared or
