@@ -199,6 +199,10 @@ def test_bench_step_compares_systems(tmp_path):
     assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
     for r in rows.values():  # 2 rounds of 2 timed steps, pooled
         assert len(r["step_times_s"]) == 4 and len(r["round_medians_s"]) == 2
+        # each step's time is its slowest rank's, so never below rank 0's own
+        assert r["median_step_s"] == pytest.approx(statistics.median(r["step_times_s"]))
+        assert r["round_medians_s"][1] == pytest.approx(statistics.median(r["step_times_s"][2:]))
+        assert statistics.fmean(r["step_times_s"]) >= r["rank0_mean_step_s"] - 1e-9
         assert r["rank0_thread_cpu_s_per_step"]["MainThread"] >= 0  # in clock ticks: 0 for a toy model
     assert "pyddl-engine" in rows["pyddl-multiring-fp16"]["rank0_thread_cpu_s_per_step"]
     for name in ("ddp", "pyddl-multiring-fp16"):

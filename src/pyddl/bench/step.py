@@ -11,7 +11,8 @@ times one step of each in turn, so a change in the machine's speed during the ru
 virtual machine drifts by 5-10% within a minute) falls on every system alike instead of on
 whichever ran last.
 
-Figures per system: the median step time (the slowest rank's), images/s, the communication
+Figures per system: the median step time (each step timed from a barrier to the slowest
+rank's end, as a synchronous job runs), images/s, the communication
 efficiency = (its own family's no-communication step time) / (its step time), whose
 complement is the exposed-communication fraction (with several rounds: the median over rounds
 of that ratio within each round); "vs plain", the same ratio against one baseline for every
@@ -146,12 +147,20 @@ class _Runner:
 def run_systems(systems: list[str], model_name: str, batch: int, image_size: int, steps: int, warmup: int,
                 bucket_mb: float, rounds: int = 1) -> tuple[int, list[dict]]:
     """Inside a job: time each system on every rank; return (rank, rows), each row holding the
-    slowest rank's median over all its timed steps and the median of each round.
+    median over all its timed steps of the slowest rank's time in that step, and the median of
+    each round.
 
     Every system is built once and warmed up; then each round makes `steps` passes, and each
     pass times one step of every system, starting one system further each pass. A system's
     steps are thus spread over the round like everyone else's, so the machine's drift (seconds
     to minutes) falls on all systems alike and cancels in the per-round ratios.
+
+    Every timed step starts at a barrier, and a step's time is its slowest rank's: what a
+    synchronous job would take. Without communication the ranks never wait for each other, and
+    on a shared machine their step times scatter independently (by 100-300 ms per ResNet-18
+    step on the emulated bed): a system that synchronizes pays the slower rank every step, a
+    free network included. Timing each rank's own median instead would charge that to the
+    network, and a step that follows a no-communication one would inherit the ranks' drift.
     """
     import pyddl
 
@@ -161,40 +170,44 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
     for runner in runners.values():
         for _ in range(warmup):
             runner.step()
-    times: dict[str, list[float]] = {s: [] for s in systems}
+    times: dict[str, list[float]] = {s: [] for s in systems}  # the slowest rank's, per step
+    mine: dict[str, list[float]] = {s: [] for s in systems}  # this rank's
     cpu: dict[str, list[float]] = {s: [] for s in systems}
     by_thread: dict[str, dict[str, float]] = {s: {} for s in systems}  # this rank's, summed
     per_round: dict[str, list[float]] = {s: [] for s in systems}
     passes = 0
     for r in range(rounds):
-        this_round: dict[str, list[float]] = {s: [] for s in systems}
-        for _ in range(steps):
-            pyddl.barrier()
+        this_round = torch.zeros(len(systems), steps, dtype=torch.float64)
+        for step in range(steps):
             first = passes % len(systems)
-            for system in systems[first:] + systems[:first]:
+            for i in list(range(first, len(systems))) + list(range(first)):
+                system = systems[i]
+                pyddl.barrier()
                 before = thread_cpu_s()
                 wall, used = runners[system].step()
                 for name, spent in thread_cpu_s().items():
                     by_thread[system][name] = by_thread[system].get(name, 0.0) + spent - before.get(name, 0.0)
-                this_round[system].append(wall)
+                this_round[i, step] = wall
+                mine[system].append(wall)
                 cpu[system].append(used)
             passes += 1
-        meds = torch.tensor([statistics.median(this_round[s]) for s in systems], dtype=torch.float64)
-        worst = pyddl.allreduce(meds, op="max").tolist()  # the slowest rank sets the pace
-        for system, med in zip(systems, worst):
-            times[system].extend(this_round[system])
+        worst = pyddl.allreduce(this_round, op="max")  # the slowest rank sets each step's pace
+        for system, walls in zip(systems, worst.tolist()):
+            med = statistics.median(walls)
+            times[system].extend(walls)
             per_round[system].append(med)
             if rank == 0:
                 print(f"  round {r + 1}/{rounds}  {system:<22} {med * 1e3:8.1f} ms/step", flush=True)
+    worst_cpu = pyddl.allreduce(torch.tensor([statistics.median(cpu[s]) for s in systems], dtype=torch.float64),
+                                op="max").tolist()
     rows = []
-    for system in systems:
-        med = torch.tensor([statistics.median(times[system]), statistics.median(cpu[system])], dtype=torch.float64)
-        worst, worst_cpu = pyddl.allreduce(med, op="max").tolist()
+    for system, cpu_s in zip(systems, worst_cpu):
+        step_s = statistics.median(times[system])
         rows.append({"system": system, "workers": pyddl.size(), "batch_per_worker": batch,
-                     "median_step_s": worst, "images_per_s": pyddl.size() * batch / worst,
-                     "cpu_s_per_step": worst_cpu, "round_medians_s": per_round[system],
-                     "rank0_thread_cpu_s_per_step": {k: v / len(times[system]) for k, v in by_thread[system].items()},
-                     "rank0_mean_step_s": statistics.fmean(times[system]),
+                     "median_step_s": step_s, "images_per_s": pyddl.size() * batch / step_s,
+                     "cpu_s_per_step": cpu_s, "round_medians_s": per_round[system],
+                     "rank0_thread_cpu_s_per_step": {k: v / len(mine[system]) for k, v in by_thread[system].items()},
+                     "rank0_mean_step_s": statistics.fmean(mine[system]),
                      "step_times_s": times[system]})
     # DDP's reducers must go while their process group is alive: destroyed after it, at
     # interpreter exit, they abort the process.
