@@ -22,6 +22,7 @@ from pyddl.comm.ops import (
     join,
     reduce_scatter,
     reduce_scatter_async,
+    set_check,
 )
 from pyddl.errors import (
     CollectiveError,
@@ -75,6 +76,7 @@ __all__ = [
     "reduce_scatter_async",
     "barrier",
     "join",
+    "set_check",
     "get_codec",
     "Handle",
     "PyddlError",

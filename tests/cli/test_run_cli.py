@@ -185,7 +185,8 @@ def test_bench_step_compares_systems(tmp_path):
     proc = _run(
         ["bench", "step", "-np", "2", "--model", "small_cnn", "--batch", "4", "--image-size", "16",
          "--steps", "2", "--warmup", "1", "--rounds", "2",
-         "--systems", "single,ddp,ddp-bf16,ddp-noop,pyddl-multiring-fp16,pyddl-native-bf16,pyddl-auto,pyddl-noop",
+         "--systems", "single,ddp,ddp-bf16,ddp-noop,pyddl-multiring-fp16,pyddl-native-bf16,pyddl-native-bf16-nocheck,pyddl-auto,"
+         "pyddl-noop",
          "--json", str(out)],
         tmp_path,
     )
@@ -194,7 +195,7 @@ def test_bench_step_compares_systems(tmp_path):
     assert "round 2/2  pyddl-auto" in proc.stdout
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"single", "ddp", "ddp-bf16", "ddp-noop", "pyddl-multiring-fp16", "pyddl-native-bf16",
-                         "pyddl-auto", "pyddl-noop"}
+                         "pyddl-native-bf16-nocheck", "pyddl-auto", "pyddl-noop"}
     single = rows["single"]
     assert single["workers"] == 1 and rows["ddp"]["workers"] == 2
     for r in rows.values():  # 2 rounds of 2 timed steps, pooled

@@ -237,3 +237,49 @@ def test_a_straggler_is_a_warning_naming_it_not_an_error():
     assert "pyddl: warning: rank 0 has waited" in err0
     assert "in collective #2 (allreduce) for slower ranks: rank 1 is 1 collective(s) behind, at #1 (allreduce)" in err0
     assert "warning" not in err1
+
+
+def _check_switched(rank, world):
+    import pyddl
+
+    pyddl.init(timeout_s=20)
+    pyddl.set_check(False)
+    off = pyddl.settings().check
+    total = pyddl.allreduce(torch.tensor([float(rank + 1)])).item()  # runs unchecked
+    try:
+        pyddl.join()
+        join_off = "no error"
+    except pyddl.PyddlError as err:
+        join_off = str(err)
+    pyddl.set_check(True)
+    try:
+        pyddl.allreduce(torch.ones(2 if rank == 0 else 3))
+        mismatch = "no error"
+    except pyddl.CollectiveMismatchError as err:
+        mismatch = str(err)
+    return off, total, join_off, pyddl.settings().check, mismatch
+
+
+def test_set_check_turns_the_check_off_and_on_on_every_rank():
+    for off, total, join_off, on, mismatch in run_ranks(_check_switched, 3):
+        assert off is False and on is True
+        assert total == 6.0
+        assert "join() needs the per-collective exchange" in join_off
+        assert "ranks 0: allreduce(float32[2]" in mismatch and "ranks 1,2: allreduce(float32[3]" in mismatch
+
+
+def _check_switched_apart(rank, world):
+    import pyddl
+
+    pyddl.init(timeout_s=20)
+    try:
+        pyddl.set_check(rank != 0)
+    except pyddl.CollectiveMismatchError as err:
+        return str(err), pyddl.settings().check
+    return "no error", pyddl.settings().check
+
+
+def test_set_check_asked_differently_across_ranks_is_an_error_everywhere():
+    for text, check in run_ranks(_check_switched_apart, 2):
+        assert "ranks 0: set_check(enabled=False); ranks 1: set_check(enabled=True)" in text
+        assert check is True  # nobody switched

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pyddl.bench.step import format_threads, summarize, thread_cpu_s
+from pyddl.bench.step import SYSTEMS, default_systems, format_threads, summarize, thread_cpu_s
 
 
 def _row(system, rounds):
@@ -42,3 +42,11 @@ def test_thread_cpu_names_python_threads():
         done.set()
         worker.join()
     assert "MainThread" in cpu and "pyddl-stage" in cpu and all(v >= 0 for v in cpu.values())
+
+
+def test_default_systems_leave_the_named_only_variants_out():
+    chosen = default_systems()
+    assert "ddp-fp16" in chosen and "pyddl-native-fp16" in chosen and "pyddl-noop" in chosen
+    assert "single" not in chosen  # its own job, run when named
+    assert set(SYSTEMS) - set(chosen) == {"single", "ddp-bf16", "pyddl-native-bf16", "pyddl-native-fp16-nocheck",
+                                          "pyddl-native-bf16-nocheck"}

@@ -3,7 +3,8 @@
 `pyddl bench step --model resnet18 -np 2` first times the model alone on one worker, then
 starts N workers that time, in turn, DDP (Gloo/NCCL allreduce, fp16 hook, noop hook) and
 pyddl's DistributedOptimizer (each algorithm, with and without fp16 on the wire, and with
-no communication); the bf16 wire of both (`ddp-bf16`, `pyddl-native-bf16`) when named. Same
+no communication); the bf16 wire of both (`ddp-bf16`, `pyddl-native-bf16`) and pyddl's
+compressed wires with its cross-rank check off (`-nocheck`) when named. Same
 model, seed and synthetic batch everywhere; data loading is left out.
 
 The systems are interleaved step by step: every system is built once, and each pass of a round
@@ -54,12 +55,16 @@ SYSTEMS = {
     "pyddl-auto": "pyddl DistributedOptimizer, auto (timed at start-up, per message size)",
     "pyddl-auto-fp16": "pyddl, auto allreduce, fp16 on the wire",
     "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
+    "pyddl-native-fp16-nocheck": "pyddl native fp16 with the cross-rank check off (pyddl.set_check(False))",
+    "pyddl-native-bf16-nocheck": "pyddl native bf16 with the cross-rank check off",
 }
+_NOCHECK = "-nocheck"
 
 
 def default_systems() -> list[str]:
-    """What `pyddl bench step` runs without --systems (the bf16 variants only when named)."""
-    return [s for s in SYSTEMS if s != "single" and not s.endswith("bf16")]
+    """What `pyddl bench step` runs without --systems (the bf16 and unchecked variants only
+    when named)."""
+    return [s for s in SYSTEMS if s != "single" and not s.endswith(("bf16", _NOCHECK))]
 
 
 def _family(system: str) -> str:
@@ -89,7 +94,7 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
         return model, ddp, sgd(ddp.parameters())
     from pyddl.torch.optimizer import DistributedOptimizer
 
-    parts = system.split("-")
+    parts = system.removesuffix(_NOCHECK).split("-")
     codec = type("Codec", (), {"codec": parts[-1] if parts[-1] in ("fp16", "bf16") else "none"})()
     sizing = {"bucket_bytes": int(bucket_mb * 1024 * 1024)} if bucket_mb else {}
     opt = DistributedOptimizer(
@@ -128,6 +133,7 @@ class _Runner:
 
     def __init__(self, system: str, model_name: str, batch: int, image_size: int, bucket_mb: float):
         num_classes = 1000
+        self.check = not system.endswith(_NOCHECK)  # pyddl's cross-rank check during its steps
         self.model, self.forward, self.opt = _build(system, model_name, num_classes, image_size, bucket_mb)
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(batch, 3, image_size, image_size, generator=g)
@@ -166,6 +172,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
 
     pyddl.init()
     rank = pyddl.rank()
+    job_check = pyddl.settings().check  # PYDDL_CHECK; the -nocheck systems turn it off for their steps
     runners = {s: _Runner(s, model_name, batch, image_size, bucket_mb) for s in systems}
     for runner in runners.values():
         for _ in range(warmup):
@@ -182,6 +189,9 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
             first = passes % len(systems)
             for i in list(range(first, len(systems))) + list(range(first)):
                 system = systems[i]
+                check = job_check and runners[system].check
+                if pyddl.settings().check != check:
+                    pyddl.set_check(check)
                 pyddl.barrier()
                 before = thread_cpu_s()
                 wall, used = runners[system].step()
@@ -197,7 +207,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
             times[system].extend(walls)
             per_round[system].append(med)
             if rank == 0:
-                print(f"  round {r + 1}/{rounds}  {system:<22} {med * 1e3:8.1f} ms/step", flush=True)
+                print(f"  round {r + 1}/{rounds}  {system:<26} {med * 1e3:8.1f} ms/step", flush=True)
     worst_cpu = pyddl.allreduce(torch.tensor([statistics.median(cpu[s]) for s in systems], dtype=torch.float64),
                                 op="max").tolist()
     rows = []
@@ -260,7 +270,7 @@ def _ratio(base: dict, row: dict) -> tuple[float, list[float]]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'system':<22} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'vs plain':>8} {'exposed':>8} "
+    head = (f"{'system':<26} {'workers':>7} {'step ms':>8} {'images/s':>9} {'comm eff':>9} {'vs plain':>8} {'exposed':>8} "
             f"{'scaling eff':>11} {'comm cpu ms':>11} {'cpu ceiling':>11}  {'round medians ms':<16}")
     lines = [head, "-" * len(head)]
 
@@ -270,7 +280,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         comm_cpu = {"comm_cpu_ms": r["comm_cpu_s"] * 1e3} if "comm_cpu_s" in r else {}
         spread = "/".join(f"{m * 1e3:.0f}" for m in r.get("round_medians_s", []))
-        lines.append(f"{r['system']:<22} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} "
+        lines.append(f"{r['system']:<26} {r['workers']:>7} {r['median_step_s'] * 1e3:8.1f} {r['images_per_s']:9.1f} "
                      f"{cell(r, 'comm_efficiency', 9, '.3f')} {cell(r, 'plain_efficiency', 8, '.3f')} "
                      f"{cell(r, 'exposed_comm_fraction', 8, '.3f')} "
                      f"{cell(r, 'scaling_efficiency', 11, '.3f')} {cell(comm_cpu, 'comm_cpu_ms', 11, '.1f')} "
@@ -290,7 +300,7 @@ def format_threads(rows: list[dict]) -> str:
         busy = sorted(((v, k) for k, v in threads.items() if v >= 0.0005), reverse=True)
         idle = r.get("rank0_mean_step_s", r["median_step_s"]) - sum(threads.values())
         cells = "  ".join(f"{name} {v * 1e3:.0f}" for v, name in busy)
-        lines.append(f"{r['system']:<22} {cells}  | idle {idle * 1e3:.0f}")
+        lines.append(f"{r['system']:<26} {cells}  | idle {idle * 1e3:.0f}")
     if not lines:
         return ""
     return "CPU ms per step by thread (rank 0, means), and the rest of its step spent waiting:\n" + "\n".join(lines)

@@ -7,6 +7,7 @@ reused at once; in-place calls (trailing underscore) write into the tensor given
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "reduce_scatter_async",
     "barrier",
     "join",
+    "set_check",
     "reduce_buffer_",
     "check_op",
     "check_algorithm",
@@ -387,6 +389,32 @@ def barrier() -> None:
     runtime._get()
     info = OpInfo("barrier", "")
     runtime.run_collective(info, lambda seq: dist.barrier(group=runtime._get().world))
+
+
+def set_check(enabled: bool) -> None:
+    """Turn the cross-rank check before every collective on or off, on every rank at once.
+
+    The check costs a small allgather per collective (on the emulated 1 Gbit/s bed, 15-18 ms
+    of a 1.3 s ResNet-18 step with 17 gradient buckets: docs/emulation.md). A script whose
+    collectives have proven to match (say, after its first steps) can turn it off; without
+    it, mismatched calls across ranks fail in the backend or at the timeout instead of with a
+    CollectiveMismatchError, and join() is not available. Every rank must call it at the same
+    point: it is itself a collective, always checked, so a rank that asks for the other
+    setting gets a CollectiveMismatchError on every rank. It takes effect from the next
+    collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
+    """
+    st = runtime._get()
+    enabled = bool(enabled)
+    info = OpInfo("set_check", f"enabled={enabled}")
+    ranks = list(range(dist.get_world_size()))
+
+    def fn(seq: int) -> None:
+        # On the engine thread, between two collectives: every rank switches at the same one.
+        if len(ranks) > 1:
+            exchange(info, seq, st.world, ranks, st.device, dist.get_rank())
+        st.settings = dataclasses.replace(st.settings, check=enabled)
+
+    runtime.run_collective(info, fn, checked=False)
 
 
 def _identity(op: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
