@@ -396,9 +396,10 @@ def set_check(enabled: bool) -> None:
 
     The check costs a small allgather per collective (on the emulated 1 Gbit/s bed, 15-18 ms
     of a 1.3 s ResNet-18 step with 17 gradient buckets: docs/emulation.md). A script whose
-    collectives have proven to match (say, after its first steps) can turn it off; without
-    it, mismatched calls across ranks fail in the backend or at the timeout instead of with a
-    CollectiveMismatchError, and join() is not available. Every rank must call it at the same
+    collectives have proven to match (say, after its first steps) can turn it off. Without
+    it, mismatched calls across ranks are no longer a CollectiveMismatchError: they may fail
+    in the backend, time out or, with equal sizes, return a wrong result; and join() is not
+    available. Every rank must call it at the same
     point: it is itself a collective, always checked, so a rank that asks for the other
     setting gets a CollectiveMismatchError on every rank. It takes effect from the next
     collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
