@@ -187,7 +187,8 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
         this_round = torch.zeros(len(systems), steps, dtype=torch.float64)
         for step in range(steps):
             first = passes % len(systems)
-            for i in list(range(first, len(systems))) + list(range(first)):
+            for k in range(len(systems)):
+                i = (first + k) % len(systems)
                 system = systems[i]
                 check = job_check and runners[system].check
                 if pyddl.settings().check != check:

@@ -399,10 +399,10 @@ def set_check(enabled: bool) -> None:
     collectives have proven to match (say, after its first steps) can turn it off. Without
     it, mismatched calls across ranks are no longer a CollectiveMismatchError: they may fail
     in the backend, time out or, with equal sizes, return a wrong result; and join() is not
-    available. Every rank must call it at the same
-    point: it is itself a collective, always checked, so a rank that asks for the other
-    setting gets a CollectiveMismatchError on every rank. It takes effect from the next
-    collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
+    available. Every rank must call it at the same point: it is itself a collective, always
+    checked, so a rank that asks for the other setting gets a CollectiveMismatchError on every
+    rank. It takes effect from the next collective on every rank alike. `PYDDL_CHECK=0` sets
+    the job's start value.
     """
     st = runtime._get()
     enabled = bool(enabled)
