@@ -1,5 +1,5 @@
 """`pyddl train` as a user types it: the default run end to end (shortened to 2 epochs) and
-every bad-input error, each caught before any worker starts (in-job failures: tests/dist)."""
+every bad-input error, each caught before any worker starts (in-job failures: tests/multiproc)."""
 
 import json
 import os
