@@ -1,87 +1,49 @@
-"""pyddl: fully synchronous distributed training for PyTorch.
+"""pyddl: fully synchronous distributed training, with a topology-aware multiring allreduce.
 
-The framework-neutral core: join the job with `init()`, then call collectives on tensors.
-Framework adapters (pyddl.torch) and the `pyddl` command build on these.
+The framework-neutral core: join the job with `init()`, then call collectives on tensors, on
+the world communicator (`pyddl.allreduce(t)`) or on one over a subset of ranks
+(`pyddl.new_communicator(ranks).allreduce(t)`). Framework adapters (pyddl.torch) and the `pyddl`
+command build on these. Names load on first use: `import pyddl` alone does not import torch.
 """
 
-from pyddl.comm.codecs import get_codec
-from pyddl.comm.engine import Handle
-from pyddl.comm.ops import (
-    allgather,
-    allgather_async,
-    allreduce,
-    allreduce_,
-    allreduce_async,
-    allreduce_async_,
-    barrier,
-    broadcast,
-    broadcast_,
-    broadcast_async_,
-    grouped_allreduce_,
-    grouped_allreduce_async_,
-    join,
-    reduce_scatter,
-    reduce_scatter_async,
-    set_check,
-)
+from pyddl._lazy import lazy_exports
 from pyddl.errors import (
     CollectiveError,
     CollectiveMismatchError,
     CollectiveTimeoutError,
     NotInitializedError,
+    NotMemberError,
     PyddlError,
-)
-from pyddl.runtime import (
-    cross_rank,
-    cross_size,
-    device,
-    init,
-    is_initialized,
-    local_rank,
-    local_size,
-    rank,
-    settings,
-    shutdown,
-    size,
-    topology,
 )
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "init",
-    "shutdown",
-    "is_initialized",
-    "rank",
-    "size",
-    "local_rank",
-    "local_size",
-    "cross_rank",
-    "cross_size",
-    "topology",
-    "settings",
+_API = (
+    "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size", "topology", "settings",
     "device",
-    "allreduce",
-    "allreduce_",
-    "allreduce_async",
-    "allreduce_async_",
-    "grouped_allreduce_",
-    "grouped_allreduce_async_",
-    "broadcast",
-    "broadcast_",
-    "broadcast_async_",
-    "allgather",
-    "allgather_async",
-    "reduce_scatter",
-    "reduce_scatter_async",
-    "barrier",
-    "join",
-    "set_check",
-    "get_codec",
-    "Handle",
+    "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async_",
+    "broadcast", "broadcast_", "broadcast_async_", "allgather", "allgather_async",
+    "reduce_scatter", "reduce_scatter_async", "alltoall", "alltoall_async",
+    "barrier", "join", "set_check", "new_communicator",
+)
+_EXPORTS = {
+    **{name: "pyddl.api" for name in _API},
+    **{name: "pyddl.runtime" for name in ("init", "shutdown", "is_initialized", "world")},
+    "Communicator": "pyddl.comm.communicator",
+    "Handle": "pyddl.comm.engine",
+    "get_codec": "pyddl.comm.codecs",
+    "Settings": "pyddl.config",
+}
+
+__all__ = [
+    *_EXPORTS,
     "PyddlError",
     "NotInitializedError",
+    "NotMemberError",
     "CollectiveError",
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

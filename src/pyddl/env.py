@@ -1,7 +1,7 @@
 """The launcher -> worker contract: every environment variable pyddl reads, in one place.
 
 `pyddl run` sets torchrun's variables (it launches through torchrun's elastic agent) plus
-pyddl's own `PYDDL_*` settings. `read_job_env()` also understands SLURM and Open MPI, so a
+pyddl's own `PYDDL_*` settings (declared in pyddl.config). `read_job_env()` also understands SLURM and Open MPI, so a
 job started by `srun` or `mpirun` needs no flags. Pure: no process group is touched here.
 """
 
@@ -14,30 +14,15 @@ import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
+from pyddl.config import PYDDL_RESTART_COUNT
+
 __all__ = [
     "JobEnv",
     "read_job_env",
     "expand_slurm_nodelist",
     "DEFAULT_MASTER_PORT",
-    "PYDDL_TOPOLOGY",
-    "PYDDL_ALLREDUCE",
-    "PYDDL_TIMEOUT",
-    "PYDDL_CHUNK_BYTES",
-    "PYDDL_CHECK",
-    "PYDDL_STALL_WARN",
-    "PYDDL_RESTART_COUNT",
+    "host_identity",
 ]
-
-# pyddl's own settings (each also a keyword of pyddl.init and a flag of `pyddl run`).
-PYDDL_TOPOLOGY = "PYDDL_TOPOLOGY"  # dims innermost first, e.g. "4x2"
-PYDDL_ALLREDUCE = "PYDDL_ALLREDUCE"  # native | multiring | auto
-PYDDL_TIMEOUT = "PYDDL_TIMEOUT"  # seconds any collective may wait
-PYDDL_CHUNK_BYTES = "PYDDL_CHUNK_BYTES"  # pipelining chunk of the multiring allreduce
-PYDDL_CHECK = "PYDDL_CHECK"  # "1" (default): cross-rank fingerprint check of every collective
-PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective warns about slow ranks
-# How many times the job was restarted: set by `pyddl run -H` (which restarts every server),
-# added to torchrun's TORCHELASTIC_RESTART_COUNT (restarts by one agent) in JobEnv.restart_count.
-PYDDL_RESTART_COUNT = "PYDDL_RESTART_COUNT"
 
 DEFAULT_MASTER_PORT = 29500  # torchrun's
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "PyddlError",
     "NotInitializedError",
+    "NotMemberError",
     "CollectiveError",
     "CollectiveTimeoutError",
     "CollectiveMismatchError",
@@ -21,6 +22,10 @@ class PyddlError(RuntimeError):
 
 class NotInitializedError(PyddlError):
     """A collective or a rank query was called before `pyddl.init()`."""
+
+
+class NotMemberError(PyddlError, ValueError):
+    """A rank called a collective of a communicator it is not a member of."""
 
 
 class CollectiveError(PyddlError):

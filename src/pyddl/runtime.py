@@ -1,111 +1,45 @@
-"""Joining the job: `init()` / `shutdown()`, rank queries, and the per-process state.
+"""Joining the job: `init()` / `shutdown()`, and the job's default (world) communicator.
 
-`init()` reads the launcher's environment (see pyddl.env), creates the world process group
-(NCCL when CUDA is present, else Gloo) unless the user already did, derives the topology and
-creates one process group per slice of each dim, once. Every collective then runs through
-`run_collective`, which numbers it, checks it matches on all ranks and names missing ranks if
-it fails.
+`init()` reads the launcher's environment (see pyddl.env) and the settings (pyddl.config),
+creates the world process group (NCCL when CUDA is present, else Gloo) unless the user already
+did, derives the topology, and makes the world's `Communicator`, which owns one process group
+per slice of each dim. This module holds the one piece of process-wide state, the default
+communicator that pyddl's module-level functions (pyddl.api) use; nothing below it reads it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pyddl import defaults
 from pyddl import env as _env
-from pyddl.comm.engine import Engine
-from pyddl.comm.guard import Monitor, OpInfo, exchange
-from pyddl.comm.multiring import Level
-from pyddl.errors import CollectiveTimeoutError, NotInitializedError, PyddlError
-from pyddl.timeline import TIMELINE_ENV, Timeline
+from pyddl.comm.communicator import Communicator, world_communicator
+from pyddl.errors import CollectiveTimeoutError, NotInitializedError
+from pyddl.config import PYDDL_TIMELINE, Settings
+from pyddl.timeline import Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
 
-__all__ = [
-    "init",
-    "shutdown",
-    "is_initialized",
-    "rank",
-    "size",
-    "local_rank",
-    "local_size",
-    "cross_rank",
-    "cross_size",
-    "topology",
-    "settings",
-    "device",
-    "run_collective",
-    "world_group",
-    "resync_seq",
-    "timeline",
-    "Settings",
-    "ALGORITHMS",
-]
-
-ALGORITHMS = ("native", "multiring", "auto")
-_DEFAULT_TIMEOUT_S = 300.0
-_tune_lock = threading.Lock()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """How collectives run in this job (each field also an env var and a `pyddl run` flag)."""
-
-    allreduce: str = "native"
-    timeout_s: float = _DEFAULT_TIMEOUT_S
-    chunk_bytes: int = defaults.CHUNK_BYTES
-    check: bool = True
-    stall_warn_s: float | None = None  # default: min(60 s, timeout / 2)
+__all__ = ["init", "shutdown", "is_initialized", "world", "job"]
 
 
 @dataclass
 class _State:
     job: _env.JobEnv
-    backend: str
-    device: torch.device
-    topology: Topology
-    settings: Settings
-    levels: list[Level]
-    world: Any
-    engine: Engine
-    monitor: Monitor
+    world: Communicator
     owns_world: bool
-    timeline: Timeline
-    seq: int = 0
-    tuned: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 _state: _State | None = None
 _init_lock = threading.Lock()
 
 
-def _resolve_settings(allreduce, timeout_s, chunk_bytes) -> Settings:
-    alg = (allreduce or os.environ.get(_env.PYDDL_ALLREDUCE) or "native").lower()
-    if alg not in ALGORITHMS:
-        raise ValueError(
-            f"unknown allreduce algorithm {alg!r}; choose one of {', '.join(ALGORITHMS)} "
-            f"(pyddl.init(allreduce=...), {_env.PYDDL_ALLREDUCE} or pyddl run --allreduce)"
-        )
-    timeout = float(timeout_s if timeout_s is not None else os.environ.get(_env.PYDDL_TIMEOUT, _DEFAULT_TIMEOUT_S))
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive seconds, got {timeout}")
-    chunk = int(chunk_bytes if chunk_bytes is not None else os.environ.get(_env.PYDDL_CHUNK_BYTES, defaults.CHUNK_BYTES))
-    if chunk <= 0:
-        raise ValueError(f"chunk_bytes must be positive, got {chunk}")
-    check = os.environ.get(_env.PYDDL_CHECK, "1") not in ("0", "false", "off")
-    stall = os.environ.get(_env.PYDDL_STALL_WARN)
-    return Settings(alg, timeout, chunk, check, float(stall) if stall else None)
-
-
 def _detect_topology(job: _env.JobEnv, spec: str | None, world) -> Topology:
-    spec = spec or os.environ.get(_env.PYDDL_TOPOLOGY)
     if spec:
         return parse_topology(spec, job.world_size)
     if job.world_size == 1:
@@ -117,22 +51,6 @@ def _detect_topology(job: _env.JobEnv, spec: str | None, world) -> Topology:
     keys: list = [None] * job.world_size
     dist.all_gather_object(keys, key, group=world)
     return servers_from_keys(keys)
-
-
-def _make_levels(topo: Topology, my_rank: int, timeout: timedelta) -> list[Level]:
-    levels = []
-    for dim, d in enumerate(topo.dims):
-        if d == 1:
-            continue
-        mine = None
-        # new_group is collective over the world: every rank creates every slice, in order.
-        for ranks in topo.slices(dim):
-            group = dist.new_group(list(ranks), timeout=timeout)
-            reverse = dist.new_group(list(ranks), timeout=timeout) if d == 2 else None
-            if my_rank in ranks:
-                mine = Level(d, ranks, ranks.index(my_rank), group, reverse)
-        levels.append(mine)
-    return levels
 
 
 _JOIN_GRACE_S = 10.0  # how much later than rank 0 another rank may start waiting
@@ -219,8 +137,12 @@ def init(
     timeout_s: float | None = None,
     chunk_bytes: int | None = None,
     backend: str | None = None,
+    compression: str | None = None,
 ) -> None:
     """Join the job described by the environment; calling it again does nothing.
+
+    Settings not given here come from the environment (`pyddl run` flags, PYDDL_* variables),
+    else from their defaults (pyddl.config.Settings).
 
     Args:
         topology: dims innermost first, e.g. "4x2"; default: ranks grouped by server.
@@ -228,6 +150,7 @@ def init(
         timeout_s: how long any collective may wait before failing (default 300 s).
         chunk_bytes: pipelining chunk of the multiring allreduce (default 2 MiB).
         backend: "gloo" or "nccl" (default: NCCL when CUDA is available, else Gloo).
+        compression: the wire codec of calls that name none: "none", "fp16" or "bf16".
 
     Raises:
         ValueError: a bad setting, or a topology that does not fit the world size.
@@ -241,7 +164,8 @@ def init(
     with _init_lock:
         if _state is not None:
             return
-        settings = _resolve_settings(allreduce, timeout_s, chunk_bytes)
+        settings = Settings.from_env(topology=topology, allreduce=allreduce, timeout_s=timeout_s,
+                                     chunk_bytes=chunk_bytes, compression=compression)
         job = _env.read_job_env()
         timeout = timedelta(seconds=settings.timeout_s)
         owns_world = not dist.is_initialized()
@@ -252,42 +176,18 @@ def init(
             else:
                 store = _join(job, timeout)
                 dist.init_process_group(backend, store=store, rank=job.rank, world_size=job.world_size, timeout=timeout)
-        backend = dist.get_backend()
-        world = dist.group.WORLD
-        my_rank, world_size = dist.get_rank(), dist.get_world_size()
-        if backend == "nccl":
+        if dist.get_backend() == "nccl":
             torch.cuda.set_device(job.local_rank)
             device = torch.device("cuda", torch.cuda.current_device())
         else:
             device = torch.device("cpu")
-        topo = _detect_topology(job, topology, world)
-        levels = _make_levels(topo, my_rank, timeout)
-        store = dist.distributed_c10d._get_default_store() if world_size > 1 else None
-        _state = _State(
-            job=job,
-            backend=backend,
-            device=device,
-            topology=topo,
-            settings=settings,
-            levels=levels,
-            world=world,
-            engine=Engine(wait_limit_s=settings.timeout_s * 2 + 60),
-            monitor=Monitor(store, my_rank, world_size, settings.timeout_s, settings.stall_warn_s),
-            owns_world=owns_world,
-            timeline=Timeline(os.environ.get(TIMELINE_ENV), my_rank, world_size),
-        )
+        topo = _detect_topology(job, settings.topology, dist.group.WORLD)
+        store = dist.distributed_c10d._get_default_store() if dist.get_world_size() > 1 else None
+        timeline = Timeline(os.environ.get(PYDDL_TIMELINE), dist.get_rank(), dist.get_world_size())
+        _state = _State(job=job, world=world_communicator(topo, settings, device, store, timeline),
+                        owns_world=owns_world)
     if settings.allreduce == "auto":
-        ensure_tuned()
-
-
-def ensure_tuned() -> None:
-    """Time the `auto` candidates once (collective: every rank must reach it in the same order)."""
-    st = _get()
-    with _tune_lock:
-        if st.tuned is None and dist.get_world_size() > 1:
-            from pyddl.comm.auto import tune
-
-            st.tuned = tune()
+        _state.world.ensure_tuned()
 
 
 def shutdown() -> None:
@@ -297,14 +197,14 @@ def shutdown() -> None:
         state, _state = _state, None
     if state is None:
         return
-    if state.timeline.enabled and dist.is_initialized() and dist.get_world_size() > 1:
+    timeline = state.world.timeline
+    if timeline.enabled and dist.is_initialized() and dist.get_world_size() > 1:
         try:
-            dist.barrier(group=state.world)  # every rank's file is complete before the merge
+            dist.barrier(group=state.world.group)  # every rank's file is complete before the merge
         except RuntimeError:
             pass  # a rank is gone: merge what is there
-    state.timeline.close(merge=dist.get_rank() == 0 if dist.is_initialized() else True)
-    state.engine.close()
-    state.monitor.close()
+    timeline.close(merge=dist.get_rank() == 0 if dist.is_initialized() else True)
+    state.world.close()
     if state.owns_world and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -313,112 +213,21 @@ def is_initialized() -> bool:
     return _state is not None
 
 
-def _get() -> _State:
+def world() -> Communicator:
+    """The job's default communicator: every rank, the job's topology and settings.
+
+    Raises:
+        NotInitializedError: before `pyddl.init()`.
+    """
     if _state is None:
         raise NotInitializedError(
             "pyddl is not initialized: call pyddl.init() first (it reads the environment "
             "that `pyddl run`, torchrun, srun or mpirun set)"
         )
-    return _state
+    return _state.world
 
 
-def rank() -> int:
-    """This process's rank in the job, 0..size()-1."""
-    _get()
-    return dist.get_rank()
-
-
-def size() -> int:
-    """The number of processes in the job."""
-    _get()
-    return dist.get_world_size()
-
-
-def local_rank() -> int:
-    """This process's index inside its server (the innermost dim)."""
-    st = _get()
-    return st.topology.coords(dist.get_rank())[0]
-
-
-def local_size() -> int:
-    """The number of processes on this server (the innermost dim)."""
-    return _get().topology.dims[0]
-
-
-def cross_rank() -> int:
-    """The index of this process's server (ranks with the same local_rank, across servers)."""
-    st = _get()
-    return dist.get_rank() // st.topology.dims[0]
-
-
-def cross_size() -> int:
-    """The number of servers."""
-    st = _get()
-    return st.topology.size // st.topology.dims[0]
-
-
-def topology() -> Topology:
-    """The job's topology (dims innermost first)."""
-    return _get().topology
-
-
-def settings() -> Settings:
-    return _get().settings
-
-
-def device() -> torch.device:
-    """The device collectives run on (the local GPU under NCCL, else the CPU)."""
-    return _get().device
-
-
-def timeline() -> Timeline:
-    """This rank's timeline recorder (disabled unless PYDDL_TIMELINE is set)."""
-    return _get().timeline
-
-
-def resync_seq(seq: int) -> None:
-    """Set the collective counter after join(), which the ranks left at different numbers."""
-    st = _get()
-    with st.lock:
-        st.seq = max(st.seq, seq)
-
-
-def world_group():
-    """The process group of all ranks (for adapters that issue their own collectives
-    through `run_collective`)."""
-    return _get().world
-
-
-def run_collective(info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False, checked: bool = True) -> Any:
-    """Run `fn(seq)` on the engine as world collective #seq, checked and guarded.
-
-    Returns fn's result, or a Handle when `asynchronous`. `checked=False` skips the cross-rank
-    call comparison (for join(), whose loop does its own).
-    """
-    st = _get()
-    with st.lock:
-        st.seq += 1
-        seq = st.seq
-    world_ranks = list(range(dist.get_world_size()))
-
-    def job():
-        st.monitor.enter(seq, info)
-        start = st.timeline.now_us() if st.timeline.enabled else 0.0
-        try:
-            if checked and st.settings.check and len(world_ranks) > 1:
-                exchange(info, seq, st.world, world_ranks, st.device, dist.get_rank())
-            result = fn(seq)
-            st.monitor.leave()
-            if st.timeline.enabled:
-                st.timeline.span(info.name, start, st.timeline.now_us(), "comm", {"seq": seq, "call": info.detail[:200]})
-            return result
-        except PyddlError:
-            raise
-        except RuntimeError as exc:  # Gloo/NCCL timeouts and lost connections
-            raise st.monitor.diagnose(seq, info, world_ranks, exc) from exc
-
-    describe = f"{info} (collective #{seq})"
-    if asynchronous:
-        return st.engine.submit(job, describe)
-    return st.engine.run(job, describe)
-
+def job() -> _env.JobEnv:
+    """How the launcher described this process (rank, world size, restarts, ...)."""
+    world()
+    return _state.job

@@ -12,9 +12,7 @@ import os
 import threading
 import time
 
-__all__ = ["Timeline", "TIMELINE_ENV"]
-
-TIMELINE_ENV = "PYDDL_TIMELINE"
+__all__ = ["Timeline"]
 
 
 class Timeline:

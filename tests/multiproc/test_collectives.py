@@ -11,7 +11,7 @@ from harness import run_ranks
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(180)]
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
-# Uneven sizes, tiny and empty ones, and one that the 4 KiB test chunk pipelines in many chunks.
+# Uneven sizes, tiny and empty ones, and one that the 16 KiB test chunk pipelines in two chunks.
 SIZES = [0, 1, 3, 7, 1000, 6007]
 ALGORITHMS = ["native", "multiring", "auto"]
 
@@ -19,7 +19,9 @@ ALGORITHMS = ["native", "multiring", "auto"]
 def _closed_forms(rank, world, spec, full):
     import pyddl
 
-    pyddl.init(topology=spec, timeout_s=60, chunk_bytes=4096)
+    # 16 KiB chunks: the larger sizes below are pipelined in 2 to 8 chunks (auto tunes up to
+    # 16 MiB, in 1024 of them; 4 KiB chunks made tuning alone take minutes on a busy machine).
+    pyddl.init(topology=spec, timeout_s=60, chunk_bytes=16384)
     failures = []
     expect_sum = world * (world + 1) // 2
     # 6 and 8 processes on a 2-core machine are slow: the full matrix runs on 2-4 ranks.

@@ -20,7 +20,9 @@ import pytest
 
 from pyddl.launch import emulate
 from pyddl.launch.emulate import NO_ROOT_MESSAGE, EmulatedCluster, EmulationError, cpu_sets, tbf_params
-from pyddl.launch.local import LaunchError, RunConfig, launch
+from pyddl.launch.config import LaunchError, RunConfig
+from pyddl.launch.local import launch
+from pyddl.config import PYDDL_LINK_GBPS
 
 PYDDL = [sys.executable, "-m", "pyddl.cli.main"]
 _CAN_EMULATE = os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
@@ -102,15 +104,13 @@ def test_flags_flow_into_the_config_and_the_worker_env(monkeypatch):
     assert (cfg.emulate_nodes, cfg.emulate_link_gbps, cfg.emulate_pin, cfg.emulate_mtu) == (2, 1.5, True, 1500)
     env = cfg.worker_env()
     assert env["PYDDL_TOPOLOGY"] == "2x2"  # 4 ranks / 2 servers, innermost = ranks per server
-    assert float(env[emulate.LINK_GBPS_ENV]) == 1.5
+    assert float(env[PYDDL_LINK_GBPS]) == 1.5  # the bench reads the rate under this name
     assert env["GLOO_SOCKET_IFNAME"] == emulate.NS_IFNAME
-    # The user's own topology wins; the bench reads the rate under the same name it sets.
-    from pyddl.bench.allreduce import LINK_GBPS_ENV
-
-    assert LINK_GBPS_ENV == emulate.LINK_GBPS_ENV
+    # The user's own topology wins, given as a flag or in the launcher's environment.
     assert RunConfig(4, ("j.py",), topology="1x2x2", emulate_nodes=2).worker_env()["PYDDL_TOPOLOGY"] == "1x2x2"
     monkeypatch.setenv("PYDDL_TOPOLOGY", "4x1")
-    assert "PYDDL_TOPOLOGY" not in cfg.worker_env()  # the launcher's own environment passes through
+    assert RunConfig(4, ("j.py",), emulate_nodes=2).worker_env()["PYDDL_TOPOLOGY"] == "4x1"
+    monkeypatch.delenv("PYDDL_TOPOLOGY")
     assert "PYDDL_TOPOLOGY" not in RunConfig(4, ("j.py",)).worker_env()
 
 

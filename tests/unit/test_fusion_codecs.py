@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from pyddl.comm.codecs import get_codec
-from pyddl.comm.fusion import pack, plan_buckets, unpack
+from pyddl.comm.fusion import pack, unpack
+from pyddl.comm.layout import plan_buckets
 from pyddl.comm.multiring import plan_chunks
 from pyddl.comm.ring import equal_parts
 

@@ -15,7 +15,7 @@ from pyddl.train.checkpoint import (
 )
 from pyddl.train.data import ShardSampler
 from pyddl.train.models import SmallCNN
-from pyddl.train.recipe import build_optimizer
+from pyddl.train.optim import build_optimizer
 
 MARKER = "pyddl-checkpoint-code-ran"
 

@@ -9,7 +9,7 @@ from torch import nn
 from pyddl.train.config import TrainConfig
 from pyddl.train.data import ShardSampler, load_data
 from pyddl.train.models import SMALL_CNN, SmallCNN, available_models, build_model
-from pyddl.train.recipe import build_optimizer, make_criterion, set_lr
+from pyddl.train.optim import build_optimizer, make_criterion, set_lr
 from pyddl.train.report import topk_correct
 
 

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyddl.train.optim import LARS, build_optimizer, make_criterion, set_lr, split_param_groups
 from pyddl.train.recipe import (
-    LARS, Recipe, build_optimizer, cosine_decay_factor, make_criterion, parse_batch_ramp,
-    ramp_batch_at, scaled_lr, set_lr, split_param_groups, step_decay_factor, steps_per_epoch,
-    warmup_lr,
+    Recipe, cosine_decay_factor, parse_batch_ramp, ramp_batch_at, scaled_lr, step_decay_factor,
+    steps_per_epoch, warmup_lr,
 )
 
 IMAGENET = 1_281_167

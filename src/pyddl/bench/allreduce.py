@@ -18,11 +18,11 @@ import time
 import torch
 
 import pyddl
+from pyddl.config import PYDDL_LINK_GBPS
 
 __all__ = ["parse_size", "parse_dtype", "bound_s", "calls_per_sample", "bench_allreduce", "format_table",
-           "DTYPES", "LINK_GBPS_ENV"]
+           "DTYPES"]
 
-LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' NIC rate, set by the emulated cluster
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 # The element types a row may move: the floating types gradients travel in (fp16 and bf16 are
 # what a compressed wire carries, so their rows show the cost of that traffic alone).
@@ -153,7 +153,7 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
          dtype: torch.dtype = torch.float32) -> None:
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
-    link = link_gbps or (float(os.environ[LINK_GBPS_ENV]) if os.environ.get(LINK_GBPS_ENV) else None)
+    link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
     rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.

@@ -11,7 +11,8 @@ import os
 import sys
 
 from pyddl.cli.run import add_job_flags, config_from_args, scheduler_mode
-from pyddl.launch.local import LaunchError, launch
+from pyddl.launch.config import LaunchError
+from pyddl.launch.local import launch
 
 __all__ = ["register"]
 
@@ -43,7 +44,7 @@ def _relaunch(args, argv_tail: list[str]) -> int:
 
 def _allreduce(args) -> int:
     from pyddl.bench import allreduce as bench
-    from pyddl.runtime import ALGORITHMS
+    from pyddl.config import ALGORITHM_CHOICES as ALGORITHMS
 
     try:
         sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
@@ -92,7 +93,7 @@ def _run_step_jobs(args, jobs) -> list[dict]:
 
 
 def _single_job(args, threads: str):
-    from pyddl.launch.local import RunConfig
+    from pyddl.launch.config import RunConfig
 
     def make(out):
         command = _bench_command(args, ["single"], out)

@@ -16,8 +16,9 @@ import sys
 from typing import Mapping
 
 from pyddl.launch.hosts import DEFAULT_LAUNCHER, parse_hostfile, parse_hosts
-from pyddl.launch.local import LaunchError, RunConfig, launch, worker_command
-from pyddl.runtime import ALGORITHMS
+from pyddl.launch.config import LaunchError, RunConfig
+from pyddl.launch.local import launch, worker_command
+from pyddl.config import ALGORITHM_CHOICES, Settings
 
 __all__ = ["register", "add_job_flags", "config_from_args", "scheduler_mode", "launch_mode", "run_through_srun"]
 
@@ -31,13 +32,19 @@ def _nnodes(text: str) -> tuple[int, int | None]:
 
 
 def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None) -> None:
-    """The flags every launching subcommand shares (run, bench, train)."""
+    """The flags every launching subcommand shares (run, bench, train); the settings' flags
+    default to the launcher's PYDDL_* environment, else to Settings' defaults."""
+    default = Settings()
     parser.add_argument("-np", "--nproc", type=int, default=default_np, metavar="N",
                         help="number of workers (with --nnodes: on this server)")
     parser.add_argument("--topology", metavar="SPEC", help="dims innermost first, e.g. 2x2 (default: by server)")
-    parser.add_argument("--allreduce", choices=ALGORITHMS, help="allreduce algorithm (default: native)")
-    parser.add_argument("--timeout", type=float, metavar="S", help="seconds a collective may wait (default 300)")
-    parser.add_argument("--chunk-bytes", type=int, metavar="B", help="multiring pipelining chunk (default 2 MiB)")
+    parser.add_argument("--allreduce", choices=ALGORITHM_CHOICES,
+                        help=f"allreduce algorithm (default: {default.allreduce})")
+    parser.add_argument("--timeout", type=float, metavar="S",
+                        help=f"seconds a collective may wait (default {default.timeout_s:g})")
+    parser.add_argument("--chunk-bytes", type=int, metavar="B",
+                        help=f"multiring pipelining chunk (default {default.chunk_bytes} = "
+                             f"{default.chunk_bytes / 2**20:g} MiB)")
     parser.add_argument("--max-restarts", type=int, default=0, metavar="K", help="restart all workers up to K times")
     srv = parser.add_argument_group("several servers (see docs/launch.md)")
     srv.add_argument("-H", "--hosts", metavar="H1:S,H2:S",

@@ -16,7 +16,8 @@ import sys
 
 from pyddl import env as _env
 from pyddl.cli.run import add_job_flags, config_from_args as run_config_from_args, launch_mode, run_through_srun
-from pyddl.launch.local import LaunchError, launch
+from pyddl.launch.config import LaunchError
+from pyddl.launch.local import launch
 from pyddl.train.config import TrainConfig, add_train_arguments, config_from_args
 
 __all__ = ["register"]

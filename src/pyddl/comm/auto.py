@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from pyddl.comm.registry import ALGORITHMS
+
 __all__ = ["AutoTable", "tune", "CANDIDATES", "TUNE_SIZES"]
 
-CANDIDATES = ("native", "multiring")
+CANDIDATES = tuple(ALGORITHMS)
 # Small to large messages, one at the gradient bucket size (2 MiB): a size between two timed
 # ones takes the nearer one's choice, and with three sizes (16K, 512K, 8M) 1-2 MiB buckets
 # followed a 512 KiB timing where both algorithms run close and noise picked, on the
@@ -39,23 +41,21 @@ class AutoTable:
         return self.choices[nearest]
 
 
-def tune(sizes: tuple[int, ...] = TUNE_SIZES, reps: int = 5) -> AutoTable:
-    """Time every candidate at every size on all ranks; return rank 0's choices."""
-    from pyddl.comm import ops
-
+def tune(comm, sizes: tuple[int, ...] = TUNE_SIZES, reps: int = 5) -> AutoTable:
+    """Time every candidate at every size on all of `comm`'s ranks; return rank 0's choices."""
     times: dict = {}
     for nbytes in sizes:
         x = torch.ones(max(1, nbytes // 4))
         for alg in CANDIDATES:
-            ops.allreduce_(x, algorithm=alg)  # warm-up: connections, buffers
+            comm.allreduce_(x, algorithm=alg)  # warm-up: connections, buffers
             samples = []
             for _ in range(reps):
                 t0 = time.perf_counter()
-                ops.allreduce_(x, algorithm=alg)
+                comm.allreduce_(x, algorithm=alg)
                 samples.append(time.perf_counter() - t0)
             times[(alg, nbytes)] = statistics.median(samples)
     best = torch.tensor(
         [min(range(len(CANDIDATES)), key=lambda i: times[(CANDIDATES[i], n)]) for n in sizes]
     )
-    ops.broadcast_(best, root=0)
+    comm.broadcast_(best, root=0)
     return AutoTable(tuple(sizes), tuple(CANDIDATES[int(i)] for i in best), times)

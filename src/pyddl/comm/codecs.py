@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from pyddl.comm import registry
+
 __all__ = ["Codec", "get_codec", "CODECS"]
 
 
@@ -50,11 +52,8 @@ class Codec:
             out.mul_(world_size)
 
 
-CODECS = {
-    "none": Codec("none", None),
-    "fp16": Codec("fp16", torch.float16),
-    "bf16": Codec("bf16", torch.bfloat16),
-}
+_WIRE_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+CODECS = {name: Codec(name, _WIRE_DTYPES[name]) for name in registry.CODECS}
 
 
 def get_codec(name: "str | Codec | None") -> Codec:

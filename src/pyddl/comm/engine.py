@@ -50,11 +50,11 @@ class Handle:
 class Engine:
     """A FIFO executor on one daemon thread with a per-call sequence number."""
 
-    def __init__(self, wait_limit_s: float):
+    def __init__(self, wait_limit_s: float, name: str = "pyddl-engine"):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._wait_limit_s = wait_limit_s
         self._broken: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="pyddl-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[[], Any], describe: str) -> Handle:
@@ -91,4 +91,5 @@ class Engine:
 
     def close(self) -> None:
         self._queue.put(None)
-        self._thread.join(timeout=5)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)

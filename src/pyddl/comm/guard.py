@@ -116,12 +116,12 @@ def _ranks(ranks: list[int]) -> str:
 class Monitor:
     """Heartbeat publisher and post-mortem reader for one process."""
 
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float, stall_warn_s: float | None = None):
-        self._store = dist.PrefixStore("pyddl/hb", store) if store is not None else None
-        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
-        # A collective waiting this long names the ranks behind (Horovod's stall check warns
-        # after 60 s); it is a warning, the timeout is the error.
-        self.stall_warn_s = stall_warn_s if stall_warn_s is not None else min(60.0, timeout_s / 2)
+    def __init__(self, store, rank: int, ranks, timeout_s: float, stall_warn_s: float, prefix: str = "world"):
+        # One key space per communicator: its collective numbers are its own.
+        self._store = dist.PrefixStore(f"pyddl/hb/{prefix}", store) if store is not None else None
+        self.rank, self.ranks, self.timeout_s = rank, tuple(ranks), timeout_s
+        # A collective waiting this long names the ranks behind; a warning, the timeout is the error.
+        self.stall_warn_s = stall_warn_s
         self.seq = 0
         self.current = "init"
         self._entered_at: float | None = None
@@ -130,7 +130,7 @@ class Monitor:
         self.interval_s = min(1.0, max(0.1, timeout_s / 10))
         self._stop = threading.Event()
         self._thread = None
-        if self._store is not None and world_size > 1:
+        if self._store is not None and len(self.ranks) > 1:
             self._publish()
             self._thread = threading.Thread(target=self._run, name="pyddl-heartbeat", daemon=True)
             self._thread.start()
@@ -161,7 +161,7 @@ class Monitor:
         waited = time.monotonic() - entered
         if waited < self.stall_warn_s:
             return
-        others = [r for r in range(self.world_size) if r != self.rank]
+        others = [r for r in self.ranks if r != self.rank]
         behind = [(r, hb) for r, hb in self._read(others).items() if hb is None or hb[0] < seq]
         if not behind:
             return

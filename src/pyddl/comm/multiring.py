@@ -6,7 +6,7 @@ buffer is cut into chunks that flow through the 2k stages like a pipeline: while
 crosses the servers, chunk i+1 is reduced inside them ("keep every link busy"). Each stage
 runs on its own thread; tagged messages make the cross-rank matching independent of how the
 threads interleave. NCCL matches p2p messages by order rather than tag, so on NCCL the
-chunks run one after another.
+chunks run one after another. `allreduce_` is the entry the algorithm registry calls.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
 
-__all__ = ["Level", "multiring_allreduce_", "plan_chunks"]
+__all__ = ["Level", "StageThreads", "allreduce_", "multiring_allreduce_", "plan_chunks"]
 
 
 @dataclass(frozen=True)
@@ -90,18 +90,26 @@ def _run_stage(stage: _Stage, levels: list[Level], buf: torch.Tensor, op: str, t
         ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.send_group, tag, lv.recv_group)
 
 
+def allreduce_(comm, flat: torch.Tensor, op: str, seq: int) -> None:
+    """The registered `multiring` algorithm: `flat` over the communicator's topology levels."""
+    multiring_allreduce_(flat, op, comm.levels, comm.settings.chunk_bytes, seq,
+                         stage_threads=comm.stage_threads if comm.backend != "nccl" else None)
+
+
 def multiring_allreduce_(
     flat: torch.Tensor,
     op: str,
     levels: list[Level],
     chunk_bytes: int,
     call_id: int,
-    pipeline: bool = True,
+    stage_threads: "StageThreads | None" = None,
 ) -> None:
     """Allreduce the 1-D contiguous tensor `flat` in place over `levels`, innermost first.
 
     `op` is sum/average/min/max/product; average divides the sum by the number of ranks
     (floor division for integers). `call_id` must be the same on every rank for this call.
+    With `stage_threads` the chunks are pipelined through the stages; without, they run one
+    after another (NCCL matches p2p messages by order, not tag).
     """
     levels = [lv for lv in levels if lv.size > 1]
     if not levels or flat.numel() == 0:
@@ -119,8 +127,8 @@ def multiring_allreduce_(
         tag = base_tag | (stage.index << 12) | (chunk % 4096)
         _run_stage(stage, levels, view, op, tag)
 
-    if pipeline and len(chunks) > 1:
-        _pipelined(stages, len(chunks), run)
+    if stage_threads is not None and len(chunks) > 1:
+        _pipelined(stages, len(chunks), run, stage_threads)
     else:
         for chunk in range(len(chunks)):
             for stage in stages:
@@ -132,26 +140,31 @@ def multiring_allreduce_(
             flat.floor_divide_(total)
 
 
-class _StageThreads:
+class StageThreads:
     """Long-lived daemon threads for the pipeline's stages 1..S-1 (stage 0 runs on the caller).
 
     Starting S-1 threads per allreduce cost about a tenth of the engine's CPU in a training
-    step of small buckets; these are started once and reused. Daemons, so that a thread stuck
-    in a receive from a dead peer never holds the process open at exit.
+    step of small buckets; these are started once per communicator and reused. One set per
+    communicator: two communicators sharing stage threads could each hold a thread another
+    rank's stage waits for, and deadlock across ranks. Daemons, so that a thread stuck in a
+    receive from a dead peer never holds the process open at exit.
     """
 
-    def __init__(self):
+    def __init__(self, name: str = "pyddl"):
+        self._name = name
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._started = 0
+        self._threads: list[threading.Thread] = []
 
     def run(self, jobs: list) -> list[threading.Event]:
         """Start each job (a no-argument callable) on a thread of its own; return their
         finished events."""
         with self._lock:
-            while self._started < len(jobs):
-                self._started += 1
-                threading.Thread(target=self._loop, name=f"pyddl-stage{self._started}", daemon=True).start()
+            while len(self._threads) < len(jobs):
+                thread = threading.Thread(target=self._loop, name=f"{self._name}-stage{len(self._threads) + 1}",
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
         finished = []
         for job in jobs:
             event = threading.Event()
@@ -161,17 +174,26 @@ class _StageThreads:
 
     def _loop(self) -> None:
         while True:
-            job, event = self._queue.get()
+            item = self._queue.get()
+            if item is None:
+                return
+            job, event = item
             try:
                 job()
             finally:
                 event.set()
 
+    def close(self) -> None:
+        """Stop the threads once they finish their current job."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for _ in threads:
+            self._queue.put(None)
+        for thread in threads:
+            thread.join(timeout=5)
 
-_STAGE_THREADS = _StageThreads()
 
-
-def _pipelined(stages: list[_Stage], n_chunks: int, run) -> None:
+def _pipelined(stages: list[_Stage], n_chunks: int, run, stage_threads: StageThreads) -> None:
     # done[s][c] is set when stage s has finished chunk c; stage s+1 starts chunk c after it.
     done = [[threading.Event() for _ in range(n_chunks)] for _ in stages]
     failed = threading.Event()
@@ -190,7 +212,7 @@ def _pipelined(stages: list[_Stage], n_chunks: int, run) -> None:
             errors.append(exc)
             failed.set()
 
-    finished = _STAGE_THREADS.run([functools.partial(worker, s) for s in range(1, len(stages))])
+    finished = stage_threads.run([functools.partial(worker, s) for s in range(1, len(stages))])
     worker(0)
     for event in finished:
         event.wait()

@@ -29,12 +29,10 @@ __all__ = [
     "tbf_params",
     "cpu_sets",
     "NS_IFNAME",
-    "LINK_GBPS_ENV",
     "NO_ROOT_MESSAGE",
 ]
 
 NS_IFNAME = "eth0"  # the link's name inside every server's namespace
-LINK_GBPS_ENV = "PYDDL_LINK_GBPS"  # the servers' link rate, for the bound in pyddl.bench.allreduce
 NO_ROOT_MESSAGE = "--emulate-nodes needs root (network namespaces and tc); run as root or drop the flag"
 _NETWORK = "10.213.{slot}.0/24"  # one /24 per live cluster, never routed beyond its bridge
 _MAX_SLOTS = 16

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from pyddl import env as _env
 from pyddl.launch.hosts import Placement, check_command, forwarded_env, place_ranks, remote_command
-from pyddl.launch.local import LaunchError, RunConfig
+from pyddl.launch.config import LaunchError, RunConfig
 
 __all__ = ["launch_hosts", "check_reachable", "server_commands", "RESTART_COUNT_ENV"]
 

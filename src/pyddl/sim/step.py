@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
-from pyddl.comm.fusion import plan_buckets
+from pyddl.comm.layout import plan_buckets
 from pyddl.defaults import GRADIENT_BUCKET_BYTES
 from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s, auto_choice
 

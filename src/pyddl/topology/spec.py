@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Topology", "parse_topology", "servers_from_keys"]
+__all__ = ["Topology", "parse_topology", "servers_from_keys", "sub_topology"]
 
 
 @dataclass(frozen=True)
@@ -142,3 +142,36 @@ def servers_from_keys(keys: list) -> Topology:
         )
     local = counts[order[0]]
     return Topology((local, len(order)))
+
+
+def sub_topology(world: Topology, ranks) -> Topology:
+    """The topology of a subset of `world`'s ranks, from where those ranks sit.
+
+    A subset that is a grid (every combination of the coordinates it uses, such as one rank per
+    server, or every rank of some servers) keeps one dim per world dim, of the number of
+    coordinates it uses there: of 2 servers x 2 ranks, ranks (0, 2) are 1 x 2 (one rank on each
+    of two servers: a cross-server ring), ranks (0, 1) are 2 x 1 (one server). Any other subset
+    is grouped by server when each holds the same number of its ranks, else one flat ring.
+
+    Args:
+        world: the job's topology.
+        ranks: sorted, distinct ranks of `world`.
+
+    Example:
+        >>> sub_topology(Topology((2, 2)), [0, 2]).dims
+        (1, 2)
+    """
+    ranks = list(ranks)
+    coords = [world.coords(r) for r in ranks]
+    used = [sorted({c[j] for c in coords}) for j in range(len(world.dims))]
+    grid = Topology(tuple(len(u) for u in used))
+    # A grid lists the product of the used coordinates, innermost fastest, as sorted ranks do.
+    expected = [tuple(used[j][(i // grid.stride(j)) % grid.dims[j]] for j in range(len(used)))
+                for i in range(grid.size)]
+    if coords == expected:
+        return grid
+    servers = [r // world.dims[0] for r in ranks]
+    try:
+        return servers_from_keys(servers)
+    except ValueError:  # unequal servers: one flat ring over the subset
+        return Topology((len(ranks),))

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyddl import runtime
-from pyddl.comm import ops as core_ops
+import pyddl
 from pyddl.comm.codecs import get_codec
 from pyddl.comm.guard import OpInfo
 
@@ -30,7 +29,8 @@ class HookState:
 
 def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
-    algorithm = core_ops.check_algorithm(getattr(state, "algorithm", None))
+    comm = pyddl.world()
+    algorithm = comm.check_algorithm(getattr(state, "algorithm", None))
     codec = get_codec(codec_name)
     info = OpInfo(
         "ddp_bucket",
@@ -40,7 +40,7 @@ def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.T
     future: torch.futures.Future = torch.futures.Future()
 
     def fn(seq: int) -> torch.Tensor:
-        core_ops.reduce_buffer_(buffer, "average", algorithm, codec, seq)
+        comm.reduce_buffer_(buffer, "average", algorithm, codec, seq)
         return buffer
 
     def done(result, error) -> None:
@@ -49,7 +49,7 @@ def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.T
         else:
             future.set_result(result)
 
-    runtime.run_collective(info, fn, asynchronous=True).add_done_callback(done)
+    comm.run(info, fn, asynchronous=True).add_done_callback(done)
     return future
 
 

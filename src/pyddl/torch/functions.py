@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from pyddl import runtime
+import pyddl
 from pyddl.comm.guard import OpInfo
 from pyddl.torch.ops import (
     _check_process_set, _check_root, broadcast_async_, global_process_set, horovod_errors, rank, size, synchronize,
@@ -117,7 +117,7 @@ def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
     sizes: dict = {}
     skeleton = _strip(optimizer.state_dict(), tensors, sizes) if rank() == root else None
     skeleton, sizes = broadcast_object((skeleton, sizes), root)
-    device = runtime.device()
+    device = pyddl.device()
     handles = {}
     for group, numel in sizes.items():
         dtype, on_cpu = group
@@ -151,11 +151,11 @@ def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_s
 
     def fn(seq: int):
         holder = [obj]
-        dist.broadcast_object_list(holder, src=root, group=runtime.world_group())
+        dist.broadcast_object_list(holder, src=root, group=pyddl.world().group)
         return holder[0]
 
     with horovod_errors():
-        return runtime.run_collective(OpInfo("broadcast_object", f"root={root}"), fn)
+        return pyddl.world().run(OpInfo("broadcast_object", f"root={root}"), fn)
 
 
 def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
@@ -170,8 +170,8 @@ def allgather_object(obj, name: str | None = None, process_set=global_process_se
 
     def fn(seq: int):
         out: list = [None] * size()
-        dist.all_gather_object(out, obj, group=runtime.world_group())
+        dist.all_gather_object(out, obj, group=pyddl.world().group)
         return out
 
     with horovod_errors():
-        return runtime.run_collective(OpInfo("allgather_object", ""), fn)
+        return pyddl.world().run(OpInfo("allgather_object", ""), fn)

@@ -16,11 +16,8 @@ import warnings
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
 import pyddl
-from pyddl import runtime
-from pyddl.comm.guard import OpInfo
 from pyddl.errors import CollectiveError
 from pyddl.torch.compression import Compression
 
@@ -504,39 +501,15 @@ def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
 
 # Alltoall and reducescatter -------------------------------------------------------------
 
-def _start_alltoall(tensor: torch.Tensor, splits) -> pyddl.Handle:
-    n = size()
-    if tensor.dim() == 0:
-        raise ValueError("alltoall needs a tensor with at least one axis; use tensor.reshape(1)")
-    rows = tensor.shape[0]
-    if splits is None:
-        if rows % n:
-            raise ValueError(
-                f"alltoall without splits sends axis 0 in {n} equal parts, but it has {rows} rows; "
-                "pass splits= (rows for each rank) or pad the tensor"
-            )
-        counts = [rows // n] * n
-    else:
-        counts = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor) else splits)]
-    if len(counts) != n or any(c < 0 for c in counts) or sum(counts) != rows:
-        raise ValueError(f"alltoall splits {counts} must be {n} non-negative row counts summing to axis 0 ({rows})")
-    # Horovod returns the received splits as int32 on the CPU, or like `splits` if a tensor.
+def _received_like(splits) -> Callable:
+    """Horovod returns the received splits as int32 on the CPU, or like `splits` if a tensor."""
     like = splits if isinstance(splits, torch.Tensor) else torch.empty(0, dtype=torch.int32)
-    device = runtime.device()
-    work = tensor.detach().to(device, copy=True, memory_format=torch.contiguous_format)
-    rest = tuple(tensor.shape[1:])
-    info = OpInfo("alltoall", f"{str(tensor.dtype).replace('torch.', '')}[*,{','.join(map(str, rest))}]")
 
-    def fn(seq: int):
-        group = runtime.world_group()
-        recv = torch.empty(n, dtype=torch.int64, device=device)
-        dist.all_to_all_single(recv, torch.tensor(counts, dtype=torch.int64, device=device), group=group)
-        received = recv.tolist()
-        out = torch.empty((sum(received),) + rest, dtype=work.dtype, device=device)
-        dist.all_to_all_single(out, work, output_split_sizes=received, input_split_sizes=counts, group=group)
-        return out.to(tensor.device), torch.tensor(received, dtype=like.dtype, device=like.device)
+    def finish(out):
+        rows, received = out
+        return rows, torch.tensor(received, dtype=like.dtype, device=like.device)
 
-    return runtime.run_collective(info, fn, asynchronous=True)
+    return finish
 
 
 def alltoall_async(tensor, splits=None, name=None, process_set=global_process_set) -> int:
@@ -546,7 +519,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     and how many came from each.
     """
     _check_process_set(process_set)
-    return _submit("alltoall", name, lambda: _start_alltoall(tensor, splits))
+    return _submit("alltoall", name, lambda: pyddl.alltoall_async(tensor.detach(), splits), _received_like(splits))
 
 
 class _Alltoall(torch.autograd.Function):

@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from pyddl import runtime
+import pyddl
 from pyddl.torch.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, ReducerOptions
 
 __all__ = ["DistributedOptimizer"]
@@ -73,7 +73,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         named = self._named(optimizer, named_parameters)
         prescale, postscale = 1.0, 1.0
         if op_name == "average" and gradient_predivide_factor != 1.0:
-            size = runtime.size()
+            size = pyddl.size()
             prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / size
         codec = getattr(compression, "codec", None) if compression is not None else None
         compressor = compression if compression is not None and codec is None else None
@@ -186,7 +186,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 # rank): the other ranks' bucket collectives need this rank's zeros.
                 self._reducer.synchronize()
         self._synchronized = False
-        timeline = runtime.timeline()
+        timeline = pyddl.world().timeline
         start = timeline.now_us() if timeline.enabled else 0.0
         result = self._optimizer.step(closure) if closure is not None else self._optimizer.step()
         if timeline.enabled:

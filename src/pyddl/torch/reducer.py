@@ -17,10 +17,11 @@ from typing import Callable
 
 import torch
 
-from pyddl import defaults, runtime
-from pyddl.comm import ops as core_ops
+import pyddl
+from pyddl import defaults
 from pyddl.comm.codecs import get_codec
-from pyddl.comm.fusion import pack, plan_buckets, unpack
+from pyddl.comm.fusion import pack, unpack
+from pyddl.comm.layout import plan_buckets
 from pyddl.comm.guard import OpInfo
 from pyddl.errors import CollectiveMismatchError
 
@@ -68,7 +69,8 @@ class GradientReducer:
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], options: ReducerOptions):
         self.options = options
-        core_ops.check_algorithm(options.algorithm)  # a bad name fails here; "auto" tunes here
+        self._comm = pyddl.world()
+        self._comm.check_algorithm(options.algorithm)  # a bad name fails here; "auto" tunes here
         self.names = [n for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in named_params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
@@ -76,7 +78,7 @@ class GradientReducer:
         self._lock = threading.Lock()
         self._step = _StepState()
         self._rebuilt = False
-        self._timeline = runtime.timeline()
+        self._timeline = self._comm.timeline
         order = list(reversed(range(len(self.params))))
         self._set_layout(self._plan(order, first_bucket_bytes=defaults.FIRST_GRADIENT_BUCKET_BYTES))
         self._check_layout_across_ranks()
@@ -114,11 +116,11 @@ class GradientReducer:
         layout = [b.members for b in self.buckets]
 
         def fn(seq):
-            everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, (mine, layout), group=runtime.world_group())
+            everyone: list = [None] * self._comm.size
+            dist.all_gather_object(everyone, (mine, layout), group=self._comm.group)
             return everyone
 
-        everyone = runtime.run_collective(OpInfo("optimizer_layout_check", ""), fn)
+        everyone = self._comm.run(OpInfo("optimizer_layout_check", ""), fn)
         ref_params, ref_layout = everyone[0]
         for rank, (params, lay) in enumerate(everyone):
             if params == ref_params and lay == ref_layout:
@@ -190,7 +192,7 @@ class GradientReducer:
         grads = [p.grad for p in params]
         shapes = ",".join(f"{tuple(g.shape)}" for g in grads)
         op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
-        alg = core_ops.check_algorithm(opts.algorithm)
+        alg = self._comm.check_algorithm(opts.algorithm)
         codec = get_codec(opts.codec)
         numel = sum(g.numel() for g in grads)
         fused = opts.compressor is None and codec.applies_to(grads[0])
@@ -199,7 +201,7 @@ class GradientReducer:
             # gradients instead of four (pack, encode, decode, unpack). On a CPU shared with
             # compute, those passes are taken from the step. Sums are pre-divided by the world
             # size (fp16 range), so the wire carries averages.
-            world = runtime.size()
+            world = self._comm.size
             additive = op in ("sum", "average")
             wire_op = "sum" if additive else op
             pre = opts.prescale / world if additive else opts.prescale
@@ -214,11 +216,11 @@ class GradientReducer:
 
         def fn(seq: int):
             if bucket.buffer is None or bucket.buffer.numel() != numel or bucket.buffer.dtype != buffer_dtype:
-                bucket.buffer = torch.empty(numel, dtype=buffer_dtype, device=runtime.device())
+                bucket.buffer = torch.empty(numel, dtype=buffer_dtype, device=self._comm.device)
             if fused:
                 # Scaled in the gradients' dtype before the cast, so fp16 does not overflow.
                 flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=pre)
-                core_ops.reduce_buffer_(flat, wire_op, alg, plain, seq)
+                self._comm.reduce_buffer_(flat, wire_op, alg, plain, seq)
                 unpack(flat, [g.detach() for g in grads])
                 if post != 1.0:
                     for g in grads:  # in the gradient's own dtype: no fp16 overflow
@@ -227,15 +229,15 @@ class GradientReducer:
             flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=opts.prescale)
             if opts.compressor is not None:
                 wire, ctx = opts.compressor.compress(flat)
-                core_ops.reduce_buffer_(wire, op, alg, codec, seq)
+                self._comm.reduce_buffer_(wire, op, alg, codec, seq)
                 flat.copy_(opts.compressor.decompress(wire, ctx))
             else:
-                core_ops.reduce_buffer_(flat, op, alg, codec, seq)
+                self._comm.reduce_buffer_(flat, op, alg, codec, seq)
             if opts.postscale != 1.0:
                 flat.mul_(opts.postscale)
             unpack(flat, [g.detach() for g in grads])
 
-        return runtime.run_collective(info, fn, asynchronous=True)
+        return self._comm.run(info, fn, asynchronous=True)
 
     def synchronize(self) -> None:
         """Launch what is left (filling unused gradients with zeros), wait for every bucket."""
@@ -268,7 +270,7 @@ class GradientReducer:
         # Rank 0's observed order decides, so all ranks agree on the new layout.
         self._rebuilt = True
         order_t = torch.tensor(order, dtype=torch.int64)
-        core_ops.broadcast_(order_t, root=0)
+        self._comm.broadcast_(order_t, root=0)
         self._set_layout(self._plan(order_t.tolist()))
 
 

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pyddl.comm.registry import ALGORITHM_CHOICES, CODECS
 from pyddl.topology.spec import parse_topology
 from pyddl.train.recipe import (
     DECAYS, Recipe, parse_batch_ramp, ramp_batch_at, validate_batch_ramp,
@@ -29,10 +30,8 @@ __all__ = [
     "config_from_args",
 ]
 
-# Mirrors pyddl.runtime.ALGORITHMS and pyddl.comm.codecs.CODECS without importing
-# torch.distributed here; tests/unit/test_train_config.py checks they stay equal.
-ALLREDUCE_ALGORITHMS = ("native", "multiring", "auto")
-COMPRESSIONS = ("none", "fp16", "bf16")
+ALLREDUCE_ALGORITHMS = ALGORITHM_CHOICES
+COMPRESSIONS = CODECS
 OPTIMIZERS = ("sgd", "lars")
 DEVICES = ("auto", "cpu", "cuda")
 # Goyal et al.'s 32 images per worker.

@@ -32,7 +32,8 @@ from pyddl.train import checkpoint as ckpt
 from pyddl.train.config import TrainConfig
 from pyddl.train.data import DataSplit, ShardSampler, class_fingerprint, fingerprint_int64, load_data, shard_batches
 from pyddl.train.models import build_model
-from pyddl.train.recipe import Recipe, build_optimizer, make_criterion, set_lr
+from pyddl.train.optim import build_optimizer, make_criterion, set_lr
+from pyddl.train.recipe import Recipe
 from pyddl.train.report import (
     MetricsWriter, ProgressBar, format_duration, plot_curves, read_metrics, summary_text,
     topk_correct, write_summary,

@@ -1,0 +1,42 @@
+"""join(): a rank that has run out of data serves the others' allreduces until every rank has
+joined, contributing the identity element of each reduction (Horovod's join semantics)."""
+
+from __future__ import annotations
+
+import torch
+
+from pyddl.comm import registry
+from pyddl.comm.codecs import get_codec
+from pyddl.comm.guard import Round, exchange
+from pyddl.errors import PyddlError
+
+__all__ = ["serve_until_all_joined", "identity"]
+
+
+def identity(op: str, dtype: torch.dtype, numel: int, device) -> torch.Tensor:
+    """The element that leaves a reduction unchanged: what a joined rank contributes."""
+    if op in ("sum", "average"):
+        return torch.zeros(numel, dtype=dtype, device=device)
+    if op == "product":
+        return torch.ones(numel, dtype=dtype, device=device)
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    fill = (float("inf") if op == "min" else float("-inf")) if dtype.is_floating_point else (info.max if op == "min" else info.min)
+    return torch.full((numel,), fill, dtype=dtype, device=device)
+
+
+def serve_until_all_joined(comm, seq: int) -> Round:
+    """The join collective's body (engine thread): one exchange per collective the others run."""
+    while True:
+        rnd = exchange(None, seq, comm.group, comm.ranks, comm.device, comm.rank)
+        if rnd.all_joined:
+            return rnd
+        (buffers, op, alg, codec), op_seq = rnd.serve
+        if alg == registry.AUTO:
+            if comm._tuned is None:
+                raise PyddlError("an auto allreduce ran while ranks were joined before auto was tuned; "
+                                 "start the job with allreduce='auto' so every rank tunes at init")
+            alg = None
+        for numel, dtype_name in buffers:
+            buf = identity(op, getattr(torch, dtype_name.replace("torch.", "")), numel, comm.device)
+            chosen = alg or comm._tuned.pick(buf.numel() * buf.element_size())
+            comm.reduce_buffer_(buf, op, chosen, get_codec(codec), op_seq)
