@@ -139,6 +139,36 @@ def test_bad_flags_are_clear(tmp_path):
     assert proc.returncode == 2 and "no command to run" in proc.stderr
 
 
+@pytest.mark.parametrize("flags, text", [
+    (["--timeout", "0"], "timeout must be a positive, finite number of seconds, got 0.0"),
+    (["--timeout", "-5"], "got -5.0"),
+    (["--timeout", "nan"], "got nan"),
+    (["--timeout", "inf"], "got inf"),
+    (["--chunk-bytes", "0"], "chunk_bytes must be a positive whole number of bytes, got 0"),
+    (["--chunk-bytes", "-4096"], "got -4096"),
+    (["--topology", ""], "the topology is empty"),
+    (["--allreduce", "ring"], "invalid choice: 'ring'"),
+])
+def test_bad_settings_are_one_line_and_exit_2_before_any_worker_starts(tmp_path, flags, text):
+    marker = tmp_path / "started"
+    script = _script(tmp_path, f"open({str(marker)!r}, 'w').close()")
+    proc = _run(["run", "-np", "2", *flags, script], tmp_path)
+    assert proc.returncode == 2 and text in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3 and "Traceback" not in proc.stderr  # argparse adds usage
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command, text", [
+    (["missing.py"], "script 'missing.py' not found"),
+    (["python", "gone.py", "--x"], "script 'gone.py' not found"),
+    (["no-such-command-pyddl"], "command 'no-such-command-pyddl' not found on PATH"),
+])
+def test_a_command_that_cannot_start_is_one_line(tmp_path, command, text):
+    proc = _run(["run", "-np", "2", *command], tmp_path)
+    assert proc.returncode == 2 and text in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_bench_allreduce_table_and_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(
