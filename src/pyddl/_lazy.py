@@ -4,6 +4,8 @@ the settings, the recipe, the cost model) does not import torch."""
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Callable
 
 __all__ = ["lazy_exports"]
@@ -15,7 +17,19 @@ def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable, Calla
     Example (in a package's __init__.py):
         >>> __getattr__, __dir__ = lazy_exports(__name__, {"Recipe": "pyddl.train.recipe"})
     """
-    namespace = importlib.import_module(package).__dict__
+    module = sys.modules[package]
+    namespace = module.__dict__
+
+    class _Package(types.ModuleType):
+        # Importing a submodule binds it on its package: `import pyddl.topology.spec` would
+        # replace the function `pyddl.topology()` with the package `pyddl.topology`. An
+        # exported name keeps its meaning; the submodule stays importable by its full name.
+        def __setattr__(self, name, value):
+            if name in exports and isinstance(value, types.ModuleType):
+                return
+            super().__setattr__(name, value)
+
+    module.__class__ = _Package
 
     def __getattr__(name: str):
         if name not in exports:

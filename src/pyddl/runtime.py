@@ -198,12 +198,14 @@ def shutdown() -> None:
     if state is None:
         return
     timeline = state.world.timeline
+    timeline.close()
     if timeline.enabled and dist.is_initialized() and dist.get_world_size() > 1:
         try:
             dist.barrier(group=state.world.group)  # every rank's file is complete before the merge
         except RuntimeError:
             pass  # a rank is gone: merge what is there
-    timeline.close(merge=dist.get_rank() == 0 if dist.is_initialized() else True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        timeline.merge()
     state.world.close()
     if state.owns_world and dist.is_initialized():
         dist.destroy_process_group()

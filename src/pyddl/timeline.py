@@ -46,25 +46,30 @@ class Timeline:
         if self.enabled:
             self._write({"name": name, "ph": "i", "s": "t", "ts": self.now_us(), "tid": lane, "args": args or {}})
 
-    def close(self, merge: bool) -> None:
-        """Flush this rank's file; with `merge`, combine every rank's file into `path`."""
+    def close(self) -> None:
+        """Flush and close this rank's file."""
         if not self.enabled:
             return
         with self._lock:
-            self._fh.close()
-            self._fh = None
-        if merge:
-            events = []
-            # This job's ranks only: an earlier, larger job may have left more rank files.
-            parts = [p for p in (f"{self.path}.rank{r}" for r in range(self.world_size)) if os.path.exists(p)]
-            for part in parts:
-                with open(part) as fh:
-                    events.extend(json.loads(line) for line in fh if line.strip())
-            for r in sorted({e["pid"] for e in events}):
-                events.append({"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}})
-            tmp = f"{self.path}.tmp"
-            with open(tmp, "w") as fh:
-                json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
-            os.replace(tmp, self.path)
-            for part in parts:
-                os.remove(part)
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def merge(self) -> None:
+        """Combine every rank's file into `path` (on one rank, after every rank's close())."""
+        if not self.enabled:
+            return
+        events = []
+        # This job's ranks only: an earlier, larger job may have left more rank files.
+        parts = [p for p in (f"{self.path}.rank{r}" for r in range(self.world_size)) if os.path.exists(p)]
+        for part in parts:
+            with open(part) as fh:
+                events.extend(json.loads(line) for line in fh if line.strip())
+        for r in sorted({e["pid"] for e in events}):
+            events.append({"name": "process_name", "ph": "M", "pid": r, "args": {"name": f"rank {r}"}})
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, fh)
+        os.replace(tmp, self.path)
+        for part in parts:
+            os.remove(part)
