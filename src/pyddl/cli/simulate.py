@@ -4,9 +4,11 @@
   pyddl simulate --profile-step r18.json --model resnet18 --batch 32 --image-size 112 --threads 1
   pyddl simulate --calibrate bench.json --write-cluster mine.toml
   pyddl simulate --cluster mine.toml --validate bench.json --step-profile r18.json --measured-steps steps.json
+  pyddl simulate --anchors
 
 Predictions come from pyddl.sim (pure cost model + step model); nothing here runs a collective.
-With --validate or --measured-steps the exit code is 1 when a prediction is off by more than 15%.
+With --validate or --measured-steps the exit code is 1 when a prediction is off by more than 15%;
+with --anchors, when a published scaling result is missed by more than 3 points.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = ["register", "run"]
 
 _DEFAULT_GPUS = "8,16,32,64,128,256"
 _TOLERANCE = 0.15  # issue 7: predictions held to within 15% of measurement
+_ANCHOR_POINTS = 3.0  # issue 22: each published scaling result within 3 points at the defaults
 
 
 def register(subparsers) -> None:
@@ -43,12 +46,20 @@ def register(subparsers) -> None:
                       help="comma-separated: native, multiring, auto, hd, tree (default native,multiring)")
     what.add_argument("--step-profile", metavar="PATH", help="per-layer times measured by --profile-step "
                       "instead of FLOPs x the cluster's device rate")
-    what.add_argument("--bucket-mb", type=float, default=GRADIENT_BUCKET_BYTES / 2**20,
-                      help="gradient bucket cap in MiB (default: DistributedOptimizer's, %(default)g)")
-    what.add_argument("--chunk-mb", type=float, default=CHUNK_BYTES / 2**20,
-                      help="multiring pipeline chunk in MiB (default: the library's, %(default)g)")
+    what.add_argument("--bucket-mb", type=float, default=None,
+                      help="gradient bucket cap in MiB, 0 for one per layer (default: the cluster's [stack] "
+                      f"bucket_mb, else DistributedOptimizer's {GRADIENT_BUCKET_BYTES / 2**20:g})")
+    what.add_argument("--chunk-mb", type=float, default=None,
+                      help="multiring pipeline chunk in MiB (default: the cluster's [stack] chunk_mb, else "
+                      f"the library's {CHUNK_BYTES / 2**20:g})")
     what.add_argument("--ring-max", type=int, help="split rings between servers longer than this, "
                       "e.g. 16 runs 64 servers as 16x4 like DDL (default: one ring per level)")
+    what.add_argument("--step-cv", type=float, default=None, help="per-worker step-time spread, std / mean "
+                      "(e.g. 0.01; default: the cluster's [stack] step_cv, else 0): the step waits for the slowest")
+    what.add_argument("--baseline-gpus", type=int, default=1, help="GPU count scaling efficiency is measured "
+                      "against (default 1; Goyal et al. measured from one 8-GPU server)")
+    what.add_argument("--anchors", action="store_true", help="predict every published scaling result of the "
+                      "shipped clusters at the defaults; exit 1 if one is off by more than 3 points")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     out.add_argument("--plot", metavar="PATH", help="write a PNG of efficiency and images/s against GPUs")
@@ -73,6 +84,9 @@ def run(args) -> int:
     try:
         if args.write_cluster and not args.calibrate:
             raise ValueError("--write-cluster writes what --calibrate fitted; add --calibrate BENCH")
+        _check_numbers(args)
+        if args.anchors:
+            return _anchors(args)
         if args.profile_step:
             return _profile(args)
         if args.calibrate or args.validate or args.measured_steps:
@@ -81,6 +95,23 @@ def run(args) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"pyddl simulate: {err}", file=sys.stderr)
         return 2
+
+
+def _check_numbers(args) -> None:
+    """Reject out-of-range numeric flags before anything is built (one line each)."""
+    import math
+
+    for flag, value, lo in (("--num-classes", args.num_classes, 1), ("--image-size", args.image_size, 8),
+                            ("--batch", args.batch, 1), ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
+                            ("--ring-max", args.ring_max, 2), ("--baseline-gpus", args.baseline_gpus, 1)):
+        if value is not None and value < lo:
+            raise ValueError(f"{flag} must be an integer >= {lo}, got {value}")
+    for flag, value in (("--step-cv", args.step_cv), ("--noise", args.noise)):
+        if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+            raise ValueError(f"{flag} must be a fraction from 0 to 1 (e.g. 0.01), got {value}")
+    for flag, value in (("--bucket-mb", args.bucket_mb), ("--chunk-mb", args.chunk_mb)):
+        if value is not None and not (math.isfinite(value) and (value > 0 or (value == 0 and flag == "--bucket-mb"))):
+            raise ValueError(f"{flag} must be a positive number of MiB{' (or 0: one bucket per layer)' if flag == '--bucket-mb' else ''}, got {value}")
 
 
 def _csv(text: str, what: str, cast=str) -> list:
@@ -104,10 +135,9 @@ def _algorithms(text: str) -> list[str]:
     return algs
 
 
-def _mib(value: float, flag: str) -> int:
-    if not value > 0:
-        raise ValueError(f"{flag} must be positive, got {value}")
-    return int(value * 1024 * 1024)
+def _mib(value: float | None) -> int | None:
+    """MiB from the command line as bytes; None keeps the cluster's stack's (else pyddl's) size."""
+    return None if value is None else max(int(value * 1024 * 1024), 1 if value else 0)
 
 
 def _profile_for(args, cluster):
@@ -132,7 +162,7 @@ def _profile_for(args, cluster):
 
 def _predict(args) -> int:
     from pyddl.sim.cluster import load_cluster
-    from pyddl.sim.step import predict_scaling
+    from pyddl.sim.step import predict_scaling, stack_sizes
 
     cluster = load_cluster(args.cluster)
     gpus = _csv(args.gpus or _DEFAULT_GPUS, "gpus", int)
@@ -140,20 +170,25 @@ def _predict(args) -> int:
         cluster.fabric(n, args.ring_max)  # reject impossible counts before the model is built
     algorithms = _algorithms(args.algorithm)
     profile = _profile_for(args, cluster)
-    rows = predict_scaling(profile, cluster, gpus, algorithms, _mib(args.bucket_mb, "--bucket-mb"),
-                           _mib(args.chunk_mb, "--chunk-mb"), args.ring_max)
+    rows = predict_scaling(profile, cluster, gpus, algorithms, _mib(args.bucket_mb), _mib(args.chunk_mb),
+                           args.ring_max, args.baseline_gpus, args.step_cv)
+    bucket_bytes, chunk_bytes = stack_sizes(cluster, _mib(args.bucket_mb), _mib(args.chunk_mb))
     single = profile.forward_s + profile.backward_s + profile.optimizer_s
+    grouping = "one per layer" if bucket_bytes == 0 else f"of <= {bucket_bytes / 2**20:g} MiB"
     print(f"model {profile.model}, {profile.batch} images per GPU, {profile.gradient_bytes / 2**20:.1f} MiB of "
-          f"gradients in {rows[0]['buckets']} buckets of <= {args.bucket_mb:g} MiB")
+          f"gradients in {rows[0]['buckets']} buckets {grouping}; chunks of {chunk_bytes / 2**20:g} MiB")
     print(f"cluster {cluster.name}: {cluster.description}")
+    print(f"stack: {_stack_line(cluster, args.step_cv)}")
     print(f"per-layer times: {profile.source}; 1-GPU step {single * 1e3:.1f} ms "
           f"(forward {profile.forward_s * 1e3:.1f}, backward {profile.backward_s * 1e3:.1f}, "
           f"update {profile.optimizer_s * 1e3:.2f})")
+    base = "" if args.baseline_gpus == 1 else f" (efficiency against {args.baseline_gpus} GPUs)"
     print(f"{'gpus':>5} {'algorithm':>10} {'topology':>9} {'step_s':>9} {'images_per_s':>13} "
-          f"{'scaling_efficiency':>18} {'exposed_ms':>10}")
+          f"{'scaling_efficiency':>18} {'exposed_ms':>10} {'straggler_ms':>12}{base}")
     for r in rows:
         print(f"{r['gpus']:>5} {r['algorithm']:>10} {r['topology']:>9} {r['step_s']:>9.4f} "
-              f"{r['images_per_s']:>13.1f} {r['scaling_efficiency']:>18.3f} {r['exposed_s'] * 1e3:>10.2f}")
+              f"{r['images_per_s']:>13.1f} {r['scaling_efficiency']:>18.3f} {r['exposed_s'] * 1e3:>10.2f} "
+              f"{r['straggler_s'] * 1e3:>12.2f}")
     for r in rows:
         r.update(model=profile.model, batch=profile.batch, cluster=cluster.name)
     if args.json:
@@ -163,6 +198,73 @@ def _predict(args) -> int:
     if args.plot:
         _plot(rows, args.plot, f"{profile.model}, {profile.batch}/GPU, {cluster.name}")
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _stack_line(cluster, step_cv: float | None) -> str:
+    st = cluster.stack
+    cv = st.step_cv if step_cv is None else step_cv
+    staging = f"host staging at {st.staging_gb_per_s:g} GB/s" if st.staging_gb_per_s else "no host staging"
+    return (f"{st.name or 'pyddl'}; {st.call_us:g} us per collective call, {staging}, "
+            f"{'overlapped with backward' if st.overlap else 'after backward'}, step-time spread {cv:g}, "
+            f"{st.step_fixed_us:g} us fixed and {st.step_allreduces} small allreduce(s) per step")
+
+
+# What each new term costs an anchor: the prediction with that term switched off, one at a time.
+_TERMS = (
+    ("straggler", lambda st: {"step_cv": 0.0}),
+    ("call cost", lambda st: {"call_us": 0.0}),
+    ("staging", lambda st: {"staging_gb_per_s": None}),
+    ("overlap limit", lambda st: {"overlap": True}),
+    ("fixed costs", lambda st: {"step_fixed_us": 0.0, "step_allreduces": 0}),
+)
+
+
+def _anchors(args) -> int:
+    """Predict every shipped published result at the defaults; one table; exit 1 past 3 points."""
+    from dataclasses import replace
+
+    from pyddl.sim.cluster import load_cluster, shipped_clusters
+    from pyddl.sim.step import flop_profile, predict_scaling
+
+    rows = []
+    for name in shipped_clusters():
+        cluster = load_cluster(name)
+        for a in cluster.anchors:
+            profile = flop_profile(a.model, a.batch, cluster.device, a.image_size, a.num_classes)
+
+            def eff(cl) -> dict:
+                return predict_scaling(profile, cl, [a.gpus], [a.algorithm], ring_max=a.ring_max,
+                                       baseline_gpus=a.baseline_gpus)[0]
+
+            pred = eff(cluster)
+            costs = {}
+            for term, off in _TERMS:
+                without = replace(cluster, stack=replace(cluster.stack, **off(cluster.stack)))
+                costs[term] = 100 * (eff(without)["scaling_efficiency"] - pred["scaling_efficiency"])
+            rows.append({"anchor": a.name, "cluster": name, "source": a.source, "published": a.efficiency,
+                         "predicted": pred["scaling_efficiency"],
+                         "difference_points": 100 * (pred["scaling_efficiency"] - a.efficiency),
+                         "gpus": a.gpus, "baseline_gpus": a.baseline_gpus, "algorithm": a.algorithm,
+                         "topology": pred["topology"], "step_s": pred["step_s"], "exposed_s": pred["exposed_s"],
+                         "straggler_s": pred["straggler_s"], "term_points": costs})
+    print(f"{'anchor':<48} {'published':>9} {'predicted':>9} {'difference':>10}")
+    for r in rows:
+        print(f"{r['anchor']:<48} {100 * r['published']:>8.1f}% {100 * r['predicted']:>8.1f}% "
+              f"{r['difference_points']:>+8.1f} pt")
+    print(f"points each term costs (prediction with the term off minus with it on):")
+    print(f"{'anchor':<48} " + " ".join(f"{t:>13}" for t, _ in _TERMS))
+    for r in rows:
+        print(f"{r['anchor']:<48} " + " ".join(f"{r['term_points'][t]:>13.1f}" for t, _ in _TERMS))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {args.json}")
+    off = [r for r in rows if abs(r["difference_points"]) > _ANCHOR_POINTS]
+    if off:
+        print(f"pyddl simulate: {len(off)} of {len(rows)} published results are off by more than "
+              f"{_ANCHOR_POINTS:g} points: {', '.join(r['anchor'] for r in off)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -231,8 +333,9 @@ def _check(args) -> int:
     from pyddl.sim.calibrate import (compare_allreduce, compare_steps, fit_bench, fit_comm_cpu, fitted_cluster,
                                      load_bench, load_measured_steps, median_of_runs)
     from pyddl.sim.cluster import cluster_to_toml, load_cluster
+    from pyddl.sim.step import stack_sizes
 
-    chunk = _mib(args.chunk_mb, "--chunk-mb")
+    chunk = _mib(args.chunk_mb) or CHUNK_BYTES
     report: dict = {}
     if args.calibrate:
         paths = _csv(args.calibrate, "calibrate")
@@ -275,7 +378,7 @@ def _check(args) -> int:
                              f"{'x'.join(map(str, fabric.dims))} but the bench ran as "
                              f"{'x'.join(map(str, bench.dims))}; pass a cluster with "
                              f"{bench.dims[0]} GPUs per server")
-        rows = compare_allreduce(fabric, bench, chunk, cluster.multiring_pipeline)
+        rows = compare_allreduce(fabric, bench, stack_sizes(cluster, None, _mib(args.chunk_mb))[1], cluster.multiring_pipeline)
         fitted = args.calibrate and set(validate) & set(_csv(args.calibrate, "calibrate"))
         same = " (in-sample: these rows were fitted)" if fitted else ""
         load = f", host costs x{bench.host_load:g} (more ranks than cores)" if bench.host_load > 1 else ""
@@ -285,7 +388,7 @@ def _check(args) -> int:
     if args.measured_steps:
         measured = load_measured_steps(args.measured_steps)
         profile = _profile_for(args, cluster)
-        rows = compare_steps(profile, cluster, measured, _mib(args.bucket_mb, "--bucket-mb"), chunk, args.ring_max)
+        rows = compare_steps(profile, cluster, measured, _mib(args.bucket_mb), _mib(args.chunk_mb), args.ring_max)
         print(f"step time on {cluster.name} ({profile.source}) vs {args.measured_steps}:")
         _print_comparison(rows, "step", "gpus")
         comm = [r for r in rows if "compute_s" in r]
