@@ -126,13 +126,17 @@ def test_anchors_table_and_exit_code(tmp_path):
     assert names == ["Goyal et al. 2017, ResNet-50, 8 to 256 GPUs", "IBM DDL 2017, ResNet-50, ImageNet-1K",
                      "IBM DDL 2017, ResNet-101, ImageNet-22K"]
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["anchor", "published", "predicted", "difference"]
-    for r, line in zip(rows, lines[1:4]):
-        assert line.startswith(r["anchor"])
+    assert lines[0].split() == ["#", "anchor", "published", "predicted", "difference"]
+    for i, (r, line) in enumerate(zip(rows, lines[1:4]), 1):
+        assert line.split()[0] == str(i) and r["anchor"] in line
         assert f"{100 * r['published']:.1f}%" in line and f"{100 * r['predicted']:.1f}%" in line
         assert r["difference_points"] == pytest.approx(100 * (r["predicted"] - r["published"]))
         assert f"{r['difference_points']:+.1f} pt" in line
         assert 0.5 < r["predicted"] < 1 and r["straggler_s"] > 0
+        # Each published setup pays for its slowest worker; a term a setup does not have costs 0.
+        assert r["term_points"]["slowest worker (step_cv)"] > 0
+        assert r["term_points"]["fixed per-step costs"] == 0
+    assert "points each term costs" in proc.stdout
     off = [r["anchor"] for r in rows if abs(r["difference_points"]) > 3]
     assert proc.returncode == (1 if off else 0), proc.stderr
     if off:
@@ -168,6 +172,7 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("args, names", [
+    (["--anchors", "--model", "resnet18"], ["--anchors", "drop --model"]),
     (["--cluster", "levels.toml"], ["levels.toml", "levels", "[1, 2]"]),
     (["--cluster", "device.toml"], ["device.toml", "[device]", "got 5"]),
     (["--cluster", "slow.toml"], ["slow.toml", "link_gbps", "1e-300"]),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from pyddl.defaults import CHUNK_BYTES, GRADIENT_BUCKET_BYTES
 
@@ -210,23 +211,31 @@ def _stack_line(cluster, step_cv: float | None) -> str:
             f"{st.step_fixed_us:g} us fixed and {st.step_allreduces} small allreduce(s) per step")
 
 
-# What each new term costs an anchor: the prediction with that term switched off, one at a time.
+# What each term costs an anchor: the prediction with that term switched off, one at a time.
 _TERMS = (
-    ("straggler", lambda st: {"step_cv": 0.0}),
-    ("call cost", lambda st: {"call_us": 0.0}),
-    ("staging", lambda st: {"staging_gb_per_s": None}),
-    ("overlap limit", lambda st: {"overlap": True}),
-    ("fixed costs", lambda st: {"step_fixed_us": 0.0, "step_allreduces": 0}),
+    ("slowest worker (step_cv)", lambda c: {"stack": replace(c.stack, step_cv=0.0)}),
+    ("call cost (call_us)", lambda c: {"stack": replace(c.stack, call_us=0.0)}),
+    ("host staging", lambda c: {"stack": replace(c.stack, staging_gb_per_s=None)}),
+    ("no overlap", lambda c: {"stack": replace(c.stack, overlap=True)}),
+    ("fixed per-step costs", lambda c: {"stack": replace(c.stack, step_fixed_us=0.0, step_allreduces=0)}),
+    ("one call per layer", lambda c: {"stack": replace(c.stack, bucket_mb=None)}),
+    ("per-step overhead", lambda c: {"device": replace(c.device, step_overhead_us=0.0)}),
 )
 
 
 def _anchors(args) -> int:
     """Predict every shipped published result at the defaults; one table; exit 1 past 3 points."""
-    from dataclasses import replace
-
     from pyddl.sim.cluster import load_cluster, shipped_clusters
     from pyddl.sim.step import flop_profile, predict_scaling
 
+    given = [flag for flag, value, default in (
+        ("--model", args.model, None), ("--batch", args.batch, None), ("--gpus", args.gpus, None),
+        ("--step-profile", args.step_profile, None), ("--bucket-mb", args.bucket_mb, None),
+        ("--chunk-mb", args.chunk_mb, None), ("--ring-max", args.ring_max, None), ("--step-cv", args.step_cv, None),
+        ("--baseline-gpus", args.baseline_gpus, 1), ("--num-classes", args.num_classes, 1000),
+        ("--image-size", args.image_size, 224)) if value != default]
+    if given:
+        raise ValueError(f"--anchors predicts each published setup at the shipped defaults; drop {', '.join(given)}")
     rows = []
     for name in shipped_clusters():
         cluster = load_cluster(name)
@@ -238,24 +247,22 @@ def _anchors(args) -> int:
                                        baseline_gpus=a.baseline_gpus)[0]
 
             pred = eff(cluster)
-            costs = {}
-            for term, off in _TERMS:
-                without = replace(cluster, stack=replace(cluster.stack, **off(cluster.stack)))
-                costs[term] = 100 * (eff(without)["scaling_efficiency"] - pred["scaling_efficiency"])
+            costs = {term: 100 * (eff(replace(cluster, **off(cluster)))["scaling_efficiency"]
+                                  - pred["scaling_efficiency"]) for term, off in _TERMS}
             rows.append({"anchor": a.name, "cluster": name, "source": a.source, "published": a.efficiency,
                          "predicted": pred["scaling_efficiency"],
                          "difference_points": 100 * (pred["scaling_efficiency"] - a.efficiency),
                          "gpus": a.gpus, "baseline_gpus": a.baseline_gpus, "algorithm": a.algorithm,
                          "topology": pred["topology"], "step_s": pred["step_s"], "exposed_s": pred["exposed_s"],
                          "straggler_s": pred["straggler_s"], "term_points": costs})
-    print(f"{'anchor':<48} {'published':>9} {'predicted':>9} {'difference':>10}")
-    for r in rows:
-        print(f"{r['anchor']:<48} {100 * r['published']:>8.1f}% {100 * r['predicted']:>8.1f}% "
-              f"{r['difference_points']:>+8.1f} pt")
-    print(f"points each term costs (prediction with the term off minus with it on):")
-    print(f"{'anchor':<48} " + " ".join(f"{t:>13}" for t, _ in _TERMS))
-    for r in rows:
-        print(f"{r['anchor']:<48} " + " ".join(f"{r['term_points'][t]:>13.1f}" for t, _ in _TERMS))
+    print(f"{'#':>2} {'anchor':<44} {'published':>9} {'predicted':>9} {'difference':>10}")
+    for i, r in enumerate(rows, 1):
+        print(f"{i:>2} {r['anchor']:<44} {100 * r['published']:>8.1f}% {100 * r['predicted']:>8.1f}% "
+              f"{r['difference_points']:>+7.1f} pt")
+    print("points each term costs (efficiency with the term off minus as shipped):")
+    print(f"   {'term':<44} " + " ".join(f"{f'#{i}':>6}" for i in range(1, len(rows) + 1)))
+    for term, _ in _TERMS:
+        print(f"   {term:<44} " + " ".join(f"{r['term_points'][term]:>+6.1f}" for r in rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -263,7 +270,7 @@ def _anchors(args) -> int:
     off = [r for r in rows if abs(r["difference_points"]) > _ANCHOR_POINTS]
     if off:
         print(f"pyddl simulate: {len(off)} of {len(rows)} published results are off by more than "
-              f"{_ANCHOR_POINTS:g} points: {', '.join(r['anchor'] for r in off)}", file=sys.stderr)
+              f"{_ANCHOR_POINTS:g} points: {'; '.join(r['anchor'] for r in off)}", file=sys.stderr)
         return 1
     return 0
 
