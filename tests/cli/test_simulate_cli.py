@@ -39,6 +39,7 @@ def test_predictions_from_a_measured_step_profile(tmp_path, capsys):
     prof = str(tmp_path / "prof.json")
     assert main(["simulate", "--profile-step", prof, "--model", "resnet18", "--batch", "2",
                  "--image-size", "32", "--repeats", "1"]) == 0
+    assert "step-time spread over the 1 repeats: 0.0000" in capsys.readouterr().out
     assert main(["simulate", "--step-profile", prof, "--cluster", "dgx-a100", "--gpus", "8,16",
                  "--json", str(tmp_path / "rows.json")]) == 0
     out = capsys.readouterr().out

@@ -322,6 +322,8 @@ def _profile(args) -> int:
     print(f"{name}, batch {batch}, {args.image_size} px, {profile.source}: forward {profile.forward_s * 1e3:.1f} ms, "
           f"backward {profile.backward_s * 1e3:.1f} ms, update {profile.optimizer_s * 1e3:.1f} ms, "
           f"{len(profile.gradients)} gradients, {profile.gradient_bytes / 2**20:.1f} MiB")
+    print(f"step-time spread over the {args.repeats} repeats: {profile.step_cv:.4f} (std / mean; pass it as "
+          "--step-cv to model the wait for the slowest worker)")
     print(f"wrote {args.profile_step}")
     return 0
 
