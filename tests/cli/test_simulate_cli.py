@@ -183,6 +183,8 @@ BAD_FILES = {
     (["--step-cv", "nan"], ["--step-cv", "got nan"]),
     (["--bucket-mb", "-1"], ["--bucket-mb", "got -1"]),
     (["--baseline-gpus", "0"], ["--baseline-gpus", "got 0"]),
+    (["--batch", "0"], ["--batch", "got 0"]),
+    (["--noise", "0"], ["--noise", "got 0.0"]),
 ])
 def test_bad_values_are_one_line_and_exit_2(tmp_path, args, names):
     for name, text in BAD_FILES.items():

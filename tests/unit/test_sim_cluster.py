@@ -183,6 +183,8 @@ BAD_VALUES = [
     (lambda s: s + "[stack]\nstep_cv = 2.0\n", "[stack]: step_cv must be a number from 0 to 1, got 2.0"),
     (lambda s: s + "[stack]\nfusion = 1\n", "[stack]: unknown key(s) fusion"),
     (lambda s: s + '[[anchors]]\nname = "x"\n', "[[anchors]] #1: missing key(s)"),
+    (lambda s: s + '[[anchors]]\nname = "x"\nsource = "y"\nefficiency = 0.9\nmodel = "resnet50"\nbatch = 32\n'
+                   'gpus = 8\nalgorithm = "ring2"\n', "algorithm must be one of native, multiring"),
 ]
 
 

@@ -107,12 +107,14 @@ def _check_numbers(args) -> None:
                             ("--ring-max", args.ring_max, 2), ("--baseline-gpus", args.baseline_gpus, 1)):
         if value is not None and value < lo:
             raise ValueError(f"{flag} must be an integer >= {lo}, got {value}")
-    for flag, value in (("--step-cv", args.step_cv), ("--noise", args.noise)):
-        if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
-            raise ValueError(f"{flag} must be a fraction from 0 to 1 (e.g. 0.01), got {value}")
-    for flag, value in (("--bucket-mb", args.bucket_mb), ("--chunk-mb", args.chunk_mb)):
-        if value is not None and not (math.isfinite(value) and (value > 0 or (value == 0 and flag == "--bucket-mb"))):
-            raise ValueError(f"{flag} must be a positive number of MiB{' (or 0: one bucket per layer)' if flag == '--bucket-mb' else ''}, got {value}")
+    if args.step_cv is not None and not (math.isfinite(args.step_cv) and 0 <= args.step_cv <= 1):
+        raise ValueError(f"--step-cv must be a fraction from 0 to 1 (e.g. 0.01), got {args.step_cv}")
+    if not (math.isfinite(args.noise) and 0 < args.noise <= 1):
+        raise ValueError(f"--noise must be a fraction above 0 and at most 1 (e.g. 0.02), got {args.noise}")
+    if args.bucket_mb is not None and not (math.isfinite(args.bucket_mb) and args.bucket_mb >= 0):
+        raise ValueError(f"--bucket-mb must be a positive number of MiB (or 0: one bucket per layer), got {args.bucket_mb}")
+    if args.chunk_mb is not None and not (math.isfinite(args.chunk_mb) and args.chunk_mb > 0):
+        raise ValueError(f"--chunk-mb must be a positive number of MiB, got {args.chunk_mb}")
 
 
 def _csv(text: str, what: str, cast=str) -> list:
@@ -156,8 +158,6 @@ def _profile_for(args, cluster):
         raise ValueError(f"cluster {cluster.name!r} has no [device] to time layers with; pass "
                          "--step-profile PATH (from `pyddl simulate --profile-step PATH`)")
     batch = 32 if args.batch is None else args.batch
-    if batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {batch}")
     return flop_profile(args.model or "resnet50", batch, cluster.device, args.image_size, args.num_classes)
 
 

@@ -1,8 +1,10 @@
-"""Cluster descriptions for `pyddl simulate`: servers, links per topology level, the device.
+"""Cluster descriptions for `pyddl simulate`: servers, links per topology level, the device,
+what the software stack costs beyond the wire (`[stack]`) and published results (`[[anchors]]`).
 
 A description is a TOML file, shipped ones under pyddl/sim/clusters/ (select by name) or any
-path. `Cluster.fabric(gpus)` turns it into the cost model's `Fabric` for a job of that many
-GPUs laid out server by server. Reading TOML needs Python 3.11 (tomllib) or `tomli` on 3.10.
+path; every bad value is a ValueError naming the file and the key. `Cluster.fabric(gpus)`
+turns it into the cost model's `Fabric` for a job of that many GPUs laid out server by
+server. Reading TOML needs Python 3.11 (tomllib) or `tomli` on 3.10.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
-from pyddl.sim.cost import Fabric, Level
+from pyddl.sim.cost import ALGORITHMS, Fabric, Level
 
 __all__ = ["LevelSpec", "DeviceSpec", "CommCpuSpec", "StackSpec", "AnchorSpec", "Cluster", "load_cluster",
            "shipped_clusters", "cluster_to_toml"]
@@ -299,7 +302,7 @@ def _take(table, cls, where: str, required: tuple[str, ...]) -> dict:
 
 # Plausible ranges, so that a typo (a link of 1e-300 Gbit/s, 1e9 servers) is an error naming the
 # key instead of a prediction of centuries: (lowest, highest) of each number a file may state.
-_RANGES = {
+_RANGES = MappingProxyType({
     "link_gbps": (1e-3, 1e6), "latency_us": (0.0, 1e6), "links": (1, 1024), "size": (1, 10**6),
     "gpus_per_server": (1, 1024), "servers": (1, 10**6), "reference_batch": (1, 10**6),
     "reference_image_size": (8, 10**5), "reference_images_per_s": (1e-3, 1e9), "memory_gb_per_s": (0.1, 1e6),
@@ -308,7 +311,7 @@ _RANGES = {
     "call_us": (0.0, 1e7), "staging_gb_per_s": (1e-3, 1e6), "step_cv": (0.0, 1.0), "step_fixed_us": (0.0, 1e8),
     "step_allreduces": (0, 10**4), "efficiency": (1e-3, 1.0), "batch": (1, 10**6), "gpus": (1, 10**7),
     "baseline_gpus": (1, 10**7), "num_classes": (1, 10**7), "image_size": (8, 10**5), "ring_max": (2, 10**6),
-}
+})
 
 
 def _number(table: dict, key: str, where: str, integer: bool = False, default=None):
@@ -326,6 +329,13 @@ def _string(table: dict, key: str, where: str, default=None) -> str:
     value = table.get(key, default)
     if not isinstance(value, str):
         raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _choice(table: dict, key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key)
+    if value not in choices:
+        raise ValueError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -434,7 +444,7 @@ def _parse_anchors(raw, where: str) -> tuple[AnchorSpec, ...]:
             name=_string(table, "name", at), source=_string(table, "source", at),
             efficiency=float(_number(table, "efficiency", at)), model=_string(table, "model", at),
             batch=_number(table, "batch", at, integer=True), gpus=_number(table, "gpus", at, integer=True),
-            algorithm=_string(table, "algorithm", at),
+            algorithm=_choice(table, "algorithm", at, ALGORITHMS),
             baseline_gpus=_number(table, "baseline_gpus", at, True, 1),
             num_classes=_number(table, "num_classes", at, True, 1000),
             image_size=_number(table, "image_size", at, True, 224),
