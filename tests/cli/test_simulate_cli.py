@@ -184,6 +184,7 @@ BAD_FILES = {
     (["--bucket-mb", "-1"], ["--bucket-mb", "got -1"]),
     (["--baseline-gpus", "0"], ["--baseline-gpus", "got 0"]),
     (["--batch", "0"], ["--batch", "got 0"]),
+    (["--baseline-gpus", "6"], ["--baseline-gpus 6", "not a multiple of the 4 GPUs per server"]),
     (["--noise", "0"], ["--noise", "got 0.0"]),
 ])
 def test_bad_values_are_one_line_and_exit_2(tmp_path, args, names):

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     what.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000; "
                       "ImageNet-22K: 21841)")
     what.add_argument("--cluster", default="powerai-ddl-2017",
-                      help="shipped cluster name (powerai-ddl-2017, dgx-a100) or a .toml path")
+                      help="shipped cluster name (powerai-ddl-2017, fb-big-basin-2017, dgx-a100) or a .toml path")
     what.add_argument("--gpus", default=None, help=f"comma-separated GPU counts (default {_DEFAULT_GPUS})")
     what.add_argument("--algorithm", default="native,multiring",
                       help="comma-separated: native, multiring, auto, hd, tree (default native,multiring)")
@@ -169,6 +169,10 @@ def _predict(args) -> int:
     gpus = _csv(args.gpus or _DEFAULT_GPUS, "gpus", int)
     for n in gpus:
         cluster.fabric(n, args.ring_max)  # reject impossible counts before the model is built
+    try:
+        cluster.fabric(args.baseline_gpus, args.ring_max)
+    except ValueError as err:
+        raise ValueError(f"--baseline-gpus {args.baseline_gpus}: {err}") from None
     algorithms = _algorithms(args.algorithm)
     profile = _profile_for(args, cluster)
     rows = predict_scaling(profile, cluster, gpus, algorithms, _mib(args.bucket_mb), _mib(args.chunk_mb),
