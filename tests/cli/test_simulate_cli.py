@@ -39,6 +39,7 @@ def test_predictions_from_a_measured_step_profile(tmp_path, capsys):
     prof = str(tmp_path / "prof.json")
     assert main(["simulate", "--profile-step", prof, "--model", "resnet18", "--batch", "2",
                  "--image-size", "32", "--repeats", "1"]) == 0
+    assert "step-time spread over the 1 repeats: 0.0000" in capsys.readouterr().out
     assert main(["simulate", "--step-profile", prof, "--cluster", "dgx-a100", "--gpus", "8,16",
                  "--json", str(tmp_path / "rows.json")]) == 0
     out = capsys.readouterr().out
@@ -114,3 +115,85 @@ def test_calibrate_write_cluster_then_validate_with_it(tmp_path):
     # Three runs, one of them slow: each row is held against the median of its runs.
     proc = _run(["--cluster", "mine.toml", "--validate", "bench.json,slow.json,bench.json"], tmp_path)
     assert proc.returncode == 0 and "allreduce: 27/27 rows within 15%" in proc.stdout, proc.stderr
+
+
+# ---- published results at the defaults (issue 22) --------------------------------------------
+
+
+def test_anchors_table_and_exit_code(tmp_path):
+    proc = _run(["--anchors", "--json", "anchors.json"], tmp_path)
+    rows = json.loads((tmp_path / "anchors.json").read_text())
+    names = [r["anchor"] for r in rows]
+    assert names == ["Goyal et al. 2017, ResNet-50, 8 to 256 GPUs", "IBM DDL 2017, ResNet-50, ImageNet-1K",
+                     "IBM DDL 2017, ResNet-101, ImageNet-22K"]
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["#", "anchor", "published", "predicted", "difference"]
+    for i, (r, line) in enumerate(zip(rows, lines[1:4]), 1):
+        assert line.split()[0] == str(i) and r["anchor"] in line
+        assert f"{100 * r['published']:.1f}%" in line and f"{100 * r['predicted']:.1f}%" in line
+        assert r["difference_points"] == pytest.approx(100 * (r["predicted"] - r["published"]))
+        assert f"{r['difference_points']:+.1f} pt" in line
+        assert 0.5 < r["predicted"] < 1 and r["straggler_s"] > 0
+        # Each published setup pays for its slowest worker; a term a setup does not have costs 0.
+        assert r["term_points"]["slowest worker (step_cv)"] > 0
+        assert r["term_points"]["fixed per-step costs"] == 0
+    assert "points each term costs" in proc.stdout
+    off = [r["anchor"] for r in rows if abs(r["difference_points"]) > 3]
+    assert proc.returncode == (1 if off else 0), proc.stderr
+    if off:
+        assert f"{len(off)} of 3 published results are off by more than 3 points" in proc.stderr
+
+
+@pytest.mark.parametrize("points, code", [(100.0, 0), (0.001, 1)])
+def test_anchors_exit_code_follows_the_tolerance(points, code, monkeypatch, capsys):
+    import pyddl.cli.simulate as sim
+
+    monkeypatch.setattr(sim, "_ANCHOR_POINTS", points)
+    assert main(["simulate", "--anchors"]) == code
+    err = capsys.readouterr().err
+    assert ("published results are off by more than" in err) == bool(code)
+
+
+def test_defaults_use_the_clusters_stack(capsys):
+    assert main(["simulate", "--cluster", "fb-big-basin-2017", "--gpus", "8,256", "--algorithm", "hd",
+                 "--baseline-gpus", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "buckets one per layer" in out and "host staging at 12 GB/s" in out and "step-time spread 0.01" in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:2] in (["8", "hd"], ["256", "hd"])]
+    assert rows[0][5] == "1.000" and float(rows[1][5]) < 1  # efficiency against 8 GPUs
+
+
+BAD_FILES = {
+    "levels.toml": 'name = "x"\ngpus_per_server = 4\nservers = 2\nlevels = [1, 2]\n',
+    "device.toml": 'device = 5\nname = "x"\ngpus_per_server = 4\nservers = 1\n[[levels]]\nname = "a"\n'
+                   'link_gbps = 1.0\nlatency_us = 1.0\n',
+    "slow.toml": 'name = "x"\ngpus_per_server = 4\nservers = 1\n[[levels]]\nname = "a"\n'
+                 'link_gbps = 1e-300\nlatency_us = 1.0\n',
+}
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--anchors", "--model", "resnet18"], ["--anchors", "drop --model"]),
+    (["--cluster", "levels.toml"], ["levels.toml", "levels", "[1, 2]"]),
+    (["--cluster", "device.toml"], ["device.toml", "[device]", "got 5"]),
+    (["--cluster", "slow.toml"], ["slow.toml", "link_gbps", "1e-300"]),
+    (["--cluster", "adir"], ["adir", "is a directory"]),
+    (["--num-classes", "0"], ["--num-classes", "got 0"]),
+    (["--image-size", "-3"], ["--image-size", "got -3"]),
+    (["--step-cv", "nan"], ["--step-cv", "got nan"]),
+    (["--bucket-mb", "-1"], ["--bucket-mb", "got -1"]),
+    (["--baseline-gpus", "0"], ["--baseline-gpus", "got 0"]),
+    (["--batch", "0"], ["--batch", "got 0"]),
+    (["--baseline-gpus", "6"], ["--baseline-gpus 6", "not a multiple of the 4 GPUs per server"]),
+    (["--noise", "0"], ["--noise", "got 0.0"]),
+])
+def test_bad_values_are_one_line_and_exit_2(tmp_path, args, names):
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "adir").mkdir()
+    proc = _run(args + ["--gpus", "4"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyddl simulate: ")
+    for n in names:
+        assert n in lines[0]

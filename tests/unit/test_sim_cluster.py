@@ -125,3 +125,79 @@ def test_unknown_names_and_paths():
         load_cluster("powerai-ddl-2018")
     with pytest.raises(ValueError, match="does not exist"):
         load_cluster("/nonexistent/cluster.toml")
+
+
+# ---- the published setups and their sources (issue 22) -------------------------------------
+
+
+def test_published_setups_ship_with_their_anchors():
+    assert {"powerai-ddl-2017", "fb-big-basin-2017"} <= set(shipped_clusters())
+    ddl = load_cluster("powerai-ddl-2017")
+    assert [(a.model, a.batch, a.num_classes, a.gpus, a.efficiency) for a in ddl.anchors] == [
+        ("resnet50", 32, 1000, 256, 0.95), ("resnet101", 20, 21841, 256, 0.88)]
+    assert ddl.anchors[1].batch * ddl.anchors[1].gpus == 5120  # the published global batch
+    fb = load_cluster("fb-big-basin-2017")
+    assert (fb.gpus_per_server, fb.servers) == (8, 32)
+    assert fb.fabric(256).levels[1].link_Bps == pytest.approx(50e9 / 8)
+    (goyal,) = fb.anchors
+    assert (goyal.gpus, goyal.baseline_gpus, goyal.algorithm, goyal.efficiency) == (256, 8, "hd", 0.90)
+    for c in (ddl, fb):
+        assert c.stack.step_cv > 0 and c.stack.bucket_mb == 0 and c.stack.overlap
+
+
+@pytest.mark.parametrize("name", shipped_clusters())
+def test_every_number_in_a_shipped_cluster_has_a_source_comment(name):
+    # A number's source is a comment on its line or in the block of lines just above it (up to
+    # a blank line or a table header), as the files are written; the top-level numbers before
+    # the first table (servers, GPUs per server) are the file's opening comment's.
+    from importlib import resources
+
+    lines = resources.files("pyddl.sim").joinpath("clusters", f"{name}.toml").read_text().splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("["))
+    assert lines[0].startswith("# ")
+    numbers = 0
+    for i, line in enumerate(lines[first_table:], first_table):
+        key, _, value = line.partition("=")
+        if not value.strip() or not value.strip()[0] in "-.0123456789":
+            continue
+        numbers += 1
+        block, j = [line], i - 1
+        while j >= 0 and lines[j].strip() and not lines[j].startswith("["):
+            block.append(lines[j])
+            j -= 1
+        assert any("#" in b for b in block), f"{name}.toml: {key.strip()} has no source comment"
+    assert numbers >= 10
+
+
+TOP = THREE_LEVELS.split("[[levels]]")[0]
+
+BAD_VALUES = [
+    (lambda s: TOP + "levels = [1, 2]\n", "levels must be [[levels]] tables"),
+    (lambda s: "device = 5\n" + s, "[device] must be a table of keys, got 5"),
+    (lambda s: s.replace("link_gbps = 25.0", "link_gbps = 1e-300"),
+     "link_gbps must be a number from 0.001 to 1e+06, got 1e-300"),
+    (lambda s: s.replace("link_gbps = 25.0", 'link_gbps = "fast"'), "link_gbps must be a number from"),
+    (lambda s: s.replace("servers = 12", "servers = 12.5"), "servers must be an integer"),
+    (lambda s: s.replace('name = "racks"', "name = 3"), "name must be a string, got 3"),
+    (lambda s: 'multiring_pipeline = "yes"\n' + s, "multiring_pipeline must be true or false, got 'yes'"),
+    (lambda s: s + "[stack]\nstep_cv = 2.0\n", "[stack]: step_cv must be a number from 0 to 1, got 2.0"),
+    (lambda s: s + "[stack]\nfusion = 1\n", "[stack]: unknown key(s) fusion"),
+    (lambda s: s + '[[anchors]]\nname = "x"\n', "[[anchors]] #1: missing key(s)"),
+    (lambda s: s + '[[anchors]]\nname = "x"\nsource = "y"\nefficiency = 0.9\nmodel = "resnet50"\nbatch = 32\n'
+                   'gpus = 8\nalgorithm = "ring2"\n', "algorithm must be one of native, multiring"),
+]
+
+
+@pytest.mark.parametrize("edit, text", BAD_VALUES)
+def test_wrong_types_and_absurd_values_name_the_file_and_key(tmp_path, edit, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(edit(THREE_LEVELS))
+    with pytest.raises(ValueError) as err:
+        load_cluster(str(path))
+    msg = str(err.value)
+    assert text in msg and str(path) in msg and "\n" not in msg
+
+
+def test_a_directory_is_not_a_cluster_file(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_cluster(str(tmp_path))

@@ -4,6 +4,7 @@ import itertools
 import math
 import random
 
+import numpy as np
 import pytest
 
 from pyddl.sim.cost import (
@@ -11,12 +12,14 @@ from pyddl.sim.cost import (
     Fabric,
     Level,
     allreduce_s,
+    expected_max_normal,
     halving_doubling_allreduce_s,
     halving_doubling_s,
     link_bound_s,
     multiring_s,
     native_s,
     ring_allreduce_s,
+    straggler_wait_s,
     tree_allreduce_s,
     tree_s,
 )
@@ -199,3 +202,39 @@ def test_host_load_scales_host_costs_not_links():
     assert loaded.gamma_s_per_byte == 2e-9 and loaded.stage_s == 4e-4
     assert native_s(loaded, 64 * MIB) > native_s(f, 64 * MIB)  # the reductions take longer
     assert f.with_host_load(1.0) == f
+
+
+# ---- waiting for the slowest worker (issue 22) ----------------------------------------------
+
+
+def test_expected_max_of_normals_against_closed_forms():
+    assert expected_max_normal(1) == 0.0
+    assert expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), abs=1e-9)
+    assert expected_max_normal(3) == pytest.approx(3 / (2 * math.sqrt(math.pi)), abs=1e-9)
+    # n = 4: (6 / sqrt(pi)) x arctan(sqrt(2)) / pi = 1.0293754 (closed form for four draws)
+    assert expected_max_normal(4) == pytest.approx(6 / math.sqrt(math.pi) * math.atan(math.sqrt(2)) / math.pi, abs=1e-9)
+    assert expected_max_normal(4) == pytest.approx(1.0293754, abs=1e-6)
+
+
+@pytest.mark.parametrize("n", [8, 64, 256])
+def test_expected_max_of_normals_against_monte_carlo(n):
+    rng = np.random.default_rng(n)
+    maxima = rng.standard_normal((20000, n)).max(axis=1)
+    se = maxima.std() / math.sqrt(len(maxima))
+    assert abs(expected_max_normal(n) - maxima.mean()) < 4 * se
+
+
+def test_straggler_wait_is_monotone_in_n_and_in_spread():
+    ns = [1, 2, 4, 8, 16, 64, 256, 1024]
+    waits = [straggler_wait_s(n, 0.002) for n in ns]
+    assert waits[0] == 0 and all(a < b for a, b in zip(waits, waits[1:]))
+    spreads = [0.0, 0.001, 0.002, 0.01]
+    by_spread = [straggler_wait_s(64, s) for s in spreads]
+    assert by_spread[0] == 0 and all(a < b for a, b in zip(by_spread, by_spread[1:]))
+    assert straggler_wait_s(64, 0.01) == pytest.approx(0.01 * expected_max_normal(64))
+
+
+@pytest.mark.parametrize("n, spread", [(0, 0.1), (2.5, 0.1), (True, 0.1), (4, -0.1), (4, float("nan"))])
+def test_straggler_wait_rejects_bad_input(n, spread):
+    with pytest.raises(ValueError):
+        straggler_wait_s(n, spread)

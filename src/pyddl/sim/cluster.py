@@ -1,8 +1,10 @@
-"""Cluster descriptions for `pyddl simulate`: servers, links per topology level, the device.
+"""Cluster descriptions for `pyddl simulate`: servers, links per topology level, the device,
+what the software stack costs beyond the wire (`[stack]`) and published results (`[[anchors]]`).
 
 A description is a TOML file, shipped ones under pyddl/sim/clusters/ (select by name) or any
-path. `Cluster.fabric(gpus)` turns it into the cost model's `Fabric` for a job of that many
-GPUs laid out server by server. Reading TOML needs Python 3.11 (tomllib) or `tomli` on 3.10.
+path; every bad value is a ValueError naming the file and the key. `Cluster.fabric(gpus)`
+turns it into the cost model's `Fabric` for a job of that many GPUs laid out server by
+server. Reading TOML needs Python 3.11 (tomllib) or `tomli` on 3.10.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import math
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 
-from pyddl.sim.cost import Fabric, Level
+from pyddl.sim.cost import ALGORITHMS, Fabric, Level
 
-__all__ = ["LevelSpec", "DeviceSpec", "CommCpuSpec", "Cluster", "load_cluster", "shipped_clusters", "cluster_to_toml"]
+__all__ = ["LevelSpec", "DeviceSpec", "CommCpuSpec", "StackSpec", "AnchorSpec", "Cluster", "load_cluster",
+           "shipped_clusters", "cluster_to_toml"]
 
 _SHIPPED_DIR = "clusters"
 
@@ -64,6 +68,58 @@ class CommCpuSpec:
 
 
 @dataclass(frozen=True)
+class StackSpec:
+    """What the cluster's software stack costs beyond the wire (`[stack]`; every term 0 by default).
+
+    Attributes:
+        name: the framework and library, e.g. "Caffe + PowerAI DDL over Spectrum MPI".
+        bucket_mb: the framework's gradient grouping: MiB per collective, 0 for one collective
+            per layer (Caffe's layer-wise reduce); None leaves pyddl's own buckets.
+        chunk_mb: the library's pipeline chunk, None for pyddl's.
+        call_us: software cost of one collective call (framework op, library entry, stream
+            synchronisation), paid on the engine before each bucket's collective.
+        staging_gb_per_s: where the library copies a bucket to host memory and back around a
+            collective that crosses servers, the copy rate (each way); None: no staging.
+        overlap: False where the framework starts reducing only after backward ends.
+        step_cv: per-worker step-time spread, standard deviation / mean compute step; the
+            synchronous step waits for the slowest worker (`cost.straggler_wait_s`).
+        step_fixed_us: per-step host work paid at every worker count (data hand-off, ...).
+        step_allreduces: small allreduces per step on the critical path (loss, metrics).
+    """
+
+    name: str = ""
+    bucket_mb: float | None = None
+    chunk_mb: float | None = None
+    call_us: float = 0.0
+    staging_gb_per_s: float | None = None
+    overlap: bool = True
+    step_cv: float = 0.0
+    step_fixed_us: float = 0.0
+    step_allreduces: int = 0
+
+
+@dataclass(frozen=True)
+class AnchorSpec:
+    """A published scaling result on this cluster (`[[anchors]]`), checked by `--anchors`.
+
+    `efficiency` is throughput(gpus) / (gpus / baseline_gpus x throughput(baseline_gpus)),
+    as the source measured it.
+    """
+
+    name: str
+    source: str
+    efficiency: float
+    model: str
+    batch: int
+    gpus: int
+    algorithm: str
+    baseline_gpus: int = 1
+    num_classes: int = 1000
+    image_size: int = 224
+    ring_max: int | None = None
+
+
+@dataclass(frozen=True)
 class Cluster:
     """A cluster: `servers` x `gpus_per_server` GPUs, `levels` innermost first."""
 
@@ -79,6 +135,8 @@ class Cluster:
     # Per algorithm ("native", "multiring"), where communication shares the compute cores.
     comm_cpu: dict[str, CommCpuSpec] = field(default_factory=dict)
     description: str = ""
+    stack: StackSpec = StackSpec()
+    anchors: tuple[AnchorSpec, ...] = ()
 
     @property
     def max_gpus(self) -> int:
@@ -179,7 +237,8 @@ def load_cluster(spec: str) -> Cluster:
     """Load a shipped cluster by name, or a TOML description from a path.
 
     Raises:
-        ValueError: unknown name, unreadable file, or a description with missing/bad fields.
+        ValueError: unknown name, unreadable file, or a description with missing/bad fields
+            (one line naming the file, the key and what was expected).
         RuntimeError: no TOML reader (Python 3.10 without `tomli`).
 
     Example:
@@ -188,10 +247,17 @@ def load_cluster(spec: str) -> Cluster:
     """
     path = Path(spec)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise ValueError(f"cluster file {spec!r} is a directory; pass a .toml file or a shipped name "
+                             f"({', '.join(shipped_clusters())})")
         if not path.is_file():
             raise ValueError(f"cluster file {spec!r} does not exist; pass a shipped name "
                              f"({', '.join(shipped_clusters())}) or a path to a .toml file")
-        return _parse(_read_toml(path.read_bytes(), spec), spec)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise ValueError(f"cluster file {spec!r} cannot be read: {err.strerror}") from None
+        return _parse(_read_toml(data, spec), f"cluster file {spec!r}")
     names = shipped_clusters()
     if spec not in names:
         close = difflib.get_close_matches(spec, names, n=3)
@@ -201,7 +267,7 @@ def load_cluster(spec: str) -> Cluster:
             "or pass a path to a .toml description"
         )
     data = resources.files("pyddl.sim").joinpath(_SHIPPED_DIR).joinpath(f"{spec}.toml").read_bytes()
-    return _parse(_read_toml(data, spec), spec)
+    return _parse(_read_toml(data, spec), f"cluster {spec!r}")
 
 
 def _read_toml(data: bytes, where: str) -> dict:
@@ -221,7 +287,9 @@ def _read_toml(data: bytes, where: str) -> dict:
         raise ValueError(f"cluster {where!r} is not valid TOML: {err}") from None
 
 
-def _take(table: dict, cls, where: str, required: tuple[str, ...]) -> dict:
+def _take(table, cls, where: str, required: tuple[str, ...]) -> dict:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} must be a table of keys, got {table!r}")
     allowed = {f.name for f in fields(cls)}
     unknown = sorted(set(table) - allowed)
     if unknown:
@@ -232,12 +300,49 @@ def _take(table: dict, cls, where: str, required: tuple[str, ...]) -> dict:
     return dict(table)
 
 
-def _positive(value, what: str, where: str, integer: bool = False, zero_ok: bool = False):
+# Plausible ranges, so that a typo (a link of 1e-300 Gbit/s, 1e9 servers) is an error naming the
+# key instead of a prediction of centuries: (lowest, highest) of each number a file may state.
+_RANGES = MappingProxyType({
+    "link_gbps": (1e-3, 1e6), "latency_us": (0.0, 1e6), "links": (1, 1024), "size": (1, 10**6),
+    "gpus_per_server": (1, 1024), "servers": (1, 10**6), "reference_batch": (1, 10**6),
+    "reference_image_size": (8, 10**5), "reference_images_per_s": (1e-3, 1e9), "memory_gb_per_s": (0.1, 1e6),
+    "step_overhead_us": (0.0, 1e6), "reduce_gb_per_s": (1e-3, 1e6), "multiring_stage_us": (0.0, 1e6),
+    "per_call_us": (0.0, 1e7), "per_byte_ns": (0.0, 1e6), "bucket_mb": (0.0, 1e5), "chunk_mb": (1e-3, 1e5),
+    "call_us": (0.0, 1e7), "staging_gb_per_s": (1e-3, 1e6), "step_cv": (0.0, 1.0), "step_fixed_us": (0.0, 1e8),
+    "step_allreduces": (0, 10**4), "efficiency": (1e-3, 1.0), "batch": (1, 10**6), "gpus": (1, 10**7),
+    "baseline_gpus": (1, 10**7), "num_classes": (1, 10**7), "image_size": (8, 10**5), "ring_max": (2, 10**6),
+})
+
+
+def _number(table: dict, key: str, where: str, integer: bool = False, default=None):
+    """table[key] (or `default`) checked to be a number of the right kind inside _RANGES[key]."""
+    value = table.get(key, default)
+    lo, hi = _RANGES[key]
+    kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        kind = "an integer" if integer else "a number"
-        bound = ">= 0" if zero_ok else "> 0"
-        raise ValueError(f"{where}: {what} must be {kind} {bound}, got {value!r}")
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{where}: {key} must be {kind} from {lo:g} to {hi:g}, got {value!r}")
+    return value
+
+
+def _string(table: dict, key: str, where: str, default=None) -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def _choice(table: dict, key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key)
+    if value not in choices:
+        raise ValueError(f"{where}: {key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bool(table: dict, key: str, where: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
     return value
 
 
@@ -246,61 +351,106 @@ def _parse(data: dict, where: str) -> Cluster:
     levels_raw = top.pop("levels", None)
     device_raw = top.pop("device", None)
     comm_cpu_raw = top.pop("comm_cpu", {})
+    stack_raw = top.pop("stack", {})
+    anchors_raw = top.pop("anchors", [])
     _take(top, Cluster, where, ("name", "gpus_per_server", "servers"))
-    if not isinstance(levels_raw, list) or not levels_raw:
-        raise ValueError(f"{where}: needs at least one [[levels]] table (innermost first)")
+    if not isinstance(levels_raw, list) or not levels_raw or not all(isinstance(x, dict) for x in levels_raw):
+        raise ValueError(f"{where}: levels must be [[levels]] tables, innermost first (at least one), "
+                         f"got {levels_raw!r}")
     levels = []
     for i, raw in enumerate(levels_raw):
         at = f"{where} [[levels]] #{i + 1}"
         _take(raw, LevelSpec, at, ("name", "link_gbps", "latency_us"))
-        _positive(raw["link_gbps"], "link_gbps", at)
-        _positive(raw["latency_us"], "latency_us", at, zero_ok=True)
-        _positive(raw.get("links", 1), "links", at, integer=True)
+        size = None
         if 0 < i < len(levels_raw) - 1:
-            _positive(raw.get("size"), "size (units of the inner level per group)", at, integer=True)
-        levels.append(LevelSpec(**raw))
+            if "size" not in raw:
+                raise ValueError(f"{at}: a middle level needs size (units of the inner level per group)")
+            size = _number(raw, "size", at, integer=True)
+        levels.append(LevelSpec(_string(raw, "name", at), float(_number(raw, "link_gbps", at)),
+                                float(_number(raw, "latency_us", at)), _number(raw, "links", at, True, 1), size))
     device = None
     if device_raw is not None:
         at = f"{where} [device]"
         _take(device_raw, DeviceSpec, at, ("name", "reference_model", "reference_batch",
                                            "reference_images_per_s", "memory_gb_per_s"))
-        _positive(device_raw["reference_batch"], "reference_batch", at, integer=True)
-        _positive(device_raw["reference_images_per_s"], "reference_images_per_s", at)
-        _positive(device_raw["memory_gb_per_s"], "memory_gb_per_s", at)
-        _positive(device_raw.get("step_overhead_us", 0.0), "step_overhead_us", at, zero_ok=True)
-        device = DeviceSpec(**device_raw)
+        device = DeviceSpec(
+            _string(device_raw, "name", at), _string(device_raw, "reference_model", at),
+            _number(device_raw, "reference_batch", at, integer=True),
+            float(_number(device_raw, "reference_images_per_s", at)),
+            float(_number(device_raw, "memory_gb_per_s", at)),
+            _number(device_raw, "reference_image_size", at, True, 224),
+            float(_number(device_raw, "step_overhead_us", at, default=0.0)))
     comm_cpu = {}
     if not isinstance(comm_cpu_raw, dict):
-        raise ValueError(f"{where}: comm_cpu must be tables [comm_cpu.native] / [comm_cpu.multiring]")
+        raise ValueError(f"{where}: comm_cpu must be tables [comm_cpu.native] / [comm_cpu.multiring], "
+                         f"got {comm_cpu_raw!r}")
     for alg, raw in comm_cpu_raw.items():
         at = f"{where} [comm_cpu.{alg}]"
         if alg not in ("native", "multiring") or not isinstance(raw, dict):
             raise ValueError(f"{at}: comm_cpu tables are [comm_cpu.native] and [comm_cpu.multiring]")
         _take(raw, CommCpuSpec, at, ("per_call_us", "per_byte_ns"))
-        comm_cpu[alg] = CommCpuSpec(float(_positive(raw["per_call_us"], "per_call_us", at, zero_ok=True)),
-                                    float(_positive(raw["per_byte_ns"], "per_byte_ns", at, zero_ok=True)))
-    g = _positive(top["gpus_per_server"], "gpus_per_server", where, integer=True)
-    servers = _positive(top["servers"], "servers", where, integer=True)
+        comm_cpu[alg] = CommCpuSpec(float(_number(raw, "per_call_us", at)), float(_number(raw, "per_byte_ns", at)))
+    g = _number(top, "gpus_per_server", where, integer=True)
+    servers = _number(top, "servers", where, integer=True)
     if servers > 1 and len(levels) < 2:
         raise ValueError(f"{where}: {servers} servers need a second [[levels]] table for the links between them")
     groups = math.prod(int(s.size) for s in levels[1:-1])
     if servers > groups and servers % groups:
         raise ValueError(f"{where}: {servers} servers do not fill whole groups of {groups} servers")
-    if "reduce_gb_per_s" in top:
-        _positive(top["reduce_gb_per_s"], "reduce_gb_per_s", where)
-    _positive(top.get("multiring_stage_us", 0.0), "multiring_stage_us", where, zero_ok=True)
+    reduce_gb = float(_number(top, "reduce_gb_per_s", where)) if "reduce_gb_per_s" in top else None
     return Cluster(
-        name=str(top["name"]),
+        name=_string(top, "name", where),
         gpus_per_server=g,
         servers=servers,
         levels=tuple(levels),
         device=device,
-        reduce_gb_per_s=top.get("reduce_gb_per_s"),
-        multiring_pipeline=bool(top.get("multiring_pipeline", True)),
-        multiring_stage_us=float(top.get("multiring_stage_us", 0.0)),
+        reduce_gb_per_s=reduce_gb,
+        multiring_pipeline=_bool(top, "multiring_pipeline", where, True),
+        multiring_stage_us=float(_number(top, "multiring_stage_us", where, default=0.0)),
         comm_cpu=comm_cpu,
-        description=str(top.get("description", "")),
+        description=_string(top, "description", where, ""),
+        stack=_parse_stack(stack_raw, f"{where} [stack]"),
+        anchors=_parse_anchors(anchors_raw, where),
     )
+
+
+def _parse_stack(raw, at: str) -> StackSpec:
+    _take(raw, StackSpec, at, ())
+
+    def optional(key: str) -> float | None:
+        return float(_number(raw, key, at)) if key in raw else None
+
+    return StackSpec(
+        name=_string(raw, "name", at, ""),
+        bucket_mb=optional("bucket_mb"),
+        chunk_mb=optional("chunk_mb"),
+        call_us=float(_number(raw, "call_us", at, default=0.0)),
+        staging_gb_per_s=optional("staging_gb_per_s"),
+        overlap=_bool(raw, "overlap", at, True),
+        step_cv=float(_number(raw, "step_cv", at, default=0.0)),
+        step_fixed_us=float(_number(raw, "step_fixed_us", at, default=0.0)),
+        step_allreduces=_number(raw, "step_allreduces", at, True, 0),
+    )
+
+
+def _parse_anchors(raw, where: str) -> tuple[AnchorSpec, ...]:
+    if not isinstance(raw, list):
+        raise ValueError(f"{where}: anchors must be [[anchors]] tables, got {raw!r}")
+    out = []
+    for i, table in enumerate(raw):
+        at = f"{where} [[anchors]] #{i + 1}"
+        _take(table, AnchorSpec, at, ("name", "source", "efficiency", "model", "batch", "gpus", "algorithm"))
+        out.append(AnchorSpec(
+            name=_string(table, "name", at), source=_string(table, "source", at),
+            efficiency=float(_number(table, "efficiency", at)), model=_string(table, "model", at),
+            batch=_number(table, "batch", at, integer=True), gpus=_number(table, "gpus", at, integer=True),
+            algorithm=_choice(table, "algorithm", at, ALGORITHMS),
+            baseline_gpus=_number(table, "baseline_gpus", at, True, 1),
+            num_classes=_number(table, "num_classes", at, True, 1000),
+            image_size=_number(table, "image_size", at, True, 224),
+            ring_max=_number(table, "ring_max", at, integer=True) if "ring_max" in table else None,
+        ))
+    return tuple(out)
 
 
 def _toml_value(value) -> str:
@@ -331,6 +481,10 @@ def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
     if cluster.device is not None:
         lines += ["", "[device]"]
         lines += [f"{f.name} = {_toml_value(getattr(cluster.device, f.name))}" for f in fields(DeviceSpec)]
+    if cluster.stack != StackSpec():
+        lines += ["", "[stack]"]
+        lines += [f"{f.name} = {_toml_value(getattr(cluster.stack, f.name))}" for f in fields(StackSpec)
+                  if getattr(cluster.stack, f.name) is not None]
     for alg, spec in cluster.comm_cpu.items():
         lines += ["", f"[comm_cpu.{alg}]"]
         lines += [f"{f.name} = {_toml_value(getattr(spec, f.name))}" for f in fields(CommCpuSpec)]
@@ -340,4 +494,8 @@ def cluster_to_toml(cluster: Cluster, comment: str = "") -> str:
             value = getattr(spec, f.name)
             if value is not None:
                 lines.append(f"{f.name} = {_toml_value(value)}")
+    for anchor in cluster.anchors:
+        lines += ["", "[[anchors]]"]
+        lines += [f"{f.name} = {_toml_value(getattr(anchor, f.name))}" for f in fields(AnchorSpec)
+                  if getattr(anchor, f.name) is not None]
     return "\n".join(lines) + "\n"

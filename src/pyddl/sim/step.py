@@ -3,8 +3,10 @@
 A `StepProfile` holds one worker's forward, backward and optimizer times and each gradient's
 size and ready time, from a real torch module: FLOPs x a device rate, or measured on this
 machine. `simulate_step` buckets gradients in ready order (pyddl's `plan_buckets`), runs one
-bucket collective at a time in that order, and adds what is still running after backward.
-Caveat: communication is assumed not to slow the computation it overlaps.
+bucket collective at a time in that order, and adds what is still running after backward,
+the wait for the slowest worker and what the cluster's software stack costs (`[stack]`).
+Caveat: communication is assumed not to slow the computation it overlaps. Importing this
+module needs no torch; bucketing uses pyddl.comm.fusion, which still does (imported late).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Sequence
 
 from pyddl.comm.layout import plan_buckets
 from pyddl.defaults import GRADIENT_BUCKET_BYTES
-from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, allreduce_s, auto_choice
+from pyddl.sim.cost import DEFAULT_CHUNK_BYTES, Fabric, allreduce_s, auto_choice, straggler_wait_s
 
 __all__ = [
     "Gradient",
@@ -34,11 +36,15 @@ __all__ = [
     "measure_profile",
     "load_profile",
     "SGD_BYTES_PER_PARAM",
+    "SMALL_ALLREDUCE_BYTES",
+    "stack_sizes",
 ]
 
 # SGD with momentum reads weight, gradient and momentum and writes weight and momentum:
 # five fp32 passes over the parameters, bound by memory bandwidth.
 SGD_BYTES_PER_PARAM = 20
+# A per-step loss/metric allreduce: a few fp32 scalars.
+SMALL_ALLREDUCE_BYTES = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class StepProfile:
     gradients: tuple[Gradient, ...]
     source: str  # "flops: <device>" or "measured: <where>"
     image_size: int | None = None
+    # Measured spread of the whole step over the repeats (std / mean), for the user to pass as
+    # --step-cv; the prediction takes the spread from there or from the cluster's [stack].
+    step_cv: float = 0.0
 
     @property
     def gradient_bytes(self) -> int:
@@ -125,6 +134,8 @@ class StepPrediction:
 
     `comm_cpu_s` is the CPU time communication takes from backward where they share the
     cores (0 unless the cluster states it); `backward_s` is the profile's, without it.
+    `straggler_s` is the expected wait for the slowest worker, `fixed_s` the per-step costs
+    that do not shrink (the stack's fixed host work and its small per-step allreduces).
     """
 
     forward_s: float
@@ -133,10 +144,13 @@ class StepPrediction:
     exposed_s: float
     buckets: tuple[BucketRun, ...]
     comm_cpu_s: float = 0.0
+    straggler_s: float = 0.0
+    fixed_s: float = 0.0
 
     @property
     def step_s(self) -> float:
-        return self.forward_s + self.backward_s + self.comm_cpu_s + self.exposed_s + self.optimizer_s
+        return (self.forward_s + self.backward_s + self.comm_cpu_s + self.exposed_s + self.optimizer_s
+                + self.straggler_s + self.fixed_s)
 
     @property
     def comm_s(self) -> float:
@@ -148,6 +162,7 @@ def simulate_step(
     collective_s: Callable[[int], float],
     bucket_bytes: int = GRADIENT_BUCKET_BYTES,
     cpu_s: Callable[[int], float] | None = None,
+    overlap: bool = True,
 ) -> StepPrediction:
     """Predict one step: buckets in ready order, one collective at a time, exposure at the end.
 
@@ -160,8 +175,11 @@ def simulate_step(
     Args:
         profile: the worker's step.
         collective_s: seconds to allreduce a bucket of that many bytes.
-        bucket_bytes: the bucket cap (a larger gradient gets a bucket of its own).
+        bucket_bytes: the bucket cap (a larger gradient gets a bucket of its own); 0 for one
+            bucket per layer (consecutive gradients of one module, as Caffe's layer-wise reduce).
         cpu_s: CPU seconds a bucket of that many bytes takes from compute (None: none).
+        overlap: False where the framework reduces only after backward: every bucket is
+            handed over when backward ends.
 
     Returns:
         The prediction; `step_s` = forward + backward + its communication CPU + exposed +
@@ -173,14 +191,13 @@ def simulate_step(
         >>> simulate_step(p, lambda n: 2.0).exposed_s
         2.0
     """
-    items = [(g.numel, g.dtype, g.itemsize) for g in profile.gradients]
-    buckets = plan_buckets(items, bucket_bytes) if items else []
+    buckets = _group(profile.gradients, bucket_bytes)
     sizes = [sum(profile.gradients[i].nbytes for i in members) for members in buckets]
     cpu = sum(cpu_s(n) for n in sizes) if cpu_s is not None else 0.0
     stretch = (profile.backward_s + cpu) / profile.backward_s if profile.backward_s > 0 else 1.0
     runs, engine_free = [], 0.0
     for members, nbytes in zip(buckets, sizes):
-        ready = max(profile.gradients[i].ready_s for i in members) * stretch
+        ready = max(profile.gradients[i].ready_s for i in members) * stretch if overlap else profile.backward_s + cpu
         start = max(ready, engine_free)
         engine_free = start + collective_s(nbytes)
         runs.append(BucketRun(nbytes, ready, start, engine_free))
@@ -188,54 +205,115 @@ def simulate_step(
     return StepPrediction(profile.forward_s, profile.backward_s, profile.optimizer_s, exposed, tuple(runs), cpu)
 
 
+def _group(gradients: Sequence[Gradient], bucket_bytes: int) -> list[list[int]]:
+    """Bucket members (indices in ready order): pyddl's plan_buckets, or one bucket per layer."""
+    if not gradients:
+        return []
+    if bucket_bytes == 0:
+        groups: list[list[int]] = []
+        for i, g in enumerate(gradients):
+            layer = g.name.rsplit(".", 1)[0]
+            if groups and gradients[groups[-1][-1]].name.rsplit(".", 1)[0] == layer:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+    return plan_buckets([(g.numel, g.dtype, g.itemsize) for g in gradients], bucket_bytes)
+
+
+def stack_sizes(cluster, bucket_bytes: int | None = None, chunk_bytes: int | None = None) -> tuple[int, int]:
+    """The bucket cap and chunk a prediction uses: given, else the cluster's stack's, else pyddl's."""
+    stack = cluster.stack
+    if bucket_bytes is None:
+        bucket_bytes = GRADIENT_BUCKET_BYTES if stack.bucket_mb is None else int(stack.bucket_mb * 2**20)
+    if chunk_bytes is None:
+        chunk_bytes = DEFAULT_CHUNK_BYTES if stack.chunk_mb is None else max(1, int(stack.chunk_mb * 2**20))
+    return bucket_bytes, chunk_bytes
+
+
+def _predict_one(profile: StepProfile, cluster, gpus: int, algorithm: str, bucket_bytes: int, chunk_bytes: int,
+                 ring_max: int | None, step_cv: float) -> tuple[StepPrediction, Fabric]:
+    """One step of `gpus` workers: the step model plus the stack's costs and the slowest worker."""
+    stack = cluster.stack
+    fixed = stack.step_fixed_us * 1e-6
+    if gpus == 1:
+        pred = simulate_step(profile, lambda n: 0.0, bucket_bytes)
+        return replace(pred, fixed_s=fixed), cluster.fabric(1, ring_max)
+    fabric = cluster.fabric(gpus, ring_max)
+    pipeline = cluster.multiring_pipeline
+    call = stack.call_us * 1e-6
+    staging = stack.staging_gb_per_s * 1e9 if stack.staging_gb_per_s and gpus > cluster.gpus_per_server else None
+
+    def collective_s(nbytes: int) -> float:
+        # Host staging: the whole bucket to host memory before the collective and back after.
+        copies = 2 * nbytes / staging if staging else 0.0
+        return call + copies + allreduce_s(fabric, algorithm, nbytes, chunk_bytes, pipeline)
+
+    pred = simulate_step(profile, collective_s, bucket_bytes, _comm_cpu(cluster, fabric, algorithm, chunk_bytes),
+                         stack.overlap)
+    compute = profile.forward_s + profile.backward_s + profile.optimizer_s
+    fixed += stack.step_allreduces * collective_s(SMALL_ALLREDUCE_BYTES)
+    return replace(pred, straggler_s=straggler_wait_s(gpus, step_cv * compute), fixed_s=fixed), fabric
+
+
 def predict_scaling(
     profile: StepProfile,
     cluster,
     gpus: Sequence[int],
     algorithms: Sequence[str],
-    bucket_bytes: int = GRADIENT_BUCKET_BYTES,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    bucket_bytes: int | None = None,
+    chunk_bytes: int | None = None,
     ring_max: int | None = None,
+    baseline_gpus: int = 1,
+    step_cv: float | None = None,
 ) -> list[dict]:
     """Predict step time, images/s and scaling efficiency per GPU count and algorithm.
 
-    Efficiency = throughput(n) / (n x throughput(1)) at the same per-GPU batch, with the
-    1-GPU step communicating nothing.
+    Efficiency = throughput(n) / (n / b x throughput(b)) = step(b) / step(n) at the same
+    per-GPU batch, b = `baseline_gpus` (1: one GPU, communicating nothing; Goyal et al.
+    measured from one 8-GPU server). Each step adds the cluster's `[stack]` costs: a call
+    cost and host staging per bucket collective, the per-step fixed costs, and the expected
+    wait for the slowest of n workers (step_cv x compute step x E[max of n normals]).
 
     Args:
         cluster: a `pyddl.sim.cluster.Cluster`.
+        bucket_bytes, chunk_bytes: None for the cluster's stack's, else pyddl's defaults.
         ring_max: split rings between servers longer than this (`Cluster.fabric`).
+        baseline_gpus: the GPU count efficiency is measured against.
+        step_cv: per-worker step-time spread (std / mean); None for the cluster's stack's.
 
     Returns:
         One dict per (gpus, algorithm): gpus, algorithm, topology, step_s, images_per_s,
-        scaling_efficiency, exposed_s, comm_s, comm_cpu_s, buckets.
+        scaling_efficiency, exposed_s, comm_s, comm_cpu_s, straggler_s, fixed_s, buckets,
+        baseline_gpus.
 
     Raises:
         ValueError: a GPU count the cluster cannot lay out, or an algorithm the cost model
             cannot price (e.g. "hd" on a count that is not a power of two).
     """
-    base = simulate_step(profile, lambda n: 0.0, bucket_bytes).step_s
+    bucket_bytes, chunk_bytes = stack_sizes(cluster, bucket_bytes, chunk_bytes)
+    cv = cluster.stack.step_cv if step_cv is None else step_cv
+    if not (0 <= cv <= 1):
+        raise ValueError(f"step-time spread must be a fraction from 0 to 1, got {cv!r}")
     rows = []
     for n in gpus:
-        fabric = cluster.fabric(n, ring_max)
         for alg in algorithms:
-            pred = simulate_step(
-                profile,
-                lambda nbytes: allreduce_s(fabric, alg, nbytes, chunk_bytes, cluster.multiring_pipeline),
-                bucket_bytes,
-                _comm_cpu(cluster, fabric, alg, chunk_bytes) if n > 1 else None,
-            )
+            pred, fabric = _predict_one(profile, cluster, n, alg, bucket_bytes, chunk_bytes, ring_max, cv)
+            base = _predict_one(profile, cluster, baseline_gpus, alg, bucket_bytes, chunk_bytes, ring_max, cv)[0]
             rows.append({
                 "gpus": n,
                 "algorithm": alg,
                 "topology": "x".join(map(str, fabric.dims)),
                 "step_s": pred.step_s,
                 "images_per_s": n * profile.batch / pred.step_s,
-                "scaling_efficiency": base / pred.step_s,
+                "scaling_efficiency": base.step_s / pred.step_s,
                 "exposed_s": pred.exposed_s,
                 "comm_s": pred.comm_s,
                 "comm_cpu_s": pred.comm_cpu_s,
+                "straggler_s": pred.straggler_s,
+                "fixed_s": pred.fixed_s,
                 "buckets": len(pred.buckets),
+                "baseline_gpus": baseline_gpus,
             })
     return rows
 
@@ -432,5 +510,7 @@ def measure_profile(model, batch: int, input_shape: Sequence[int], repeats: int 
     )
     where = f"measured: {device.type}, {torch.get_num_threads()} threads, median of {repeats}"
     size = input_shape[-1] if len(input_shape) == 3 else None
+    steps = [f + b + u for f, b, u in zip(fwd, bwd, upd)]
+    cv = statistics.stdev(steps) / statistics.mean(steps) if len(steps) > 1 else 0.0
     return StepProfile(name or type(model).__name__, batch, statistics.median(fwd), statistics.median(bwd),
-                       statistics.median(upd), tuple(grads), where, size)
+                       statistics.median(upd), tuple(grads), where, size, cv)
