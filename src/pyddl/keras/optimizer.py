@@ -1,0 +1,121 @@
+"""DistributedOptimizer for Keras 3: wraps a Keras optimizer by composition, the way Keras's
+own LossScaleOptimizer does, so `model.compile` takes it and `model.fit` applies gradients
+combined over all ranks. Works on the TensorFlow backend (the reduction is a TF host
+callback inside Keras's compiled train step).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from pyddl.tensorflow.compression import Compression
+from pyddl.tensorflow.gradients import GradientReduction
+from pyddl.tensorflow.ops import Average, global_process_set
+
+__all__ = ["DistributedOptimizer"]
+
+
+class DistributedOptimizer(keras.optimizers.Optimizer):
+    """Wrap `optimizer` so each step applies gradients averaged (or summed) over all ranks.
+
+    All state (variables, learning rate, iterations) is the wrapped optimizer's; this one
+    only reduces the gradients before handing them on. Arguments are Horovod's.
+
+    Args:
+        optimizer: a Keras 3 optimizer (keras.optimizers.SGD, Adam, ...).
+        name: the wrapper's name; default "Distributed" + the optimizer's class name.
+        compression: hvd.Compression.none/fp16/bf16, or a Compressor of your own.
+        sparse_as_dense: densify sparse gradients before reducing them.
+        gradient_predivide_factor: with Average, 1/factor before the sum, factor/size after.
+        op: hvd.Average (default), Sum, Min, Max or Product; Adasum raises NotImplementedError.
+        backward_passes_per_step: only 1. For local accumulation, pass
+            `gradient_accumulation_steps=k` to the wrapped Keras optimizer instead (the
+            gradients are then reduced every step, and the result is the same).
+        device_dense, device_sparse, average_aggregated_gradients, num_groups, groups,
+        process_set, scale_local_gradients: accepted for Horovod compatibility.
+
+    Raises:
+        TypeError: `optimizer` is not a Keras 3 optimizer.
+
+    Example:
+        >>> opt = hvd.DistributedOptimizer(keras.optimizers.SGD(0.01 * hvd.size(), momentum=0.9))
+        >>> model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    """
+
+    def __init__(self, optimizer, name=None, device_dense="", device_sparse="", compression=Compression.none,
+                 sparse_as_dense=False, gradient_predivide_factor=1.0, op=Average, backward_passes_per_step=1,
+                 average_aggregated_gradients=False, num_groups=0, groups=None, process_set=global_process_set,
+                 scale_local_gradients=True):
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(
+                f"DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.SGD, Adam, ...), got "
+                f"{type(optimizer).__name__}; TF1 optimizers (tf.compat.v1.train) are not supported"
+            )
+        if backward_passes_per_step != 1:
+            raise ValueError(
+                f"backward_passes_per_step={backward_passes_per_step} is not supported; pass "
+                f"gradient_accumulation_steps={backward_passes_per_step} to the Keras optimizer instead"
+            )
+        reduction = GradientReduction(compression, sparse_as_dense, op, gradient_predivide_factor, num_groups,
+                                      groups, process_set)
+        super().__init__(learning_rate=0.0, name=name or f"Distributed{type(optimizer).__name__}")
+        self.inner_optimizer = optimizer
+        self._reduction = reduction
+
+    def build(self, var_list):
+        self.inner_optimizer.build(var_list)
+        super().build(var_list)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    def apply(self, grads, trainable_variables=None):
+        """Reduce `grads` over all ranks (one fused allreduce), then apply them."""
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+            self.built = True
+        self.inner_optimizer.apply(self._reduction.reduce(list(grads)), trainable_variables)
+
+    def apply_gradients(self, grads_and_vars):
+        grads, trainable_variables = zip(*grads_and_vars)
+        self.apply(grads, trainable_variables)
+        return self.iterations
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError(
+            "pyddl.keras reduces gradients with TensorFlow ops: use the TensorFlow backend "
+            "(KERAS_BACKEND=tensorflow); on JAX use pyddl.jax"
+        )
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    def __getattr__(self, name):
+        # Hyperparameters the callbacks and user code read (momentum, beta_1...) are the
+        # wrapped optimizer's.
+        if name.startswith("_") or name == "inner_optimizer":
+            raise AttributeError(name)
+        return getattr(self.inner_optimizer, name)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    def get_config(self):
+        return {"name": self.name,
+                "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        inner = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
