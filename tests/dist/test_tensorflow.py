@@ -1,0 +1,211 @@
+"""pyddl.tensorflow and pyddl.keras on 2 and 3 Gloo ranks (rank r contributes r+1): every op on
+float32/float16/bfloat16/int32/int64 against its closed form, eagerly and inside tf.function;
+Horovod's gradients; state and objects; DistributedGradientTape and Keras fit with
+DistributedOptimizer against one worker with the global batch; the callbacks; the errors.
+TensorFlow's import is slow, so each spawned run checks many things."""
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from harness import run_ranks
+
+pytestmark = [
+    pytest.mark.dist,
+    pytest.mark.timeout(400),
+    pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs the tensorflow extra"),
+]
+
+TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+          "TF_ENABLE_ONEDNN_OPTS": "0", "KERAS_BACKEND": "tensorflow"}
+DTYPES = ["float32", "float16", "bfloat16", "int32", "int64"]
+
+
+def _tf():
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
+def _np(t):
+    return np.asarray(t.numpy()).astype(np.float64).tolist()
+
+
+def _all_ops(hvd, tf, dtype, r, n, var):
+    """Every op once on `dtype` (run eagerly and as one tf.function): name -> result."""
+    x = tf.fill([5], tf.cast(r + 1, dtype))
+    out = {
+        "sum": hvd.allreduce(x, op=hvd.Sum),
+        "average": hvd.allreduce(x),
+        "min": hvd.allreduce(x, op=hvd.Min),
+        "max": hvd.allreduce(x, op=hvd.Max),
+        "product": hvd.allreduce(x, op=hvd.Product),
+        "variable": hvd.allreduce(var, op=hvd.Sum),
+        "grouped": tf.concat([tf.reshape(g, [-1]) for g in hvd.grouped_allreduce(
+            [tf.fill([2], tf.cast(r + 1, dtype)), tf.fill([3, 1], tf.cast(r + 1, dtype))], op=hvd.Sum)], 0),
+        "allgather": hvd.allgather(tf.fill([r + 1, 2], tf.cast(r, dtype))),
+        "broadcast": hvd.broadcast(tf.fill([2, 2], tf.cast(r, dtype)), root_rank=n - 1),
+        "reducescatter": hvd.reducescatter(tf.cast(tf.reshape(tf.range(2 * n + 1), [-1, 1]) * (r + 1), dtype),
+                                           op=hvd.Sum),
+    }
+    rows = tf.concat([tf.fill([j + 1, 2], tf.cast(10 * r + j, dtype)) for j in range(n)], 0)
+    out["alltoall"], out["alltoall_splits"] = hvd.alltoall(rows, splits=[j + 1 for j in range(n)])
+    out["alltoall_even"] = hvd.alltoall(tf.fill([n], tf.cast(r, dtype)))
+    if dtype.is_floating:
+        out["scaled"] = hvd.allreduce(x, op=hvd.Sum, prescale_factor=2.0, postscale_factor=0.25)
+        out["fp16"] = hvd.allreduce(x, compression=hvd.Compression.fp16)
+    return out
+
+
+def _expected(dtype: str, r: int, n: int) -> dict:
+    s = n * (n + 1) // 2
+    floating = dtype.startswith(("float", "bfloat"))
+    want = {
+        "sum": [s] * 5,
+        "average": [(n + 1) / 2 if floating else (n + 1) // 2] * 5,
+        "min": [1] * 5,
+        "max": [n] * 5,
+        "product": [math.factorial(n)] * 5,
+        "variable": [s] * 5,
+        "grouped": [s] * 5,
+        "allgather": [[j, j] for j in range(n) for _ in range(j + 1)],
+        "broadcast": [[n - 1] * 2] * 2,
+        "reducescatter": [[v * s] for v in np.array_split(np.arange(2 * n + 1), n)[r].tolist()],
+        "alltoall": [[10 * j + r] * 2 for j in range(n) for _ in range(r + 1)],
+        "alltoall_splits": [r + 1] * n,
+        "alltoall_even": list(range(n)),
+    }
+    if floating:
+        want["scaled"] = [s / 2] * 5
+        want["fp16"] = [(n + 1) / 2] * 5
+    return want
+
+
+def _gradients(hvd, tf, r, n):
+    """Horovod's gradients of each differentiable op: name -> this rank's gradient."""
+    v = tf.Variable(tf.fill([n * (n + 1) // 2, 1], float(r + 1)))
+    ops = {
+        "allreduce_sum": lambda v: tf.reduce_sum(hvd.allreduce(v * v, op=hvd.Sum)),
+        "allreduce_average": lambda v: tf.reduce_sum(hvd.allreduce(v * v)),
+        "grouped": lambda v: tf.add_n([tf.reduce_sum(t) for t in hvd.grouped_allreduce([v, 2 * v], op=hvd.Sum)]),
+        "allgather": lambda v: tf.reduce_sum(hvd.allgather(v[: r + 1]) * (r + 1)),
+        "broadcast": lambda v: tf.reduce_sum(hvd.broadcast(v, 0) * (r + 1)),
+        "alltoall": lambda v: tf.reduce_sum(hvd.alltoall(v, splits=[j + 1 for j in range(n)])[0] * (r + 1)),
+        "reducescatter": lambda v: tf.reduce_sum(hvd.reducescatter(v, op=hvd.Sum) * (r + 1)),
+    }
+
+    def grads():
+        out = {}
+        for name, f in ops.items():
+            with tf.GradientTape() as tape:
+                y = f(v)
+            out[name] = tape.gradient(y, v)
+        return out
+
+    eager = {k: _np(g) for k, g in grads().items()}
+    graph = {k: _np(g) for k, g in tf.function(grads)().items()}
+    return eager, graph
+
+
+def _expected_gradients(r, n):
+    rows, s = n * (n + 1) // 2, n * (n + 1) // 2
+    col = lambda vals: [[float(x)] for x in vals]  # noqa: E731
+    return {
+        "allreduce_sum": col([2 * n * (r + 1)] * rows),
+        "allreduce_average": col([2 * (r + 1)] * rows),
+        "grouped": col([3 * n] * rows),
+        # the average of the ranks' (r+1), on the rows this rank gave, zero on the others
+        "allgather": col([(n + 1) / 2] * (r + 1) + [0] * (rows - r - 1)),
+        "broadcast": col([(n + 1) / 2 if r == 0 else 0] * rows),
+        # the rows sent to rank j come back with j's factor
+        "alltoall": col([j + 1 for j in range(n) for _ in range(j + 1)]),
+        # each rank's block comes back gathered, times n for Sum
+        "reducescatter": col([(j + 1) * n for j in range(n) for _ in np.array_split(np.arange(rows), n)[j]]),
+    }
+
+
+def _ops_run(r, n):
+    tf = _tf()
+    import pyddl.tensorflow as hvd
+
+    hvd.init()
+    got = {}
+    for name in DTYPES:
+        dtype = tf.as_dtype(name)
+        var = tf.Variable(tf.fill([5], tf.cast(r + 1, dtype)))
+        eager = {k: _np(v) for k, v in _all_ops(hvd, tf, dtype, r, n, var).items()}
+        graph = {k: _np(v) for k, v in tf.function(lambda: _all_ops(hvd, tf, dtype, r, n, var))().items()}
+        got[name] = (eager, graph)
+    got["gradients"] = _gradients(hvd, tf, r, n)
+
+    a, b = tf.Variable(tf.fill([2, 3], float(r))), tf.Variable(tf.fill([4], tf.constant(r, tf.int64)))
+    hvd.broadcast_variables([a, b], root_rank=n - 1)
+    got["broadcast_variables"] = (_np(a), _np(b))
+    got["broadcast_object"] = hvd.broadcast_object({"from": r}, root_rank=n - 1)
+    got["allgather_object"] = hvd.allgather_object(("rank", r))
+    # A sparse gradient (tf.gather) is allgathered, then averaged, as in Horovod.
+    emb = tf.Variable(tf.zeros([n, 2]))
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(tf.gather(emb, [r]))
+    sparse = hvd.DistributedGradientTape(tape).gradient(y, [emb])[0]
+    got["sparse"] = (type(sparse).__name__, np.round(tf.convert_to_tensor(sparse).numpy(), 6).tolist())
+    # join: rank 0 allreduces once more while the others have joined (they give zeros).
+    if r == 0:
+        got["joined_sum"] = _np(hvd.allreduce(tf.constant([5.0]), op=hvd.Sum))
+    got["join"] = int(hvd.join())
+    hvd.barrier()
+    got["queries"] = (hvd.size(), int(hvd.size_op()), int(hvd.rank_op()), hvd.gloo_enabled())
+
+    errors = []
+    for bad in (
+        lambda: hvd.allreduce(tf.ones([2]), op=hvd.Adasum),
+        lambda: hvd.allreduce(tf.ones([2], tf.int32), prescale_factor=2.0),
+        lambda: hvd.broadcast(tf.ones([2]), root_rank=n),
+        lambda: hvd.alltoall(tf.ones([4, 1]), splits=[1] * (n + 1)),
+        lambda: hvd.allreduce(tf.constant([True])),
+        lambda: hvd.allreduce(tf.ones([2]), process_set=hvd.ProcessSet([0])),
+    ):
+        try:
+            bad()
+            errors.append("no error")
+        except Exception as err:  # noqa: BLE001 - the test reads the type and text
+            errors.append(f"{type(err).__name__}: {err}")
+    got["errors"] = errors
+    got["after_errors"] = _np(hvd.allreduce(tf.constant([1.0]), op=hvd.Sum))
+    return got
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ops_closed_forms_gradients_and_state(world):
+    results = run_ranks(_ops_run, world, env=TF_ENV, timeout=300)
+    n = world
+    for r, got in enumerate(results):
+        for name in DTYPES:
+            want = _expected(name, r, n)
+            for mode, values in zip(("eager", "tf.function"), got[name]):
+                assert set(values) == set(want), (name, mode)
+                for key in want:
+                    assert values[key] == want[key], f"rank {r} {name} {mode} {key}: {values[key]} != {want[key]}"
+        want = _expected_gradients(r, n)
+        for mode, grads in zip(("eager", "tf.function"), got["gradients"]):
+            for key, g in grads.items():
+                assert g == want[key], f"rank {r} gradient of {key} ({mode}): {g} != {want[key]}"
+        assert got["broadcast_variables"] == ([[n - 1.0] * 3] * 2, [n - 1.0] * 4)
+        assert got["broadcast_object"] == {"from": n - 1}
+        assert got["allgather_object"] == [("rank", j) for j in range(n)]
+        assert got["sparse"] == ("IndexedSlices", [[round(1 / n, 6)] * 2] * n)
+        assert got["join"] == 0
+        assert got["queries"] == (n, n, r, True)
+        adasum, scale, root, splits, dtype, pset = got["errors"]
+        assert adasum.startswith("NotImplementedError: pyddl does not implement Adasum")
+        assert scale.startswith("TypeError: prescale_factor and postscale_factor scale floating-point tensors, got int32")
+        assert root == f"ValueError: broadcast root_rank {n} is out of range: this job has ranks 0..{n - 1}"
+        assert splits.startswith("ValueError: alltoall splits") and "summing to axis 0 (4)" in splits
+        assert dtype.startswith("TypeError: tensor has dtype bool; pyddl collectives support float32")
+        assert pset.startswith("ValueError: pyddl runs every collective on all ranks")
+        assert got["after_errors"] == [n]
+    assert results[0]["joined_sum"] == [5.0]
