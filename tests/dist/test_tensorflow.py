@@ -209,3 +209,148 @@ def test_ops_closed_forms_gradients_and_state(world):
         assert pset.startswith("ValueError: pyddl runs every collective on all ranks")
         assert got["after_errors"] == [n]
     assert results[0]["joined_sum"] == [5.0]
+
+
+STEPS, BATCH = 5, 4
+
+
+def _global_data(tf):
+    """STEPS global batches of 2 x BATCH samples, the same on every rank."""
+    x = tf.random.stateless_normal([STEPS * 2 * BATCH, 6], seed=[1, 2])
+    y = tf.random.stateless_uniform([STEPS * 2 * BATCH], seed=[3, 4], maxval=3, dtype=tf.int32)
+    return x, y
+
+
+def _shard(t, r, n, per):
+    """Rank r's rows of each global batch of n * per rows, in step order."""
+    import tensorflow as tf
+
+    return tf.concat([t[s * n * per + r * per: s * n * per + (r + 1) * per] for s in range(STEPS)], 0)
+
+
+def _mlp(keras, seed):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
+
+
+def _tape_train(tf, keras, hvd, model, x, y, per, distributed):
+    """Horovod's TF2 loop: a tf.function step, DistributedGradientTape, SGD with momentum."""
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        if distributed:
+            tape = hvd.DistributedGradientTape(tape)
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    for s in range(STEPS):
+        step(x[s * per:(s + 1) * per], y[s * per:(s + 1) * per])
+    return [w.numpy() for w in model.weights]
+
+
+def _fit_train(keras, hvd, model, x, y, per, distributed):
+    opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    model.compile(optimizer=hvd.DistributedOptimizer(opt) if distributed else opt,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, batch_size=per, epochs=1, shuffle=False, verbose=0)
+    return [w.numpy() for w in model.weights]
+
+
+class _Probe:
+    """Keras callbacks that record what the callbacks before them left behind."""
+
+    @staticmethod
+    def make(keras, record):
+        class Probe(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                record.setdefault("lr", []).append(float(self.model.optimizer.learning_rate.numpy()))
+
+            def on_train_batch_end(self, batch, logs=None):
+                record.setdefault("weights", []).append(np.concatenate([w.numpy().ravel() for w in self.model.weights]))
+
+            def on_epoch_end(self, epoch, logs=None):
+                record.setdefault("logs", []).append(dict(logs))
+
+        return Probe()
+
+
+def _training_run(r, n):
+    tf = _tf()
+    import keras
+
+    import pyddl.keras as khvd
+    import pyddl.tensorflow as hvd
+
+    hvd.init()
+    x, y = _global_data(tf)
+    got = {}
+    # DistributedGradientTape in a tf.function, n workers x BATCH vs 1 worker x n * BATCH.
+    dist_w = _tape_train(tf, keras, hvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True)
+    ref_w = _tape_train(tf, keras, hvd, _mlp(keras, 0), x, y, n * BATCH, False)
+    got["tape"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
+    got["tape_moved"] = max(float(np.abs(a - b).max()) for a, b in zip(ref_w, [w.numpy() for w in _mlp(keras, 0).weights]))
+    # Keras fit with DistributedOptimizer, the same comparison.
+    dist_w = _fit_train(keras, khvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True)
+    ref_w = _fit_train(keras, khvd, _mlp(keras, 0), x, y, n * BATCH, False)
+    got["fit"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
+
+    # Callbacks: each rank starts from different weights and data.
+    before, after = {}, {}
+    model = _mlp(keras, 100 + r)
+    model.compile(optimizer=khvd.DistributedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    steps = 4
+    xs, ys = _shard(x, r, n, BATCH)[: steps * BATCH], _shard(y, r, n, BATCH)[: steps * BATCH]
+    model.fit(xs, ys, batch_size=BATCH, epochs=3, shuffle=False, verbose=0, callbacks=[
+        khvd.callbacks.BroadcastGlobalVariablesCallback(0),
+        _Probe.make(keras, before),
+        khvd.callbacks.MetricAverageCallback(),
+        khvd.callbacks.LearningRateWarmupCallback(initial_lr=0.05 * n, warmup_epochs=2, momentum_correction=False),
+        _Probe.make(keras, after),
+    ])
+    got["weights_after_first_batch"] = before["weights"][0]
+    got["weights_at_end"] = before["weights"][-1]
+    got["logs_before"], got["logs_after"] = before["logs"], after["logs"]
+    got["warmup_lr"] = after["lr"]
+    # A constant multiplier is an exponential decay from start_epoch, changed per epoch.
+    sched = {}
+    model.fit(xs, ys, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=[
+        khvd.callbacks.LearningRateScheduleCallback(initial_lr=0.4, multiplier=0.5, start_epoch=1,
+                                                    momentum_correction=False),
+        _Probe.make(keras, sched),
+    ])
+    got["schedule_lr"] = sched["lr"][::steps]
+    got["tf_keras_is_keras"] = __import__("pyddl.tensorflow.keras").tensorflow.keras.DistributedOptimizer is khvd.DistributedOptimizer
+    return got
+
+
+def test_training_matches_one_worker_with_the_global_batch_and_the_callbacks_do_what_horovod_says():
+    n = 2
+    results = run_ranks(_training_run, n, env=TF_ENV, timeout=300)
+    for got in results:
+        assert got["tape_moved"] > 1e-2  # the comparison below is not between untrained models
+        assert got["tape"] < 1e-5, got["tape"]
+        assert got["fit"] < 1e-5, got["fit"]
+        assert got["tf_keras_is_keras"]
+    # Broadcast after the first batch: every rank holds rank 0's weights, then stays in step.
+    for key in ("weights_after_first_batch", "weights_at_end"):
+        assert np.array_equal(results[0][key], results[1][key]), key
+    # MetricAverageCallback: each epoch's logs are the mean of the ranks' own.
+    for epoch in range(3):
+        for key in ("loss", "accuracy"):
+            mean = np.mean([res["logs_before"][epoch][key] for res in results])
+            assert abs(results[0]["logs_after"][epoch][key] - mean) < 1e-6
+            assert results[0]["logs_before"][epoch][key] != results[1]["logs_before"][epoch][key]
+    # Warmup: Horovod's lr = initial_lr / n * (e * (n - 1) / warmup + 1), e = epoch + (batch + 1) / steps,
+    # for the two warmup epochs; the third keeps the last value.
+    initial, steps = 0.05 * n, 4
+    want = [initial / n * ((ep + (b + 1) / steps) * (n - 1) / 2 + 1) for ep in range(2) for b in range(steps)]
+    want += [want[-1]] * steps
+    assert np.allclose(results[0]["warmup_lr"], want, rtol=1e-6), results[0]["warmup_lr"]
+    assert abs(want[-1] - initial) < 1e-9
+    assert np.allclose(results[0]["schedule_lr"], [0.05 * n, 0.4, 0.2, 0.1], rtol=1e-6), results[0]["schedule_lr"]

@@ -7,6 +7,7 @@ callback inside Keras's compiled train step).
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from pyddl.tensorflow.compression import Compression
 from pyddl.tensorflow.gradients import GradientReduction
@@ -70,6 +71,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
+    @tf.autograph.experimental.do_not_convert
     def apply(self, grads, trainable_variables=None):
         """Reduce `grads` over all ranks (one fused allreduce), then apply them."""
         if not self.built:

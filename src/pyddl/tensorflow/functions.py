@@ -16,6 +16,7 @@ from pyddl.tensorflow.ops import _check_process_set, _check_root, broadcast, glo
 __all__ = ["broadcast_variables", "broadcast_object", "allgather_object"]
 
 
+@tf.autograph.experimental.do_not_convert
 def broadcast_variables(variables, root_rank: int, process_set=global_process_set, inplace=False) -> None:
     """Assign rank `root_rank`'s values to `variables` on every rank.
 

@@ -47,6 +47,7 @@ class GradientReduction:
         self.compression = Compression.none if compression is None else compression
         self.sparse_as_dense = sparse_as_dense
 
+    @tf.autograph.experimental.do_not_convert
     def reduce(self, grads: list) -> list:
         """Return `grads` combined over all ranks; None entries stay None."""
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) and self.sparse_as_dense else g
@@ -100,13 +101,14 @@ class DistributedGradientTape:
     def register_local_source(self, source) -> None:
         """Keep `source`'s gradient local: it is not reduced, only divided by size() when
         scale_local_gradients is set (Horovod's meaning)."""
-        self._local_sources.add(source.ref())
+        self._local_sources.add(id(source))
 
+    @tf.autograph.experimental.do_not_convert
     def gradient(self, target, sources, output_gradients=None, use_generic_names=False):
         """Return d target / d sources, reduced over all ranks (the structure of `sources`)."""
         grads = self._tape.gradient(target, sources, output_gradients)
         flat_sources, flat_grads = tf.nest.flatten(sources), tf.nest.flatten(grads)
-        local = [s.ref() in self._local_sources for s in flat_sources]
+        local = [id(s) in self._local_sources for s in flat_sources]
         shared = self._reduction.reduce([g for g, lo in zip(flat_grads, local) if not lo])
         out, it = [], iter(shared)
         for g, lo in zip(flat_grads, local):

@@ -48,6 +48,11 @@ def local_rank_op(name=None):
     return tf.constant(local_rank(), dtype=tf.int32)
 
 
+# Autograph need not rewrite these: their Python control flow is on Python values, and TF runs
+# the ops they emit. Left to it, it would inspect (and rewrite) pyddl's modules at every trace.
+_no_autograph = tf.autograph.experimental.do_not_convert
+
+
 def _check_scale(tensor, pre: float, post: float) -> None:
     if (pre != 1.0 or post != 1.0) and not tensor.dtype.is_floating:
         raise TypeError(
@@ -95,6 +100,7 @@ def _sparse_allreduce(slices: tf.IndexedSlices, op: str, pre: float, post: float
     return tf.IndexedSlices(values, indices, dense_shape=slices.dense_shape)
 
 
+@_no_autograph
 def allreduce(tensor, average=None, device_dense="", device_sparse="", compression=Compression.none, op=None,
               prescale_factor=1.0, postscale_factor=1.0, name=None, process_set=global_process_set,
               ignore_name_scope=False):
@@ -142,6 +148,7 @@ def _grouped(xs: list, op: str, codec: str | None, pre: float, post: float) -> l
     return _differentiable(run, lambda *dys: _grouped(list(dys), op, None, pre, post), *xs)
 
 
+@_no_autograph
 def grouped_allreduce(tensors, average=None, device_dense="", device_sparse="", compression=Compression.none,
                       op=None, prescale_factor=1.0, postscale_factor=1.0, process_set=global_process_set):
     """Return the allreduce of each tensor of the list, fused into buckets (one host call);
@@ -172,6 +179,7 @@ def _allgather_grad(x, dy):
                     tf.shape(x, out_type=tf.int64))
 
 
+@_no_autograph
 def allgather(tensor, name=None, ignore_name_scope=False, process_set=global_process_set):
     """Return every rank's `tensor` concatenated along axis 0, in rank order; differentiable.
 
@@ -189,6 +197,7 @@ def allgather(tensor, name=None, ignore_name_scope=False, process_set=global_pro
     return _differentiable(run, lambda dy: _allgather_grad(x, dy), x)
 
 
+@_no_autograph
 def broadcast(tensor, root_rank, name=None, ignore_name_scope=False, process_set=global_process_set):
     """Return rank `root_rank`'s `tensor` on every rank; differentiable.
 
@@ -238,6 +247,7 @@ def _alltoall(x, counts):
     return bridge.host_call(host, [x, counts], [x.dtype, tf.int32], [shape, [size()]])
 
 
+@_no_autograph
 def alltoall(tensor, splits=None, name=None, ignore_name_scope=False, process_set=global_process_set):
     """Send splits[j] rows of axis 0 to rank j (equal parts without splits); differentiable.
 
@@ -281,6 +291,7 @@ def _reducescatter(x, op: str, pre: float, post: float):
     return _differentiable(run, grad, x)
 
 
+@_no_autograph
 def reducescatter(tensor, device_dense="", compression=Compression.none, op=Average, name=None,
                   process_set=global_process_set, ignore_name_scope=False, prescale_factor=1.0,
                   postscale_factor=1.0):
@@ -297,6 +308,7 @@ def reducescatter(tensor, device_dense="", compression=Compression.none, op=Aver
     return compression.decompress(_reducescatter(wire, op_name, prescale_factor, postscale_factor), ctx)
 
 
+@_no_autograph
 def join(device=""):
     """Declare that this rank has no more data; serve the others' allreduces until all join.
 
@@ -306,6 +318,7 @@ def join(device=""):
     return bridge.host_call(lambda: [tf.constant(bridge.join(), tf.int32)], [], [tf.int32], [[]])[0]
 
 
+@_no_autograph
 def barrier(process_set=global_process_set) -> None:
     """Wait until every rank has called barrier (a rank that never comes is named)."""
     _check_process_set(process_set)
