@@ -36,6 +36,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         process_set, scale_local_gradients: accepted for Horovod compatibility.
 
     Raises:
+        ValueError: Keras runs on another backend than TensorFlow.
         TypeError: `optimizer` is not a Keras 3 optimizer.
 
     Example:
@@ -47,6 +48,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                  sparse_as_dense=False, gradient_predivide_factor=1.0, op=Average, backward_passes_per_step=1,
                  average_aggregated_gradients=False, num_groups=0, groups=None, process_set=global_process_set,
                  scale_local_gradients=True):
+        if keras.backend.backend() != "tensorflow":
+            raise ValueError(
+                f"pyddl.keras runs on Keras's TensorFlow backend, and this process uses {keras.backend.backend()!r}; "
+                "set KERAS_BACKEND=tensorflow (for torch, use pyddl.torch on the model's parameters)"
+            )
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             raise TypeError(
                 f"DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.SGD, Adam, ...), got "
@@ -84,12 +90,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         grads, trainable_variables = zip(*grads_and_vars)
         self.apply(grads, trainable_variables)
         return self.iterations
-
-    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
-        raise NotImplementedError(
-            "pyddl.keras reduces gradients with TensorFlow ops: use the TensorFlow backend "
-            "(KERAS_BACKEND=tensorflow); on JAX use pyddl.jax"
-        )
 
     @property
     def learning_rate(self):
