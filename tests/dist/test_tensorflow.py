@@ -113,7 +113,7 @@ def _gradients(hvd, tf, r, n):
 
 
 def _expected_gradients(r, n):
-    rows, s = n * (n + 1) // 2, n * (n + 1) // 2
+    rows = n * (n + 1) // 2
     col = lambda vals: [[float(x)] for x in vals]  # noqa: E731
     return {
         "allreduce_sum": col([2 * n * (r + 1)] * rows),

@@ -16,12 +16,17 @@ import tensorflow as tf
 import torch
 
 import pyddl
-from pyddl.torch.ops import horovod_errors
+from pyddl.torch.ops import horovod_errors, init  # init: Horovod's (comm=, process_sets=) on pyddl.init
 
 __all__ = [
+    "init", "shutdown", "is_initialized", "rank", "size", "local_rank", "local_size", "cross_rank", "cross_size",
     "host_call", "to_torch", "to_tf", "allreduce", "grouped_allreduce", "broadcast", "allgather",
     "reduce_scatter", "alltoall", "barrier", "join", "broadcast_object", "allgather_object", "DTYPES",
 ]
+
+shutdown, is_initialized = pyddl.shutdown, pyddl.is_initialized
+size, rank, local_size, local_rank = pyddl.size, pyddl.rank, pyddl.local_size, pyddl.local_rank
+cross_size, cross_rank = pyddl.cross_size, pyddl.cross_rank
 
 DTYPES = (tf.float32, tf.float64, tf.float16, tf.bfloat16, tf.int32, tf.int64, tf.int8, tf.uint8)
 
@@ -115,7 +120,7 @@ def alltoall(tensor: tf.Tensor, splits: list[int]) -> tuple[tf.Tensor, list[int]
     The core has no alltoall: this runs as two allgathers (every rank's splits, then every
     rank's rows), so each rank moves all ranks' rows, n times what an alltoall would move.
     """
-    n, me = pyddl.size(), pyddl.rank()
+    n, me = size(), rank()
     with horovod_errors():
         table = pyddl.allgather(torch.tensor([splits], dtype=torch.int64)).tolist()
         rows = pyddl.allgather(to_torch(tensor))
@@ -140,12 +145,12 @@ def join() -> int:
 
 def broadcast_object(obj, root: int):
     """Rank `root`'s picklable object on every rank (a length, then the bytes, broadcast)."""
-    data = pickle.dumps(obj) if pyddl.rank() == root else b""
+    data = pickle.dumps(obj) if rank() == root else b""
     with horovod_errors():
         length = int(pyddl.broadcast(torch.tensor([len(data)], dtype=torch.int64), root=root))
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(length, dtype=torch.uint8)
         buf = pyddl.broadcast(buf, root=root)
-    return pickle.loads(buf.numpy().tobytes()) if pyddl.rank() != root else obj
+    return pickle.loads(buf.numpy().tobytes()) if rank() != root else obj
 
 
 def allgather_object(obj) -> list:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-import pyddl
 from pyddl.tensorflow import bridge
+from pyddl.tensorflow.bridge import (
+    cross_rank, cross_size, init, is_initialized, local_rank, local_size, rank, shutdown, size,
+)
 from pyddl.tensorflow.compression import Compression
 from pyddl.torch.ops import (
     Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, _check_process_set, _check_root,
-    global_process_set, init, reduce_op_name,
+    global_process_set, reduce_op_name,
 )
 
 __all__ = [
@@ -25,11 +27,6 @@ __all__ = [
     "cross_size", "cross_rank", "allreduce", "grouped_allreduce", "allgather", "broadcast", "alltoall",
     "reducescatter", "join", "barrier", "size_op", "rank_op", "local_size_op", "local_rank_op",
 ]
-
-shutdown, is_initialized = pyddl.shutdown, pyddl.is_initialized
-size, rank, local_size, local_rank = pyddl.size, pyddl.rank, pyddl.local_size, pyddl.local_rank
-cross_size, cross_rank = pyddl.cross_size, pyddl.cross_rank
-
 
 def size_op(process_set_id=0, name=None):
     """size() as a tf.int32 scalar (Horovod's graph-mode query)."""
