@@ -91,6 +91,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.apply(grads, trainable_variables)
         return self.iterations
 
+    def scale_loss(self, loss):
+        # A LossScaleOptimizer inside scales the loss that Keras's train step differentiates.
+        return self.inner_optimizer.scale_loss(loss)
+
     @property
     def learning_rate(self):
         return self.inner_optimizer.learning_rate
