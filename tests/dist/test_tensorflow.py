@@ -281,9 +281,9 @@ def _tape_train(tf, keras, hvd, model, x, y, per, distributed):
     return [w.numpy() for w in model.weights]
 
 
-def _fit_train(keras, hvd, model, x, y, per, distributed):
+def _fit_train(keras, hvd, model, x, y, per, distributed, **options):
     opt = keras.optimizers.SGD(0.1, momentum=0.9)
-    model.compile(optimizer=hvd.DistributedOptimizer(opt) if distributed else opt,
+    model.compile(optimizer=hvd.DistributedOptimizer(opt, **options) if distributed else opt,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=per, epochs=1, shuffle=False, verbose=0)
     return [w.numpy() for w in model.weights]
@@ -326,6 +326,13 @@ def _training_run(r, n):
     dist_w = _fit_train(keras, khvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True)
     ref_w = _fit_train(keras, khvd, _mlp(keras, 0), x, y, n * BATCH, False)
     got["fit"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
+    # backward_passes_per_step=2, averaged: 4 local batches make 2 updates, each of the
+    # 2 x n x BATCH samples that one worker takes at once.
+    dist_w = _fit_train(keras, khvd, _mlp(keras, 0), _shard(x, r, n, BATCH)[: 4 * BATCH],
+                        _shard(y, r, n, BATCH)[: 4 * BATCH], BATCH, True,
+                        backward_passes_per_step=2, average_aggregated_gradients=True)
+    ref_w = _fit_train(keras, khvd, _mlp(keras, 0), x[: 4 * n * BATCH], y[: 4 * n * BATCH], 2 * n * BATCH, False)
+    got["fit_passes"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
 
     # Callbacks: each rank starts from different weights and data.
     before, after = {}, {}
@@ -364,6 +371,7 @@ def test_training_matches_one_worker_with_the_global_batch_and_the_callbacks_do_
         assert got["tape_moved"] > 1e-2  # the comparison below is not between untrained models
         assert got["tape"] < 1e-5, got["tape"]
         assert got["fit"] < 1e-5, got["fit"]
+        assert got["fit_passes"] < 1e-5, got["fit_passes"]
         assert got["tf_keras_is_keras"]
     # Broadcast after the first batch: every rank holds rank 0's weights, then stays in step.
     for key in ("weights_after_first_batch", "weights_at_end"):

@@ -29,11 +29,12 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         sparse_as_dense: densify sparse gradients before reducing them.
         gradient_predivide_factor: with Average, 1/factor before the sum, factor/size after.
         op: hvd.Average (default), Sum, Min, Max or Product; Adasum raises NotImplementedError.
-        backward_passes_per_step: only 1. For local accumulation, pass
-            `gradient_accumulation_steps=k` to the wrapped Keras optimizer instead (the
-            gradients are then reduced every step, and the result is the same).
-        device_dense, device_sparse, average_aggregated_gradients, num_groups, groups,
-        process_set, scale_local_gradients: accepted for Horovod compatibility.
+        backward_passes_per_step: k > 1 sums the gradients of k calls locally and reduces
+            and applies them on every k-th call only (the other calls change no weight).
+        average_aggregated_gradients: with k > 1, divide the local sum by k (Horovod's
+            default, False, applies the sum).
+        device_dense, device_sparse, num_groups, groups, process_set,
+        scale_local_gradients: accepted for Horovod compatibility.
 
     Raises:
         ValueError: Keras runs on another backend than TensorFlow.
@@ -58,19 +59,23 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 f"DistributedOptimizer wraps a Keras 3 optimizer (keras.optimizers.SGD, Adam, ...), got "
                 f"{type(optimizer).__name__}; TF1 optimizers (tf.compat.v1.train) are not supported"
             )
-        if backward_passes_per_step != 1:
-            raise ValueError(
-                f"backward_passes_per_step={backward_passes_per_step} is not supported; pass "
-                f"gradient_accumulation_steps={backward_passes_per_step} to the Keras optimizer instead"
-            )
+        if int(backward_passes_per_step) < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
         reduction = GradientReduction(compression, sparse_as_dense, op, gradient_predivide_factor, num_groups,
                                       groups, process_set)
         super().__init__(learning_rate=0.0, name=name or f"Distributed{type(optimizer).__name__}")
         self.inner_optimizer = optimizer
         self._reduction = reduction
+        self.backward_passes_per_step = int(backward_passes_per_step)
+        self.average_aggregated_gradients = average_aggregated_gradients
 
     def build(self, var_list):
         self.inner_optimizer.build(var_list)
+        if self.backward_passes_per_step > 1:
+            # Horovod's local aggregation (LocalGradientAggregationHelper): a sum per variable
+            # and a count of the calls since the last reduction.
+            self._local_sums = [self.add_variable_from_reference(v, name="local_sum") for v in var_list]
+            self._local_count = self.add_variable(shape=(), dtype="int32", name="local_count")
         super().build(var_list)
 
     @property
@@ -84,7 +89,26 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
-        self.inner_optimizer.apply(self._reduction.reduce(list(grads)), trainable_variables)
+        if self.backward_passes_per_step == 1:
+            self.inner_optimizer.apply(self._reduction.reduce(list(grads)), trainable_variables)
+            return
+        for total, g in zip(self._local_sums, grads):
+            if g is not None:
+                total.assign_add(tf.convert_to_tensor(g))
+        self._local_count.assign_add(1)
+        k = self.backward_passes_per_step
+
+        def reduce_and_apply():
+            scale = 1.0 / k if self.average_aggregated_gradients else 1.0
+            summed = [tf.convert_to_tensor(t) * tf.cast(scale, t.dtype) for t in self._local_sums]
+            self.inner_optimizer.apply(self._reduction.reduce(summed), trainable_variables)
+            for t in self._local_sums:
+                t.assign(tf.zeros_like(t))
+            self._local_count.assign(0)
+            return tf.constant(True)
+
+        # Every rank counts the same calls, so all take this branch, and its allreduce, together.
+        tf.cond(tf.equal(tf.convert_to_tensor(self._local_count), k), reduce_and_apply, lambda: tf.constant(False))
 
     def apply_gradients(self, grads_and_vars):
         grads, trainable_variables = zip(*grads_and_vars)
