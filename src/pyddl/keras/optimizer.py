@@ -84,7 +84,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     @tf.autograph.experimental.do_not_convert
     def apply(self, grads, trainable_variables=None):
-        """Reduce `grads` over all ranks (one fused allreduce), then apply them."""
+        """Reduce `grads` over all ranks (one fused allreduce) and apply them; with
+        backward_passes_per_step=k, add them to the local sums and do that every k-th call."""
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
