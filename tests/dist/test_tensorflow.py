@@ -261,16 +261,19 @@ def _mlp(keras, seed):
     return keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3)])
 
 
-def _tape_train(tf, keras, hvd, model, x, y, per, distributed):
-    """Horovod's TF2 loop: a tf.function step, DistributedGradientTape, SGD with momentum."""
+def _tape_train(tf, keras, hvd, model, x, y, per, distributed, wrap_optimizer=False):
+    """Horovod's TF2 loop: a tf.function step, DistributedGradientTape (or, with
+    wrap_optimizer, a plain tape and hvd.DistributedOptimizer), SGD with momentum."""
     opt = keras.optimizers.SGD(0.1, momentum=0.9)
+    if wrap_optimizer:
+        opt = hvd.DistributedOptimizer(opt)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tf.function
     def step(xb, yb):
         with tf.GradientTape() as tape:
             loss = loss_fn(yb, model(xb, training=True))
-        if distributed:
+        if distributed and not wrap_optimizer:
             tape = hvd.DistributedGradientTape(tape)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
@@ -321,6 +324,9 @@ def _training_run(r, n):
     dist_w = _tape_train(tf, keras, hvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True)
     ref_w = _tape_train(tf, keras, hvd, _mlp(keras, 0), x, y, n * BATCH, False)
     got["tape"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
+    dist_w = _tape_train(tf, keras, hvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True,
+                         wrap_optimizer=True)
+    got["tf_optimizer"] = max(float(np.abs(a - b).max()) for a, b in zip(dist_w, ref_w))
     got["tape_moved"] = max(float(np.abs(a - b).max()) for a, b in zip(ref_w, [w.numpy() for w in _mlp(keras, 0).weights]))
     # Keras fit with DistributedOptimizer, the same comparison.
     dist_w = _fit_train(keras, khvd, _mlp(keras, 0), _shard(x, r, n, BATCH), _shard(y, r, n, BATCH), BATCH, True)
@@ -370,6 +376,7 @@ def test_training_matches_one_worker_with_the_global_batch_and_the_callbacks_do_
     for got in results:
         assert got["tape_moved"] > 1e-2  # the comparison below is not between untrained models
         assert got["tape"] < 1e-5, got["tape"]
+        assert got["tf_optimizer"] < 1e-5, got["tf_optimizer"]
         assert got["fit"] < 1e-5, got["fit"]
         assert got["fit_passes"] < 1e-5, got["fit_passes"]
         assert got["tf_keras_is_keras"]
