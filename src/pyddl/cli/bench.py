@@ -69,9 +69,20 @@ def _allreduce(args) -> int:
     return 0
 
 
+def _bench_module(args):
+    """The step bench of args.framework: pyddl.bench.step (torch) or .tensorflow_step."""
+    if getattr(args, "framework", "torch") == "tensorflow":
+        from pyddl.bench import tensorflow_step
+
+        return tensorflow_step
+    from pyddl.bench import step
+
+    return step
+
+
 def _bench_command(args, systems: list[str], out: str) -> tuple[str, ...]:
     return (sys.executable, "-m", "pyddl.cli.main", "bench", "step", "--systems", ",".join(systems),
-            "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
+            "--framework", getattr(args, "framework", "torch"), "--model", args.model, "--batch", str(args.batch), "--image-size", str(args.image_size),
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--bucket-mb", str(args.bucket_mb),
             "--rounds", str(args.rounds), "--out", out)
 
@@ -105,8 +116,16 @@ def _single_job(args, threads: str):
 
 
 def _check_systems(args, what: str) -> list[str] | None:
-    from pyddl.bench import step as bench
-
+    """Validate --steps/--rounds and --systems, filling in the framework's default systems
+    and model."""
+    bench = _bench_module(args)
+    tensorflow = getattr(args, "framework", "torch") == "tensorflow"
+    args.model = args.model or ("small_cnn" if tensorflow else "resnet18")
+    if tensorflow and args.model not in bench.MODELS:
+        print(f"pyddl bench {what}: --framework tensorflow times --model {' or '.join(bench.MODELS)}, "
+              f"got {args.model!r}", file=sys.stderr)
+        return None
+    args.systems = args.systems or ",".join(["single"] + bench.default_systems())
     for flag in ("steps", "rounds"):
         if getattr(args, flag) < 1:
             print(f"pyddl bench {what}: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
@@ -124,7 +143,7 @@ def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
 
     from pyddl.bench import step as bench
 
-    rows = bench.summarize(rows)
+    rows = _bench_module(args).summarize(rows)
     print(bench.format_table(rows))
     threads = bench.format_threads(rows)
     if threads:
@@ -143,6 +162,10 @@ def _step(args) -> int:
     systems = _check_systems(args, "step")
     if systems is None:
         return 2
+    if args.out and getattr(args, "framework", "torch") == "tensorflow":
+        _bench_module(args).worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps,
+                                        args.warmup, args.rounds)
+        return 0
     if args.out:  # a worker of a job this command started
         bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup,
                           args.bucket_mb, args.rounds)
@@ -201,9 +224,11 @@ def _scaling(args) -> int:
 
 
 def _add_step_flags(parser) -> None:
+    from pyddl.bench import tensorflow_step
     from pyddl.bench.step import default_systems
 
-    parser.add_argument("--model", default="resnet18", help="small_cnn or a torchvision classifier")
+    parser.add_argument("--model", help="small_cnn or a torchvision classifier (default resnet18); "
+                        "with --framework tensorflow, small_cnn (default) or resnet50 (Keras)")
     parser.add_argument("--batch", type=int, default=32, help="images per worker per step")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument("--steps", type=int, default=6,
@@ -213,7 +238,9 @@ def _add_step_flags(parser) -> None:
                         help="rounds; comm eff is the median of the per-round ratios (the median step pools all rounds)")
     parser.add_argument("--bucket-mb", type=float, default=0.0,
                         help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
-    parser.add_argument("--systems", default=",".join(["single"] + default_systems()), help="comma-separated systems")
+    parser.add_argument("--systems", help="comma-separated systems (default: single and the framework's defaults: "
+                        f"{','.join(default_systems())}; with --framework tensorflow "
+                        f"{','.join(tensorflow_step.default_systems())})")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
 
 
@@ -247,6 +274,9 @@ def register(subparsers) -> None:
     )
     add_job_flags(st, default_np=2)
     _add_step_flags(st)
+    st.add_argument("--framework", choices=("torch", "tensorflow"), default="torch",
+                    help="torch: DDP and pyddl.torch; tensorflow: a Keras CNN under pyddl.keras and "
+                    "MultiWorkerMirroredStrategy (needs pyddl[tensorflow])")
     st.add_argument("--out", help=argparse.SUPPRESS)
     st.set_defaults(func=_step)
 
