@@ -115,22 +115,10 @@ def reduce_scatter(tensor: tf.Tensor, op: str, pre: float, post: float) -> tf.Te
 
 def alltoall(tensor: tf.Tensor, splits: list[int]) -> tuple[tf.Tensor, list[int]]:
     """Send splits[j] rows of axis 0 to rank j; return the rows received, in rank order, and
-    how many came from each rank.
-
-    The core has no alltoall: this runs as two allgathers (every rank's splits, then every
-    rank's rows), so each rank moves all ranks' rows, n times what an alltoall would move.
-    """
-    n, me = size(), rank()
+    how many came from each rank."""
     with horovod_errors():
-        table = pyddl.allgather(torch.tensor([splits], dtype=torch.int64)).tolist()
-        rows = pyddl.allgather(to_torch(tensor))
-    received, parts, offset = [], [], 0
-    for src in range(n):
-        start = offset + sum(table[src][:me])
-        received.append(table[src][me])
-        parts.append(rows[start : start + table[src][me]])
-        offset += sum(table[src])
-    return to_tf(torch.cat(parts)), received
+        rows, received = pyddl.alltoall(to_torch(tensor), splits)
+    return to_tf(rows), received
 
 
 def barrier() -> None:
