@@ -106,7 +106,9 @@ class Communicator:
         self._tuned = None
         self._stage_threads: StageThreads | None = None
         self._destroyed = False
+        self._algorithms: dict[str, Callable] = {}
         member = job_rank in self.ranks
+        self._rank = self.ranks.index(job_rank) if member else None
         self._engine = Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-{name}") if member else None
         self._monitor = (Monitor(store, job_rank, self.ranks, settings.timeout_s, settings.stall_warn, prefix=name)
                          if member and store is not None and len(self.ranks) > 1 else None)
@@ -119,7 +121,7 @@ class Communicator:
     @property
     def is_member(self) -> bool:
         """Whether this process is one of the communicator's ranks."""
-        return self.job_rank in self.ranks
+        return self._rank is not None
 
     @property
     def size(self) -> int:
@@ -130,7 +132,7 @@ class Communicator:
     def rank(self) -> int:
         """This process's rank in the communicator (0..size-1)."""
         self._require_member("rank")
-        return self.ranks.index(self.job_rank)
+        return self._rank
 
     @property
     def local_rank(self) -> int:
@@ -163,7 +165,7 @@ class Communicator:
     def _require_member(self, what: str) -> None:
         if self._destroyed:
             raise PyddlError(f"pyddl: communicator {self.name!r} was destroyed; {what} needs a live one")
-        if not self.is_member:
+        if self._rank is None:
             raise NotMemberError(
                 f"pyddl: rank {self.job_rank} is not a member of communicator {self.name!r} (ranks "
                 f"{_ranks_text(self.ranks)}), so it cannot call {what} on it; only its members can"
@@ -189,7 +191,7 @@ class Communicator:
             start = timeline.now_us() if timeline.enabled else 0.0
             try:
                 if checked and self.settings.check and self.size > 1:
-                    exchange(info, seq, self.group, self.ranks, self.device, self.rank)
+                    exchange(info, seq, self.group, self.ranks, self.device, self._rank)
                 result = fn(seq)
                 if monitor is not None:
                     monitor.leave()
@@ -253,7 +255,10 @@ class Communicator:
             return  # nothing to move; one rank's sum, min, max or average is its own tensor
         if algorithm == registry.AUTO:
             algorithm = self._tuned.pick(flat.numel() * flat.element_size())  # tuned by check_algorithm
-        registry.load_algorithm(algorithm)(self, flat, op, seq)
+        run = self._algorithms.get(algorithm)
+        if run is None:
+            run = self._algorithms[algorithm] = registry.load_algorithm(algorithm)
+        run(self, flat, op, seq)
 
     def _to_work(self, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
         if copy or not tensor.is_contiguous() or tensor.device != self.device:
