@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pyddl import env as _env
-from pyddl.launch.hosts import Placement, check_command, forwarded_env, place_ranks, remote_command
+from pyddl.launch.hosts import Placement, check_command, forwarded_env, host_address, place_ranks, remote_command
 from pyddl.launch.local import LaunchError, RunConfig
 
 __all__ = ["launch_hosts", "check_reachable", "server_commands", "RESTART_COUNT_ENV"]
@@ -73,7 +73,7 @@ def server_commands(cfg: RunConfig, placements: list[Placement], *, restart: int
     run_args = ["--exit-with-stdin"]
     return [
         remote_command(
-            cfg.launcher, p, nnodes=len(placements), master_addr=placements[0].host,
+            cfg.launcher, p, nnodes=len(placements), master_addr=host_address(placements[0].host),
             master_port=cfg.master_port or _env.DEFAULT_MASTER_PORT, cwd=cwd or os.getcwd(),
             python=python or sys.executable, env=env, run_args=run_args, command=cfg.command)
         for p in placements
