@@ -234,6 +234,10 @@ class _Run:
             name = str(new_out_dir(cfg)) if self.rank == 0 else ""
             self.out = Path(_broadcast_text(name, self.device) if self.world > 1 else name)
         self.manager = _checkpoints(cfg, str(self.out))
+        if self.rank == 0:
+            # A worker killed while saving (--max-restarts, a crash) leaves its temporary.
+            for path in self.manager.remove_stale_temps():
+                print(f"pyddl train: removed {path}, left by an interrupted save", file=sys.stderr, flush=True)
         self._build(state)
 
     def _build(self, state: dict | None) -> None:
