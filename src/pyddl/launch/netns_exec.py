@@ -47,7 +47,7 @@ def _enter_netns(name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Enter the namespace of this rank's server, pin it if asked, and exec the program."""
-    parser = argparse.ArgumentParser(prog="netns_exec")
+    parser = argparse.ArgumentParser(prog="netns_exec", allow_abbrev=False)
     parser.add_argument("--netns", required=True, help="namespace name without the server index")
     parser.add_argument("--per-server", type=int, required=True, help="consecutive ranks per server")
     parser.add_argument("--cpus", help="per-server CPU sets, e.g. '0;1'")

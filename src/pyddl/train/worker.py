@@ -53,7 +53,7 @@ def run(cfg: TrainConfig, *, timeout_s: float | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyddl.train.worker",
+    parser = argparse.ArgumentParser(prog="python -m pyddl.train.worker", allow_abbrev=False,
                                      description="one worker of `pyddl train` (started by it)")
     parser.add_argument("--config-json", required=True, metavar="JSON",
                         help="TrainConfig.to_dict() as JSON")
