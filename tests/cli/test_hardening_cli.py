@@ -32,3 +32,62 @@ def test_version_and_no_abbreviations(tmp_path):
     assert not (tmp_path / "runs").exists()  # nothing trained on an abbreviation
     proc = _run(["bench", "allreduce", "--size", "1M"], tmp_path)
     assert proc.returncode == 2 and proc.stderr.splitlines()[-1].endswith("did you mean --sizes?")
+
+
+def _bad_inputs(tmp):
+    """(argv, the value the message must name, what it must say) for points 10 and 11."""
+    import torch
+
+    from pyddl.train.checkpoint import CheckpointManager
+    from pyddl.train.config import TrainConfig
+
+    (tmp / "png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp / "nul").write_bytes(b"node1 slots=2\x00\n")
+    (tmp / "folder").mkdir()
+    (tmp / "afile").write_text("not a folder")
+    # A checkpoint of a 2-worker, 2-epoch run at batch 32 and lr 0.1, stopped after epoch 1.
+    CheckpointManager(tmp / "old" / "checkpoints").save(
+        {"w": torch.zeros(1), "position": {"epoch": 1, "step": 0, "global_step": 22},
+         "extra": {"config": TrainConfig(epochs=2).to_dict()}}, index=1)
+    resume = ["train", "--resume", "--out", "old"]
+    return [
+        (["run", "--hostfile", "png", "true"], "--hostfile png", "not a text file (byte 0x89 at offset 0"),
+        (["run", "--hostfile", "nul", "true"], "--hostfile nul", "not a text file (it holds NUL bytes)"),
+        (["run", "--hostfile", "folder", "true"], "--hostfile folder", "Is a directory"),
+        (["train", "--out", "afile"], "--out afile", "not a folder"),
+        (["train", "--out", "afile/sub"], "--out afile/sub", "cannot write there (Not a directory)"),
+        (["train", "--checkpoint-dir", "afile/ck"], "--checkpoint-dir afile/ck", "cannot write there"),
+        (["train", "--out", "/proc/pyddl-out"], "--out /proc/pyddl-out", "cannot write there"),
+        ([*resume, "--epochs", "3"], "--epochs 2 -> 3", "add --allow-changes"),
+        ([*resume, "-np", "1"], "-np 2 -> 1", "add --allow-changes"),
+        ([*resume, "--batch-size", "16"], "--batch-size 32 -> 16", "add --allow-changes"),
+        ([*resume, "--base-lr", "0.2"], "--base-lr 0.1 -> 0.2", "add --allow-changes"),
+        (["train", "--allow-changes", "--out", "old2"], "--allow-changes", "add --resume"),
+    ]
+
+
+def test_bad_inputs_are_one_line_and_exit_2_before_any_worker(tmp_path, monkeypatch, capsys):
+    from pyddl.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, value, says in _bad_inputs(tmp_path):
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, (argv, code, err)  # one line, no traceback
+        assert err.startswith(f"pyddl {argv[0]}: ") and value in err and says in err, (argv, err)
+    assert not (tmp_path / "runs").exists()  # no worker started, no run folder made
+
+
+@pytest.mark.timeout(180)
+def test_resume_with_allowed_changes_says_what_changed_and_trains_on(tmp_path):
+    quick = ["--max-steps-per-epoch", "2", "--out", "a"]
+    first = _run(["train", "--epochs", "2", "--stop-after-epoch", "1", *quick], tmp_path)
+    assert first.returncode == 0, first.stderr
+    proc = _run(["train", "--resume", "--allow-changes", "-np", "1", "--epochs", "3", *quick], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("resuming a/checkpoints/ckpt-000001.pt with changes (-np 2 -> 1, --epochs 2 -> 3): from epoch 1 "
+            "on, the global batch") in proc.stdout
+    import json
+
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert (summary["workers"], summary["epochs"], summary["global_batch"]) == (1, 3, 32)

@@ -78,6 +78,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     resume: bool = False
+    allow_changes: bool = False
     seed: int = 0
     out: str | None = None
     max_steps_per_epoch: int | None = None
@@ -167,6 +168,8 @@ class TrainConfig:
         need(not self.resume or bool(self.checkpoint_dir or self.out),
              "--resume needs to know where the checkpoints are: pass --checkpoint-dir DIR or "
              "the --out DIR of the run to continue")
+        need(not self.allow_changes or self.resume,
+             "--allow-changes applies to --resume (continue a run with new values); add --resume")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              f"--max-steps-per-epoch must be >= 1, got {self.max_steps_per_epoch}")
@@ -297,6 +300,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="default: OUT/checkpoints")
     k.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], metavar="K")
     k.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    k.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although -np, --epochs, the batch or --base-lr differ "
+                   "from the checkpoint's run (the recipe follows the new values)")
 
     s = parser.add_argument_group("data details")
     s.add_argument("--synthetic-size", type=int, default=d["synthetic_size"], metavar="N")

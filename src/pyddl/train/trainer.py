@@ -12,6 +12,7 @@ import dataclasses
 import math
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from pyddl.torch.compression import Compression
 from pyddl.torch.functions import broadcast_parameters
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.train import checkpoint as ckpt
-from pyddl.train.config import TrainConfig
+from pyddl.train.config import DEFAULT_BATCH_SIZE, TrainConfig
 from pyddl.train.data import DataSplit, ShardSampler, class_fingerprint, fingerprint_int64, load_data, shard_batches
 from pyddl.train.models import build_model
 from pyddl.train.recipe import Recipe, build_optimizer, make_criterion, set_lr
@@ -38,7 +39,7 @@ from pyddl.train.report import (
     topk_correct, write_summary,
 )
 
-__all__ = ["NonFiniteLossError", "RunResult", "backend_for", "check_inputs", "train"]
+__all__ = ["NonFiniteLossError", "RunResult", "backend_for", "check_inputs", "resume_changes", "train"]
 
 # Images per worker per evaluation batch: no gradients are kept, so it can exceed training's.
 _EVAL_BATCH = 256
@@ -105,18 +106,75 @@ def _check_fresh_start(cfg: TrainConfig, manager: ckpt.CheckpointManager | None)
             f"another --out/--checkpoint-dir to start a new one (nothing was overwritten)")
 
 
+# What a resumed run may not change without --allow-changes: flag -> how to read it from a
+# TrainConfig's dict (a checkpoint's extra["config"] or cfg.to_dict()).
+_RESUME_KEYS = {
+    "-np": lambda d: d["workers"],
+    "--epochs": lambda d: d["epochs"],
+    "--batch-size": lambda d: d["batch_size"] or DEFAULT_BATCH_SIZE,
+    "--batch-ramp": lambda d: ",".join(f"{e}:{b}" for e, b in d["batch_ramp"]) or "none",
+    "--base-lr": lambda d: d["base_lr"],
+}
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Name what `cfg` changes from the config a checkpoint was written with, e.g.
+    ["--epochs 3 -> 5"]; empty when it continues the same run."""
+    now = cfg.to_dict()
+    return [f"{flag} {get(saved)} -> {get(now)}" for flag, get in _RESUME_KEYS.items()
+            if get(saved) != get(now)]
+
+
+def _check_resume_changes(cfg: TrainConfig, path: Path, state: dict, allowed: bool) -> str:
+    """Refuse a resume whose run changed unless `allowed`; return what to announce ("" if
+    nothing changed)."""
+    changes = resume_changes(state.get("extra", {}).get("config", {}) or cfg.to_dict(), cfg)
+    if not changes:
+        return ""
+    epoch = int(state["position"]["epoch"])
+    if not allowed:
+        raise ValueError(f"--resume: {path} was written by a run with other values ({', '.join(changes)}); "
+                         f"resume with the values of that run, or add --allow-changes to continue from "
+                         f"epoch {epoch} with the new ones")
+    return (f"pyddl train: resuming {path} with changes ({', '.join(changes)}): from epoch {epoch} on, "
+            f"the global batch, the learning rate and its schedule follow the new values")
+
+
+def _check_writable(flag: str, folder: str) -> None:
+    # Created now as the run would create it, so that a folder that cannot be written ends
+    # the command here rather than in every worker after the data is loaded.
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"{flag} {folder}: not a folder; give a folder you can write to")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: cannot write there ({err.strerror}); give a folder "
+                         f"you can write to") from None
+
+
 def check_inputs(cfg: TrainConfig) -> None:
     """Open the data, build the model and the recipe once, as every worker will, and check
-    the checkpoint folder; `pyddl train` calls this before it starts any worker.
+    the checkpoint and output folders; `pyddl train` calls this before it starts any worker.
 
     Raises:
         ValueError: a missing or empty data folder, an unknown model, a batch that does not
-            fit the data set, --resume without checkpoints, or checkpoints a new run would
-            overwrite.
+            fit the data set, --resume without checkpoints or with other values than the
+            checkpoint's run (unless --allow-changes), checkpoints a new run would overwrite,
+            or an output folder that cannot be written.
         ImportError: an optional dependency the data or model needs.
     """
     _open_inputs(cfg, None)
-    _check_fresh_start(cfg, _checkpoints(cfg, cfg.out))
+    manager = _checkpoints(cfg, cfg.out)
+    _check_fresh_start(cfg, manager)
+    if cfg.resume:
+        index, state = manager.load_latest()
+        if state is not None:
+            _check_resume_changes(cfg, manager.path(index), state, cfg.allow_changes)
+    for flag, folder in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir)):
+        if folder is not None:
+            _check_writable(flag, folder)
 
 
 def _seed_epoch(seed: int, rank: int, epoch: int) -> None:
@@ -191,7 +249,7 @@ class _Run:
         self.rank, self.world = pyddl.rank(), pyddl.size()
         self.started = time.perf_counter()
         self.device = pyddl.device()
-        error, report, state, self.resumed_from = None, [0] * 6, None, None
+        error, report, state, self.resumed_from, self.changes = None, [0] * 6, None, None, ""
         report[_RESUMED] = -1
         try:
             self.cfg = cfg = dataclasses.replace(cfg, workers=self.world)
@@ -221,6 +279,9 @@ class _Run:
                 else:
                     report[_RESUMED] = index
                     self.resumed_from = manager.path(index)
+                    # A restart may change the number of workers (--nnodes MIN:MAX): go on.
+                    self.changes = _check_resume_changes(cfg, self.resumed_from, state,
+                                                         cfg.allow_changes or bool(restarted))
             fp = class_fingerprint(self.data.classes)
             report[_FINGERPRINT] = fingerprint_int64(fp)
             report[_CLASSES] = self.data.num_classes
@@ -252,6 +313,12 @@ class _Run:
         self.totals = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.last_checkpoint = None
         if state is not None:
+            if self.changes:
+                # The sampler takes the new global batch (-np, --batch-size may have changed).
+                epoch = min(int(state["position"]["epoch"]), cfg.epochs - 1)
+                state = dict(state, sampler=dict(state["sampler"],
+                                                 global_batch=self.recipe.global_batch_at(epoch)))
+                self._log(self.changes)
             # The RNGs are reseeded per epoch (_seed_epoch), so rank 0's saved state is not needed.
             try:
                 self.position = ckpt.apply_state(state, self.model, base, sampler=self.sampler,
