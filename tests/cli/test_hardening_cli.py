@@ -91,3 +91,89 @@ def test_resume_with_allowed_changes_says_what_changed_and_trains_on(tmp_path):
 
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert (summary["workers"], summary["epochs"], summary["global_batch"]) == (1, 3, 32)
+
+
+def _script(tmp_path, body):
+    import textwrap
+
+    path = tmp_path / "job.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_worker_ends_the_job_within_the_timeout_and_is_named_as_silent(tmp_path):
+    # Issue 23 point 5: rank 1 freezes (SIGSTOP) in the middle of a stream of collectives.
+    script = _script(tmp_path, """
+        import os, signal, time, torch, pyddl
+        pyddl.init()
+        open(f"pid{pyddl.rank()}", "w").write(str(os.getpid()))
+        for i in range(100000):
+            pyddl.allreduce(torch.ones(1000))
+            if pyddl.rank() == 1 and i == 3000:
+                open("frozen", "w").write(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGSTOP)
+    """)
+    launcher = subprocess.Popen(PYDDL + ["run", "-np", "3", "--timeout", "10", script], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        _, err = launcher.communicate(timeout=80)
+        ended = __import__("time").time()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        for r in range(3):  # a worker left behind would hold this test's machine: none may be
+            if (tmp_path / f"pid{r}").exists() and not _gone(int((tmp_path / f"pid{r}").read_text())):
+                os.kill(int((tmp_path / f"pid{r}").read_text()), 9)
+                pytest.fail(f"rank {r} outlived its launcher")
+    took = ended - float((tmp_path / "frozen").read_text())
+    assert launcher.returncode == 1, err
+    assert took < 10 + 8, f"the launcher exited {took:.1f} s after the freeze:\n{err}"
+    assert "timed out after 10 s" in err and "rank 1 was last heard at collective #" in err, err
+    assert "no heartbeat from ranks 1 for about" in err, err
+    assert "collective(s) behind" not in err, err  # a frozen rank's number is stale, not a lag
+
+
+@pytest.mark.timeout(90)
+def test_no_worker_outlives_a_launcher_killed_by_sigkill(tmp_path):
+    # Issue 23 point 4: the launcher cannot stop anything after kill -9; the kernel must.
+    import signal
+    import time
+
+    script = _script(tmp_path, """
+        import os, time, pyddl
+        pyddl.init()
+        open(f"pid{pyddl.rank()}", "w").write(str(os.getpid()))
+        time.sleep(120)
+    """)
+    launcher = subprocess.Popen(PYDDL + ["run", "-np", "2", script], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=_env())
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid*")]
+        assert len(pids) == 2, "the workers did not start"
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 5
+        while not all(map(_gone, pids)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = [pid for pid in pids if not _gone(pid)]
+        assert not left, f"workers {left} outlived their launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in pids:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)

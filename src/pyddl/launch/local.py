@@ -30,6 +30,8 @@ from pyddl.launch.hosts import DEFAULT_LAUNCHER
 __all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
 
 _STDERR_TAIL_LINES = 15
+# Seconds a worker may take to exit once the agent stops it (SIGTERM), then SIGKILL.
+_STOP_GRACE_S = 5
 
 
 class LaunchError(RuntimeError):
@@ -258,12 +260,70 @@ def _launch_config(cfg: RunConfig, log_dir: str, local_addr: str = "127.0.0.1"):
         start_method="spawn",
         log_line_prefix_template="[rank${rank}] ",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL),
-        shutdown_timeout=5,
+        shutdown_timeout=_STOP_GRACE_S,
         **_rendezvous(cfg, local_addr),
     )
     # Keep to the fields this torch release knows (LaunchConfig grew over 2.4 -> 2.14).
     known = {f.name for f in dataclasses.fields(LaunchConfig)}
     return LaunchConfig(**{k: v for k, v in wanted.items() if k in known})
+
+
+class _StopDeadline(logging.Handler):
+    """Hold the agent to pyddl's stop grace when it stops workers after a failure.
+
+    torch's agent gives a stopped worker 30 s there (LocalElasticAgent._stop_workers ignores
+    LaunchConfig.shutdown_timeout), and a frozen (SIGSTOPped) worker never acts on SIGTERM,
+    so the launcher outlived a `--timeout 10` job by half a minute (issue 23 point 5). The
+    agent logs each stop just before it sends the signal: the worker then gets SIGCONT (a
+    frozen one acts on the SIGTERM that follows) and, after _STOP_GRACE_S, SIGKILL.
+    """
+
+    _MESSAGE = "Sending process %s closing signal %s"
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+
+    def __enter__(self):
+        self._saved = (self.logger.level, self.logger.propagate)
+        self.logger.setLevel(logging.WARNING)
+        self.logger.propagate = False  # the agent's own lines stay unprinted
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.level, self.logger.propagate = self._saved
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg != self._MESSAGE or not record.args:
+            return
+        pid = int(record.args[0])
+        started = _start_time(pid)
+        if started is None:
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGCONT)
+        timer = threading.Timer(_STOP_GRACE_S, self._kill, (pid, started))
+        timer.daemon = True
+        timer.start()
+
+    @staticmethod
+    def _kill(pid: int, started: int) -> None:
+        if _start_time(pid) == started:  # still that worker, not a new process with its pid
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of `pid` if it is a live child of this process, else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    state, ppid, started = fields[0], int(fields[1]), int(fields[19])
+    return started if ppid == os.getpid() and state != "Z" else None
 
 
 def _stderr_tail(log_dir: str, local_rank: int) -> str:
@@ -387,12 +447,16 @@ def launch(cfg: RunConfig) -> None:
     executable, args = worker_command(cfg.command)
     if cfg.exit_with_stdin:
         _exit_with_stdin()
-    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
+    with _worker_environ(cfg), _StopDeadline(), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
         try:
             if cfg.emulate_nodes:
                 _launch_emulated(cfg, log_dir, executable, args)
             else:
-                elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
+                # Through pdeath_exec, so that no worker outlives a launcher killed by SIGKILL.
+                from pyddl.launch import pdeath_exec
+
+                elastic_launch(_launch_config(cfg, log_dir), sys.executable)(
+                    "-I", "-S", pdeath_exec.__file__, "--parent", str(os.getpid()), "--", executable, *args)
         except ChildFailedError as err:
             if cfg.emulate_nodes:
                 per_server = cfg.nproc // cfg.emulate_nodes
