@@ -177,3 +177,29 @@ def test_no_worker_outlives_a_launcher_killed_by_sigkill(tmp_path):
         for pid in pids:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_during_pyddl_train_is_one_line(tmp_path):
+    # Issue 23 point 13: the launcher says it was interrupted; the workers add nothing.
+    import signal
+
+    launcher = subprocess.Popen(PYDDL + ["train", "--epochs", "50", "--out", "a"], cwd=tmp_path, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        before = []
+        for line in launcher.stdout:
+            before.append(line)
+            if "epoch 1/50" in line:
+                break
+        assert before and "epoch 1/50" in before[-1], "".join(before)
+        launcher.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends the launcher
+        after, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    # Progress lines may still arrive from before the signal; nothing else may.
+    said = [line for line in after.splitlines() if line.strip() and "[#" not in line]
+    assert said == ["pyddl run: interrupted by SIGINT; workers stopped"], after
+    assert launcher.returncode == 130
