@@ -203,3 +203,16 @@ def test_ctrl_c_during_pyddl_train_is_one_line(tmp_path):
     said = [line for line in after.splitlines() if line.strip() and "[#" not in line]
     assert said == ["pyddl run: interrupted by SIGINT; workers stopped"], after
     assert launcher.returncode == 130
+
+
+def test_bench_writes_a_bare_file_name_under_runs(tmp_path):
+    # Issue 23 point 16: the README's commands, run from a checkout, leave its tree clean.
+    (tmp_path / "out").mkdir()
+    quick = ["bench", "allreduce", "-np", "2", "--sizes", "1K", "--algorithms", "native", "--iters", "1"]
+    proc = _run([*quick, "--json", "bench.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'runs' / 'bench.json'}" in proc.stdout
+    assert (tmp_path / "runs" / "bench.json").stat().st_size > 0
+    assert not (tmp_path / "bench.json").exists()
+    proc = _run([*quick, "--json", "out/b.json"], tmp_path)  # a path is the user's choice
+    assert proc.returncode == 0 and (tmp_path / "out" / "b.json").exists(), proc.stderr
