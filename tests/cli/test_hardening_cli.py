@@ -216,3 +216,36 @@ def test_bench_writes_a_bare_file_name_under_runs(tmp_path):
     assert not (tmp_path / "bench.json").exists()
     proc = _run([*quick, "--json", "out/b.json"], tmp_path)  # a path is the user's choice
     assert proc.returncode == 0 and (tmp_path / "out" / "b.json").exists(), proc.stderr
+
+
+def test_the_start_line_says_what_is_trained_on_and_top5_needs_more_than_5_classes(tmp_path):
+    # Issue 23 point 14: 32-px images trained at 48 px are said to be resized; with 3 classes
+    # top-5 (always 100%) is left out of the lines and the summary.
+    import json
+
+    from PIL import Image
+
+    for split, count in (("train", 8), ("val", 3)):
+        for c, color in enumerate(("red", "green", "blue")):
+            (tmp_path / "img" / split / color).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (32, 32), color).save(tmp_path / "img" / split / color / f"{i}.png")
+    proc = _run(["train", "-np", "1", "--data", "img", "--image-size", "48", "--epochs", "1", "--batch-size", "4",
+                 "--out", "a"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("on img (24 train / 9 test images of 3x48x48, cropped and resized to 48 px from 32x32 (the first "
+            "training image), 3 classes)") in proc.stdout, proc.stdout
+    assert "top-1" in proc.stdout and "top-5" not in proc.stdout, proc.stdout
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["test_top5"] is None and 0 <= summary["test_top1"] <= 1
+
+
+def test_synthetic_defaults_are_small_and_said():
+    from pyddl.train.config import TrainConfig
+    from pyddl.train.data import load_data
+
+    cfg = TrainConfig(data="synthetic")
+    data = load_data("synthetic", synthetic_size=cfg.synthetic_size, image_size=cfg.image_size,
+                     num_classes=cfg.synthetic_classes)
+    assert (len(data.train), len(data.test), data.num_classes, data.input_shape) == (2000, 200, 10, (3, 32, 32))
+    assert tuple(data.train[0][0].shape) == (3, 32, 32)

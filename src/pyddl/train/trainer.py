@@ -346,9 +346,12 @@ class _Run:
             if self.rank == 0 else None
         gb = recipe.global_batch_at(min(start_epoch, cfg.epochs - 1))
         lr0 = recipe.at(min(start_epoch, cfg.epochs - 1), 0)[0]
+        shape = "x".join(map(str, self.data.input_shape))
+        resize = f", {self.data.resize}" if self.data.resize else ""
         self._log(
             f"pyddl train: {self.model_name} on {cfg.data} ({len(self.data.train)} train / "
-            f"{len(self.data.test)} test images, {self.data.num_classes} classes), {self.world} "
+            f"{len(self.data.test)} test images of {shape}{resize}, {self.data.num_classes} "
+            f"classes), {self.world} "
             f"worker(s) x {gb // self.world} = global batch {gb}, {cfg.epochs} epochs, lr "
             f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} = {cfg.base_lr * gb / cfg.base_batch:.4g} "
             f"after {cfg.effective_warmup_epochs:g} warmup epochs; writing to {self.out}"
@@ -458,7 +461,9 @@ class _Run:
                 counts += torch.tensor([top1, top5, loss, len(y)], dtype=torch.float64)
         total = pyddl.allreduce(counts.to(self.device), op="sum").cpu().tolist()
         n = max(total[3], 1.0)
-        return total[0] / n, total[1] / n, total[2] / n
+        # Top-5 of 5 classes or fewer is always 100%: not reported (None in the records).
+        top5 = total[1] / n if self.data.num_classes > 5 else None
+        return total[0] / n, top5, total[2] / n
 
     def _end_epoch(self, epoch, loss, lr, images, seconds) -> dict:
         self._average_buffers()
@@ -472,8 +477,9 @@ class _Run:
         if self.rank == 0:
             self.bar.close()
             self.metrics.write(record)
+            top5_text = "" if top5 is None else f", top-5 {100 * top5:.2f}%"
             print(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {loss:.4f}, test top-1 "
-                  f"{100 * top1:.2f}%, top-5 {100 * top5:.2f}%, {images / seconds:,.1f} images/s, "
+                  f"{100 * top1:.2f}%{top5_text}, {images / seconds:,.1f} images/s, "
                   f"lr {lr:.4g}, elapsed {format_duration(wall)}", flush=True)
         # Parameters, optimizer state and the averaged buffers are equal on every rank, so
         # every rank reaches the same verdict here and none is left waiting.
