@@ -129,6 +129,9 @@ def test_environment_forwarding_and_restart_count():
     cfg = RunConfig(nproc=2, command=("j.py",), hosts=parse_hosts("a,b"), launcher="env")
     cmd = server_commands(cfg, place_ranks(cfg.hosts, 2), restart=1, environ={}, cwd="/", python="py")[1]
     assert f"exec env {RESTART_COUNT_ENV}=1 py -u" in cmd[-1]
+    cmd = server_commands(cfg, place_ranks(cfg.hosts, 2), restart=1, reason="rank 1 was killed by signal SIGKILL",
+                          environ={}, cwd="/", python="py")[1]
+    assert f"exec env {RESTART_COUNT_ENV}=1 'PYDDL_RESTART_REASON=rank 1 was killed by signal SIGKILL' py -u" in cmd[-1]
 
 
 def _args(argv):

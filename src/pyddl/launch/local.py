@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pyddl import env as _env
 from pyddl.launch.hosts import DEFAULT_LAUNCHER
 
-__all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
+__all__ = ["RunConfig", "launch", "LaunchError", "worker_command", "RESTART_REASON_ENV"]
 
 _STDERR_TAIL_LINES = 15
+# What the launcher tells workers it restarted (--max-restarts): which worker failed and how.
+RESTART_REASON_ENV = "PYDDL_RESTART_REASON"
 # Seconds a worker may take to exit once the agent stops it (SIGTERM), then SIGKILL.
 _STOP_GRACE_S = 5
 
@@ -268,20 +270,26 @@ def _launch_config(cfg: RunConfig, log_dir: str, local_addr: str = "127.0.0.1"):
     return LaunchConfig(**{k: v for k, v in wanted.items() if k in known})
 
 
-class _StopDeadline(logging.Handler):
-    """Hold the agent to pyddl's stop grace when it stops workers after a failure.
+class _AgentEvents(logging.Handler):
+    """Act on two moments of torch's agent that it only logs.
 
-    torch's agent gives a stopped worker 30 s there (LocalElasticAgent._stop_workers ignores
+    A stop: torch gives a stopped worker 30 s (LocalElasticAgent._stop_workers ignores
     LaunchConfig.shutdown_timeout), and a frozen (SIGSTOPped) worker never acts on SIGTERM,
     so the launcher outlived a `--timeout 10` job by half a minute (issue 23 point 5). The
     agent logs each stop just before it sends the signal: the worker then gets SIGCONT (a
     frozen one acts on the SIGTERM that follows) and, after _STOP_GRACE_S, SIGKILL.
+
+    A failure that --max-restarts allows: the agent restarts every worker without a word.
+    This says which worker failed and how, and tells the restarted workers why
+    (RESTART_REASON_ENV; `pyddl train` records it in its summary).
     """
 
-    _MESSAGE = "Sending process %s closing signal %s"
+    _STOP = "Sending process %s closing signal %s"
+    _FAILED = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
 
-    def __init__(self):
+    def __init__(self, cfg: RunConfig, log_dir: str):
         super().__init__(logging.WARNING)
+        self.cfg, self.log_dir, self.failures = cfg, log_dir, 0
         self.logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
 
     def __enter__(self):
@@ -294,11 +302,15 @@ class _StopDeadline(logging.Handler):
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
         self.logger.level, self.logger.propagate = self._saved
+        os.environ.pop(RESTART_REASON_ENV, None)
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg != self._MESSAGE or not record.args:
-            return
-        pid = int(record.args[0])
+        if record.msg == self._STOP and record.args:
+            self._stopping(int(record.args[0]))
+        elif record.msg == self._FAILED and record.args:
+            self._failed(int(record.args[0]), int(record.args[1]), int(record.args[2]))
+
+    def _stopping(self, pid: int) -> None:
         started = _start_time(pid)
         if started is None:
             return
@@ -313,6 +325,31 @@ class _StopDeadline(logging.Handler):
         if _start_time(pid) == started:  # still that worker, not a new process with its pid
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
+
+    def _failed(self, exitcode: int, local_rank: int, pid: int) -> None:
+        self.failures += 1
+        if self.failures > self.cfg.max_restarts:
+            return  # no restart left: launch() reports the failure
+        if self.cfg.elastic:
+            who = f"local rank {local_rank} of host {socket.gethostname()}"
+        else:
+            who = f"rank {(self.cfg.node_rank or 0) * self.cfg.nproc + local_rank} (local rank {local_rank})"
+        reason = f"{who}, pid {pid}, {_how(exitcode)}"
+        tail = _stderr_tail(self.log_dir, local_rank)
+        print(f"pyddl run: {reason}; restarting every worker (restart {self.failures} of "
+              f"{self.cfg.max_restarts})" + (f"\n  last lines of its stderr:\n{tail}" if tail else ""),
+              file=sys.stderr, flush=True)
+        # The agent starts the new workers with this process's environment.
+        os.environ[RESTART_REASON_ENV] = reason
+
+
+def _how(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
 
 
 def _start_time(pid: int) -> int | None:
@@ -351,11 +388,8 @@ def _describe_failures(failures, causes, log_dir: str, where) -> str:
     stopped = [r for r, _ in failures if all(r != c for c, _ in causes)]
     lines = []
     for rank, failure in causes:
-        if failure.exitcode < 0:
-            how = f"was killed by signal {failure.signal_name()}"
-        else:
-            how = f"exited with code {failure.exitcode}"
-        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {where(rank)}) {how}")
+        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {where(rank)}) "
+                     f"{_how(failure.exitcode)}")
         tail = _stderr_tail(log_dir, failure.local_rank)
         if tail:
             lines.append(f"  last lines of its stderr:\n{tail}")
@@ -447,7 +481,8 @@ def launch(cfg: RunConfig) -> None:
     executable, args = worker_command(cfg.command)
     if cfg.exit_with_stdin:
         _exit_with_stdin()
-    with _worker_environ(cfg), _StopDeadline(), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
+    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir, \
+            _AgentEvents(cfg, log_dir):
         try:
             if cfg.emulate_nodes:
                 _launch_emulated(cfg, log_dir, executable, args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
 import tempfile
@@ -206,6 +207,17 @@ def new_out_dir(cfg: TrainConfig) -> Path:
     return path
 
 
+def _restarts(restart: int, state: dict | None, resumed_from: Path | None) -> list[dict]:
+    """The restarts of this run so far: the checkpoint's record plus this one, which names the
+    failure the launcher reported (RESTART_REASON_ENV) and where training goes on from."""
+    from pyddl.launch.local import RESTART_REASON_ENV
+
+    earlier = list((state or {}).get("extra", {}).get("restarts", []))
+    epoch = int(state["position"]["epoch"]) if state else 0
+    return earlier + [{"restart": restart, "failure": os.environ.get(RESTART_REASON_ENV),
+                       "resumed_from": str(resumed_from) if resumed_from else None, "epoch": epoch}]
+
+
 def _describe_groups(values: list[int], name) -> str:
     groups: dict[int, list[int]] = {}
     for r, v in enumerate(values):
@@ -250,6 +262,7 @@ class _Run:
         self.started = time.perf_counter()
         self.device = pyddl.device()
         error, report, state, self.resumed_from, self.changes = None, [0] * 6, None, None, ""
+        self.restarts: list[dict] = []  # the job's restarts so far (--max-restarts), for the summary
         report[_RESUMED] = -1
         try:
             self.cfg = cfg = dataclasses.replace(cfg, workers=self.world)
@@ -282,6 +295,8 @@ class _Run:
                     # A restart may change the number of workers (--nnodes MIN:MAX): go on.
                     self.changes = _check_resume_changes(cfg, self.resumed_from, state,
                                                          cfg.allow_changes or bool(restarted))
+            if restarted:
+                self.restarts = _restarts(restarted, state, self.resumed_from)
             fp = class_fingerprint(self.data.classes)
             report[_FINGERPRINT] = fingerprint_int64(fp)
             report[_CLASSES] = self.data.num_classes
@@ -338,6 +353,13 @@ class _Run:
         if self.rank == 0:
             print(text, flush=True)
 
+    def _restart_note(self) -> str:
+        if not self.restarts:
+            return ""
+        last = self.restarts[-1]
+        failure = f" after {last['failure']}" if last["failure"] else ""
+        return f"restart {last['restart']}{failure}: "
+
     def run(self) -> RunResult:
         cfg, recipe = self.cfg, self.recipe
         start_epoch = self.position["epoch"]
@@ -355,8 +377,8 @@ class _Run:
             f"worker(s) x {gb // self.world} = global batch {gb}, {cfg.epochs} epochs, lr "
             f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} = {cfg.base_lr * gb / cfg.base_batch:.4g} "
             f"after {cfg.effective_warmup_epochs:g} warmup epochs; writing to {self.out}"
-            + (f"\nresuming from {self.last_checkpoint} at epoch {start_epoch} (lr {lr0:.4g})"
-               if cfg.resume else ""))
+            + (f"\n{self._restart_note()}resuming from {self.last_checkpoint} at epoch {start_epoch} "
+               f"(lr {lr0:.4g})" if cfg.resume else ""))
         self.bar = ProgressBar(recipe.total_steps(), start_step=self.position["global_step"],
                                enabled=self.rank == 0, every_s=cfg.log_every_s)
         evaluated = None
@@ -490,7 +512,8 @@ class _Run:
             raise ckpt.NonFiniteError(f"after epoch {epoch + 1} (optimizer step "
                                       f"{self.position['global_step']}): {exc}") from None
         if self.rank == 0:
-            extra = {"config": self.cfg.to_dict(), "totals": dict(self.totals, wall_s=wall)}
+            extra = {"config": self.cfg.to_dict(), "totals": dict(self.totals, wall_s=wall),
+                     "restarts": self.restarts}
             self.last_checkpoint = self.manager.save(ckpt.make_state(
                 self.model, self.opt, epoch=epoch + 1, step=0,
                 global_step=self.position["global_step"], sampler=self.sampler, extra=extra),
@@ -511,7 +534,7 @@ class _Run:
             "workers": self.world, "wall_s": wall, "model": self.model_name, "data": cfg.data,
             "train_images": len(self.data.train), "test_images": len(self.data.test),
             "steps": self.position["global_step"], "seed": cfg.seed, "out": str(self.out),
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "restarts": self.restarts,
         }
         if self.rank == 0:
             write_summary(self.out / "summary.json", summary)
