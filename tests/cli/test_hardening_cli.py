@@ -137,7 +137,9 @@ def test_a_frozen_worker_ends_the_job_within_the_timeout_and_is_named_as_silent(
                 pytest.fail(f"rank {r} outlived its launcher")
     took = ended - float((tmp_path / "frozen").read_text())
     assert launcher.returncode == 1, err
-    assert took < 10 + 8, f"the launcher exited {took:.1f} s after the freeze:\n{err}"
+    # 16 s measured (10 s timeout, 2.5 s reading heartbeats, the exits); torch's own stop
+    # would add 30 s. The margin is for a loaded machine.
+    assert took < 10 + 12, f"the launcher exited {took:.1f} s after the freeze:\n{err}"
     assert "timed out after 10 s" in err and "rank 1 was last heard at collective #" in err, err
     assert "no heartbeat from ranks 1 for about" in err, err
     assert "collective(s) behind" not in err, err  # a frozen rank's number is stale, not a lag
