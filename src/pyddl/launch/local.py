@@ -293,7 +293,7 @@ class _AgentEvents(logging.Handler):
         self.logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
 
     def __enter__(self):
-        self._saved = (self.logger.level, self.logger.propagate)
+        self._saved = (self.logger.level, self.logger.propagate, os.environ.get(RESTART_REASON_ENV))
         self.logger.setLevel(logging.WARNING)
         self.logger.propagate = False  # the agent's own lines stay unprinted
         self.logger.addHandler(self)
@@ -301,8 +301,12 @@ class _AgentEvents(logging.Handler):
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
-        self.logger.level, self.logger.propagate = self._saved
-        os.environ.pop(RESTART_REASON_ENV, None)
+        self.logger.level, self.logger.propagate, reason = self._saved
+        # As found: a program that launches several jobs (bench scaling) passes nothing on.
+        if reason is None:
+            os.environ.pop(RESTART_REASON_ENV, None)
+        else:
+            os.environ[RESTART_REASON_ENV] = reason
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.msg == self._STOP and record.args:
