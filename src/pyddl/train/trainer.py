@@ -110,11 +110,11 @@ def _check_fresh_start(cfg: TrainConfig, manager: ckpt.CheckpointManager | None)
 # What a resumed run may not change without --allow-changes: flag -> how to read it from a
 # TrainConfig's dict (a checkpoint's extra["config"] or cfg.to_dict()).
 _RESUME_KEYS = {
-    "-np": lambda d: d["workers"],
-    "--epochs": lambda d: d["epochs"],
-    "--batch-size": lambda d: d["batch_size"] or DEFAULT_BATCH_SIZE,
-    "--batch-ramp": lambda d: ",".join(f"{e}:{b}" for e, b in d["batch_ramp"]) or "none",
-    "--base-lr": lambda d: d["base_lr"],
+    "-np": lambda d: d.get("workers"),
+    "--epochs": lambda d: d.get("epochs"),
+    "--batch-size": lambda d: d.get("batch_size") or DEFAULT_BATCH_SIZE,
+    "--batch-ramp": lambda d: ",".join(f"{e}:{b}" for e, b in d.get("batch_ramp") or ()) or "none",
+    "--base-lr": lambda d: d.get("base_lr"),
 }
 
 
@@ -129,7 +129,8 @@ def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
 def _check_resume_changes(cfg: TrainConfig, path: Path, state: dict, allowed: bool) -> str:
     """Refuse a resume whose run changed unless `allowed`; return what to announce ("" if
     nothing changed)."""
-    changes = resume_changes(state.get("extra", {}).get("config", {}) or cfg.to_dict(), cfg)
+    # A checkpoint without the config of its run (written by other code) cannot be compared.
+    changes = resume_changes(state.get("extra", {}).get("config") or cfg.to_dict(), cfg)
     if not changes:
         return ""
     epoch = int(state["position"]["epoch"])
