@@ -29,6 +29,7 @@ __all__ = [
     "PYDDL_COMPRESSION",
     "PYDDL_STALL_WARN",
     "PYDDL_RESTART_COUNT",
+    "PYDDL_RESTART_REASON",
     "PYDDL_TIMELINE",
     "PYDDL_LINK_GBPS",
 ]
@@ -45,6 +46,8 @@ PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective war
 # How many times the job was restarted: set by `pyddl run -H` (which restarts every server),
 # added to torchrun's TORCHELASTIC_RESTART_COUNT (restarts by one agent) in JobEnv.restart_count.
 PYDDL_RESTART_COUNT = "PYDDL_RESTART_COUNT"
+# What failed before the last restart, in one line (`pyddl train` records it in its summary).
+PYDDL_RESTART_REASON = "PYDDL_RESTART_REASON"
 PYDDL_TIMELINE = "PYDDL_TIMELINE"  # a Chrome-trace file to record (pyddl.timeline)
 PYDDL_LINK_GBPS = "PYDDL_LINK_GBPS"  # the emulated servers' link rate, for the bench's bound
 

@@ -54,9 +54,11 @@ def _nonfinite(rank, out):
     train(TrainConfig(stop_after_epoch=1, **base))
     good = Path(out, "checkpoints", "ckpt-000001.pt").read_bytes()
     pyddl.barrier()
-    # A resume with a learning rate that blows up: weights overflow within a few steps.
-    outcome = _outcome(lambda: train(TrainConfig(resume=True, base_lr=1e30, **base)))
-    return outcome, hashlib.sha256(good).hexdigest()
+    # A resume with another --base-lr is refused on every rank unless allowed...
+    refused = _outcome(lambda: train(TrainConfig(resume=True, base_lr=1e30, **base)))
+    # ... and allowed, a learning rate that blows up: weights overflow within a few steps.
+    outcome = _outcome(lambda: train(TrainConfig(resume=True, allow_changes=True, base_lr=1e30, **base)))
+    return outcome, hashlib.sha256(good).hexdigest(), refused
 
 
 def _restart_over_bad_checkpoints(rank, out):
@@ -120,7 +122,11 @@ def test_non_finite_loss_stops_every_rank_at_its_step_and_keeps_the_good_checkpo
 
     out = outcomes[0] / "run"
     results = [r[1] for r in outcomes[1]]
-    texts = [t for t, _ in results]
+    for _, _, refused in results:
+        assert refused == (f"ValueError: --resume: {out}/checkpoints/ckpt-000001.pt was written by a run with "
+                           f"other values (--base-lr 0.1 -> 1e+30); resume with the values of that run, or add "
+                           f"--allow-changes to continue from epoch 1 with the new ones"), refused
+    texts = [t for t, _, _ in results]
     assert texts[0] == texts[1], texts  # the same verdict, at the same step, on both ranks
     match = re.match(r"NonFiniteLossError: the loss became (nan|inf) at optimizer step (\d+) "
                      r"\(epoch 1, batch (\d) of 4, lr [0-9.e+]+\); training stopped before "

@@ -184,7 +184,11 @@ def test_up_down_leaves_nothing_behind():
             assert route.startswith("local") and "dev lo" in route
             # A server reaches only the emulated network: no default route out of it.
             assert "default" not in subprocess.run(["ip", "-n", s.netns, "route"], capture_output=True, text=True).stdout
+        for s in cluster.servers:  # every address of the cluster has a name in each server
+            hosts = open(os.path.join(emulate.NETNS_ETC, s.netns, "hosts")).read()
+            assert f"{s.address}\t{s.netns}\n" in hosts and f"{cluster.bridge_address}\t{cluster.bridge}\n" in hosts
     assert _ours(prefix) == before
+    assert not any(os.path.exists(os.path.join(emulate.NETNS_ETC, s.netns)) for s in cluster.servers)
     _assert_slot_clean(prefix, cluster.slot)
 
 
@@ -221,6 +225,29 @@ def test_four_ranks_on_two_servers_allreduce(tmp_path):
     # Consecutive ranks share a server; the two servers are different namespaces.
     assert rep[0]["netns"] == rep[1]["netns"] != rep[2]["netns"] == rep[3]["netns"]
     _assert_slot_clean("pyddl", re.match(r"pyddl(\d+)s", rep[0]["netns"]).group(1))
+
+
+@pytest.mark.root
+@_skip_unless_root
+@pytest.mark.cli
+@pytest.mark.timeout(100)
+def test_emulated_servers_have_names_and_c10d_says_nothing_about_them(tmp_path):
+    # Issue 23 point 15: c10d names the peer of each store connection; in a namespace with
+    # no DNS that lookup failed with a warning on every rank.
+    script = _script(tmp_path, """
+        import socket
+        pyddl.init()
+        pyddl.allreduce(torch.ones(3))
+        mine = socket.getnameinfo((os.environ["MASTER_ADDR"], 0), socket.NI_NAMEREQD)[0]
+        print("REPORT " + json.dumps(dict(netns=netns(), store=mine)), flush=True)
+        pyddl.shutdown()
+    """)
+    proc = _run(["run", "-np", "2", "--emulate-nodes", "2", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rep = _reports(proc.stdout)
+    assert sorted(rep) == [0, 1] and all(re.fullmatch(r"pyddl\d+br", r["store"]) for r in rep.values()), rep
+    assert "hostname of the client socket cannot be retrieved" not in proc.stdout + proc.stderr, proc.stdout
+    assert "[W" not in proc.stdout + proc.stderr, proc.stdout  # no other c10d warning either
 
 
 @pytest.mark.root

@@ -29,6 +29,35 @@ def test_bad_host_lists_say_how_to_fix(spec, text):
         parse_hosts(spec)
 
 
+@pytest.mark.parametrize("name", [
+    "-Fevil.conf", "-oProxyCommand=sh", "host;rm", "a..b", "-h", "a_b", "user@-x", "-u@host", "[::g]",
+    "x" * 64, "a@b@c", "$(id)", "host\\name",
+])
+def test_only_host_names_pass(name):
+    # Issue 23 point 2: a name that ssh could read as an option, or a shell as code, is refused
+    # in -H and in a hostfile alike.
+    with pytest.raises(ValueError, match="is not a host name or address"):
+        parse_hosts(f"{name}:1")
+    with pytest.raises(ValueError, match=r"hf:1: .* is not a host name or address"):
+        parse_hostfile(f"{name} slots=1", "hf")
+
+
+def test_rfc1123_names_addresses_and_users_pass():
+    names = ["node1", "n-1.rack2.example.com", "10.0.0.2", "[fe80::1]", "[::1]", "[fe80::1%eth0]",
+             "alice@node1", "bob.smith@10.0.0.2", "9node", "a" * 63]
+    assert [h.name for h in parse_hosts(",".join(f"{n}:2" for n in names))] == names
+    assert [h.name for h in parse_hostfile("alice@node1 slots=2\n[fe80::1] slots=2\n")] == ["alice@node1", "[fe80::1]"]
+
+
+def test_user_at_host_reaches_ssh_after_its_options_and_the_store_without_user():
+    from pyddl.launch.remote import server_commands
+
+    cfg = RunConfig(nproc=2, command=("j.py",), hosts=parse_hosts("alice@n1,n2"))
+    cmds = server_commands(cfg, place_ranks(cfg.hosts, 2), environ={}, cwd="/", python="py")
+    assert cmds[0][:5] == ["ssh", "-o", "BatchMode=yes", "--", "alice@n1"]
+    assert "--master-addr n1 " in cmds[1][-1]
+
+
 def test_hostfile_comments_blank_lines_and_bare_hosts():
     text = "# the rack\n\nnode1 slots=4\nnode2 slots = 4   # spare PSU\nnode3\n"
     assert parse_hostfile(text) == (Host("node1", 4), Host("node2", 4), Host("node3", 1))
@@ -49,10 +78,10 @@ def test_ranks_fill_servers_in_order():
 
 
 def test_launcher_template_and_reachability_command():
-    assert launcher_words("ssh -o BatchMode=yes", "h1", 0) == ["ssh", "-o", "BatchMode=yes", "h1"]
+    assert launcher_words("ssh -o BatchMode=yes", "h1", 0) == ["ssh", "-o", "BatchMode=yes", "--", "h1"]
     assert launcher_words("ip netns exec pyddl0s{node}", "10.213.0.3", 1) == ["ip", "netns", "exec", "pyddl0s1"]
     assert launcher_words("ssh -p 2222 {host}", "h1", 0) == ["ssh", "-p", "2222", "h1"]
-    assert check_command("ssh -o BatchMode=yes", "h1", 0) == ["ssh", "-o", "BatchMode=yes", "h1", "true"]
+    assert check_command("ssh -o BatchMode=yes", "h1", 0) == ["ssh", "-o", "BatchMode=yes", "--", "h1", "true"]
     with pytest.raises(ValueError, match=r"placeholder\(s\) \['rank'\]"):
         launcher_words("ssh {rank}", "h", 0)
     with pytest.raises(ValueError, match="--launcher is empty"):
@@ -76,12 +105,12 @@ def test_exact_remote_commands_over_ssh(monkeypatch):
            "PYDDL_CHUNK_BYTES=2097152 PYDDL_COMPRESSION=none PYDDL_TIMEOUT=30.0")
     for node, argv in enumerate(cmds):
         # ssh passes one command line to the remote login shell.
-        assert argv[:4] == ["ssh", "-o", "BatchMode=yes", f"n{node + 1}"] and len(argv) == 5
-        assert argv[4] == (
+        assert argv[:5] == ["ssh", "-o", "BatchMode=yes", "--", f"n{node + 1}"] and len(argv) == 6
+        assert argv[5] == (
             f"cd '/w d' && exec env {env} /venv/bin/python -u -m pyddl.cli.main run --nnodes 2 "
             f"--node-rank {node} --master-addr n1 --master-port 29600 -np 2 --exit-with-stdin -- "
             f"train.py --lr '0.1 x'")
-        words = shlex.split(argv[4])  # what the remote shell runs
+        words = shlex.split(argv[5])  # what the remote shell runs
         assert words[-4:] == ["--", "train.py", "--lr", "0.1 x"] and "HOME=/root" not in words
 
 
@@ -102,6 +131,9 @@ def test_environment_forwarding_and_restart_count():
     cfg = RunConfig(nproc=2, command=("j.py",), hosts=parse_hosts("a,b"), launcher="env")
     cmd = server_commands(cfg, place_ranks(cfg.hosts, 2), restart=1, environ={}, cwd="/", python="py")[1]
     assert f" {RESTART_COUNT_ENV}=1 " in cmd[-1]
+    cmd = server_commands(cfg, place_ranks(cfg.hosts, 2), restart=1, reason="rank 1 was killed by signal SIGKILL",
+                          environ={}, cwd="/", python="py")[1]
+    assert f" {RESTART_COUNT_ENV}=1 'PYDDL_RESTART_REASON=rank 1 was killed by signal SIGKILL' " in cmd[-1]
 
 
 def _args(argv):

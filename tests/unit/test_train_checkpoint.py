@@ -111,6 +111,39 @@ def test_atomic_save_leaves_old_file_when_the_write_fails(tmp_path, monkeypatch)
     assert torch.equal(CheckpointManager(tmp_path).load(1)["w"], torch.ones(3))
 
 
+def _save_and_die(directory):
+    # A writer killed in the middle of torch.save, as a worker killed while saving is.
+    import signal
+
+    def die(obj, f):
+        f.write(b"x" * 4096)
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.torch.save = die
+    CheckpointManager(directory).save({"w": torch.ones(3)}, index=2)
+
+
+def test_a_save_killed_midway_leaves_a_temporary_the_next_save_removes(tmp_path):
+    import multiprocessing
+
+    mgr = CheckpointManager(tmp_path)
+    mgr.save({"w": torch.ones(3)}, index=1)
+    proc = multiprocessing.get_context("fork").Process(target=_save_and_die, args=(tmp_path,))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == -9
+    stale = sorted(p.name for p in tmp_path.glob(".ckpt-*.tmp"))
+    assert len(stale) == 1 and stale[0].startswith(".ckpt-000002.pt.")
+    mgr.save({"w": torch.zeros(3)}, index=2)
+    assert sorted(os.listdir(tmp_path)) == [
+        "ckpt-000001.pt", "ckpt-000001.pt.sha256", "ckpt-000002.pt", "ckpt-000002.pt.sha256"]
+    # At start (pyddl train's rank 0) the same cleaning, with the names returned.
+    (tmp_path / ".ckpt-000003.pt.abc.tmp").write_bytes(b"partial")
+    assert [p.name for p in mgr.remove_stale_temps()] == [".ckpt-000003.pt.abc.tmp"]
+    assert mgr.indices() == [1, 2] and not list(tmp_path.glob("*.tmp"))
+
+
 def test_keeps_the_last_k(tmp_path):
     mgr = CheckpointManager(tmp_path, keep=2)
     for i in range(1, 6):

@@ -42,9 +42,25 @@ def _relaunch(args, argv_tail: list[str]) -> int:
     return _launched("bench", lambda: launch(config_from_args(args, command)))
 
 
+# Where a bare output name (`--json bench.json`) goes: a folder git ignores, so that running
+# the README's commands from the repository leaves the working tree clean.
+_RESULTS_DIR = "runs"
+
+
+def _under_runs(args) -> None:
+    """Put bare --json / --plot file names under runs/; a name with a folder is kept as is."""
+    for flag in ("json", "plot"):
+        name = getattr(args, flag, None)
+        if name and not os.path.dirname(name):
+            os.makedirs(_RESULTS_DIR, exist_ok=True)
+            setattr(args, flag, os.path.join(_RESULTS_DIR, name))
+
+
 def _allreduce(args) -> int:
     from pyddl.bench import allreduce as bench
     from pyddl.config import ALGORITHM_CHOICES as ALGORITHMS
+
+    _under_runs(args)
 
     try:
         sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
@@ -166,6 +182,7 @@ def _step(args) -> int:
         _bench_module(args).worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps,
                                         args.warmup, args.rounds)
         return 0
+    _under_runs(args)
     if args.out:  # a worker of a job this command started
         bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup,
                           args.bucket_mb, args.rounds)
@@ -189,6 +206,7 @@ def _scaling(args) -> int:
     systems = _check_systems(args, "scaling")
     if systems is None:
         return 2
+    _under_runs(args)
     try:
         counts = sorted({int(w) for w in args.workers.split(",")})
     except ValueError:
@@ -241,7 +259,7 @@ def _add_step_flags(parser) -> None:
     parser.add_argument("--systems", help="comma-separated systems (default: single and the framework's defaults: "
                         f"{','.join(default_systems())}; with --framework tensorflow "
                         f"{','.join(tensorflow_step.default_systems())})")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (a bare name: under runs/)")
 
 
 def register(subparsers) -> None:
@@ -263,7 +281,7 @@ def register(subparsers) -> None:
     ar.add_argument("--dtype", default="float32",
                     help="element type: float32 (default), float16 or bfloat16 (what an fp16/bf16 wire moves)")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
-    ar.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ar.add_argument("--json", metavar="PATH", help="also write the rows as JSON (a bare name: under runs/)")
     ar.set_defaults(func=_allreduce)
 
     st = which.add_parser(
@@ -292,5 +310,5 @@ def register(subparsers) -> None:
     _add_step_flags(sc)
     sc.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     sc.add_argument("--ranks-per-server", type=int, default=1, help="workers per emulated server")
-    sc.add_argument("--plot", metavar="PNG", default="scaling.png", help="where to write the plot")
+    sc.add_argument("--plot", metavar="PNG", default="scaling.png", help="where to write the plot (a bare name: under runs/; default %(default)s)")
     sc.set_defaults(func=_scaling)

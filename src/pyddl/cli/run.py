@@ -79,10 +79,19 @@ def _hosts(args) -> tuple:
         raise ValueError("give the servers once: -H or --hostfile, not both")
     if args.hostfile:
         try:
-            with open(args.hostfile) as fh:
-                return parse_hostfile(fh.read(), args.hostfile)
+            with open(args.hostfile, "rb") as fh:
+                data = fh.read()
         except OSError as err:
             raise ValueError(f"--hostfile {args.hostfile}: {err.strerror}; give a readable file") from None
+        try:
+            text = data.decode()
+            binary = "it holds NUL bytes" if "\0" in text else ""
+        except UnicodeDecodeError as err:
+            binary = f"byte 0x{data[err.start]:02x} at offset {err.start} is not UTF-8"
+        if binary:
+            raise ValueError(f"--hostfile {args.hostfile}: not a text file ({binary}); give a file of "
+                             f"`host slots=N` lines")
+        return parse_hostfile(text, args.hostfile)
     return parse_hosts(args.hosts) if args.hosts else ()
 
 

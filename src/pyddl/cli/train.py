@@ -67,7 +67,11 @@ def _main(args) -> int:
     if cfg.out is None and cfg.checkpoint_dir is None:
         # Named here, not by the workers, so that workers restarted by --max-restarts find
         # the checkpoints of the attempt before them.
-        cfg = dataclasses.replace(cfg, out=str(new_out_dir(cfg)))
+        try:
+            cfg = dataclasses.replace(cfg, out=str(new_out_dir(cfg)))
+        except OSError as err:
+            return _fail(f"cannot create an output folder under ./runs ({err.strerror}); pass --out DIR "
+                         f"with a folder you can write to")
     command = (sys.executable, "-m", "pyddl.train.worker", "--config-json",
                json.dumps(cfg.to_dict()))
     if args.nproc is None and not (args.hosts or args.hostfile):

@@ -166,10 +166,7 @@ class Monitor:
         if not behind:
             return
         self._warned_seq = seq
-        notes = ", ".join(
-            f"rank {r} " + ("has not started" if hb is None else f"is {seq - hb[0]} collective(s) behind, at #{hb[0]} ({hb[1]})")
-            for r, hb in behind
-        )
+        notes = ", ".join(f"rank {r} " + self._where(hb, seq) for r, hb in behind)
         print(
             f"pyddl: warning: rank {self.rank} has waited {waited:.0f} s in collective #{seq} "
             f"({self.current}) for slower ranks: {notes}. Not an error yet: the timeout is "
@@ -177,6 +174,20 @@ class Monitor:
             file=sys.stderr,
             flush=True,
         )
+
+    def _silent_s(self, hb: tuple[int, str, int]) -> float:
+        # Every rank's heartbeat thread beats once per interval from init on, so a rank whose
+        # beat count lags this one's by k has been silent for about k intervals.
+        return (self._beat - hb[2]) * self.interval_s
+
+    def _where(self, hb: tuple[int, str, int] | None, seq: int) -> str:
+        if hb is None:
+            return "has not started"
+        silent = self._silent_s(hb)
+        if silent >= max(3 * self.interval_s, 2.0):
+            # Its number is where it was when it went silent, not how far behind it is.
+            return f"sent no heartbeat for about {silent:.0f} s (frozen or exited; last at #{hb[0]} ({hb[1]}))"
+        return f"is {seq - hb[0]} collective(s) behind, at #{hb[0]} ({hb[1]})"
 
     def close(self) -> None:
         self._stop.set()
@@ -226,11 +237,18 @@ class Monitor:
         if behind:
             notes = []
             for r, hb in behind:
-                where = "never started" if hb is None else f"is at collective #{hb[0]} ({hb[1]})"
+                if hb is None:
+                    where = "never started"
+                elif r in silent:
+                    where = f"was last heard at collective #{hb[0]} ({hb[1]})"
+                else:
+                    where = f"is at collective #{hb[0]} ({hb[1]})"
                 notes.append(f"rank {r} {where}")
             parts.append("ranks that did not arrive: " + ", ".join(notes))
         if silent:
-            parts.append(f"no heartbeat from ranks {_ranks(silent)} (exited or frozen)")
+            ages = [self._silent_s(second[r]) for r in silent if second[r] is not None]
+            age = f" for about {min(ages):.0f} s" if ages else ""
+            parts.append(f"no heartbeat from ranks {_ranks(silent)}{age} (exited or frozen)")
         if not behind and not silent:
             parts.append("every rank arrived; a connection failed (a peer exited or a link dropped)")
         missing = tuple(r for r, _ in behind) or tuple(silent)

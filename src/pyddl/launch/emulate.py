@@ -38,6 +38,12 @@ _NETWORK = "10.213.{slot}.0/24"  # one /24 per live cluster, never routed beyond
 _MAX_SLOTS = 16
 _MAX_NODES = 200
 _LOCK_DIR = "/run/pyddl-emulate"
+# iproute2's place for a namespace's own /etc files (`ip netns exec` bind-mounts them, and so
+# does netns_exec): a hosts file naming every address of the cluster, so that a reverse
+# lookup in a server (c10d logs the peer of each connection) answers at once instead of
+# failing on a DNS server the namespace cannot reach ("The hostname of the client socket
+# cannot be retrieved. err=-3" on every rank, issue 23 point 15).
+NETNS_ETC = "/etc/netns"
 _MIN_MTU, _MAX_MTU = 576, 65535
 
 
@@ -198,6 +204,7 @@ class EmulatedCluster:
             _ip("link", "del", link, check=False)
         for ns in netns:
             _ip("netns", "del", ns, check=False)
+            shutil.rmtree(os.path.join(NETNS_ETC, ns), ignore_errors=True)
 
     def _claim_slot(self) -> int:
         chosen = None
@@ -259,6 +266,23 @@ class EmulatedCluster:
             if self.link_gbps is not None:
                 self._limit("qdisc", "add", "dev", server.host_link)  # into the server: download
                 self._limit("-n", server.netns, "qdisc", "add", "dev", NS_IFNAME)  # out of it: upload
+        self._write_hosts()
+
+    def _write_hosts(self) -> None:
+        try:
+            with open("/etc/hosts") as fh:
+                base = fh.read()
+        except OSError:
+            base = "127.0.0.1\tlocalhost\n"
+        names = [(self.bridge_address, self.bridge)] + [(s.address, s.netns) for s in self.servers]
+        # c10d's sockets are IPv6 with IPv4-mapped addresses, which glibc looks up as written.
+        text = base.rstrip("\n") + "\n# pyddl emulated cluster\n" + "".join(
+            f"{a}\t{n}\n::ffff:{a}\t{n}\n" for a, n in names)
+        for server in self.servers:
+            folder = os.path.join(NETNS_ETC, server.netns)
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "hosts"), "w") as fh:
+                fh.write(text)
 
     def _on_signal(self, signum, frame):
         raise SystemExit(128 + signum)

@@ -7,6 +7,7 @@ used is node i of the job, which is what pyddl's topology needs (docs/launch.md)
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ __all__ = [
     "parse_hostfile",
     "place_ranks",
     "launcher_words",
+    "host_address",
     "check_command",
     "remote_command",
     "forwarded_env",
@@ -35,7 +37,11 @@ DEFAULT_LAUNCHER = "ssh -o BatchMode=yes"
 # execs its arguments, and gets `sh -c LINE`.
 _SHELL_LAUNCHERS = ("ssh", "rsh")
 _PLACEHOLDERS = ("host", "node")
-_HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]%-]+")
+# RFC 1123 host names (labels of letters, digits and inner hyphens, dot-separated; an IPv4
+# address is one too), an optional `user@` (a POSIX user name: never starts with `-`), or an
+# IPv6 address in brackets. Anything else, e.g. `-Fevil.conf`, would reach ssh as an option.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_RE = re.compile(rf"(?:[A-Za-z0-9_][A-Za-z0-9_.-]*@)?(?:{_LABEL}(?:\.{_LABEL})*\.?|\[([0-9A-Fa-f:.]+(?:%[A-Za-z0-9_.-]+)?)\])")
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,28 @@ class Placement:
         return range(self.first_rank, self.first_rank + self.nproc)
 
 
+def _is_host(name: str) -> bool:
+    m = _HOST_RE.fullmatch(name)
+    if not m or len(host_address(name)) > 253:
+        return False
+    if m.group(1) is None:
+        return True
+    try:
+        ipaddress.IPv6Address(m.group(1))
+    except ValueError:
+        return False
+    return True
+
+
+def host_address(name: str) -> str:
+    """The address part of a validated host name: `user@node1` -> `node1`."""
+    return name.rpartition("@")[2]
+
+
 def _host(name: str, slots: int, where: str) -> Host:
-    if not _HOST_RE.fullmatch(name):
-        raise ValueError(f"{where}: {name!r} is not a host name or address; write e.g. host1:4 or 10.0.0.2:4")
+    if not _is_host(name):
+        raise ValueError(f"{where}: {name!r} is not a host name or address; write e.g. host1:4, "
+                         f"user@host1:4, 10.0.0.2:4 or [fe80::1]:4")
     if slots < 1:
         raise ValueError(f"{where}: {name} has {slots} slots; give at least 1 (e.g. {name}:4)")
     return Host(name, slots)
@@ -176,7 +201,8 @@ def _template_fields(template: str) -> set[str]:
 
 def launcher_words(template: str, host: str, node: int) -> list[str]:
     """The launcher prefix for one server: the template with {host} and {node} filled in, or,
-    when it has neither, the template followed by the host (`ssh -o BatchMode=yes host1`).
+    when it has neither, the template followed by the host (`ssh -o BatchMode=yes -- host1`:
+    `--` ends ssh's options, so no host can be read as one).
 
     Raises:
         ValueError: an empty template or an unknown placeholder.
@@ -185,7 +211,9 @@ def launcher_words(template: str, host: str, node: int) -> list[str]:
         raise ValueError("--launcher is empty; give e.g. \"ssh -o BatchMode=yes\"")
     fields = _template_fields(template)
     words = shlex.split(template.format(host=host, node=node))
-    return words if fields else [*words, host]
+    if fields:
+        return words
+    return [*words, "--", host] if os.path.basename(words[0]) in _SHELL_LAUNCHERS else [*words, host]
 
 
 def _run_line(words: list[str], line: str) -> list[str]:

@@ -24,11 +24,15 @@ import threading
 import uuid
 
 from pyddl import env as _env
+from pyddl.config import PYDDL_RESTART_REASON
 from pyddl.launch.config import LaunchError, RunConfig
 
 __all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
 
 _STDERR_TAIL_LINES = 15
+# What the launcher tells workers it restarted (--max-restarts): which worker failed and how.
+# Seconds a worker may take to exit once the agent stops it (SIGTERM), then SIGKILL.
+_STOP_GRACE_S = 5
 
 
 def worker_command(command: tuple[str, ...]) -> tuple[str, list[str]]:
@@ -106,12 +110,109 @@ def _launch_config(cfg: RunConfig, log_dir: str, local_addr: str = "127.0.0.1"):
         start_method="spawn",
         log_line_prefix_template="[rank${rank}] ",
         logs_specs=DefaultLogsSpecs(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL),
-        shutdown_timeout=5,
+        shutdown_timeout=_STOP_GRACE_S,
         **_rendezvous(cfg, local_addr),
     )
     # Keep to the fields this torch release knows (LaunchConfig grew over 2.4 -> 2.14).
     known = {f.name for f in dataclasses.fields(LaunchConfig)}
     return LaunchConfig(**{k: v for k, v in wanted.items() if k in known})
+
+
+class _AgentEvents(logging.Handler):
+    """Act on two moments of torch's agent that it only logs.
+
+    A stop: torch gives a stopped worker 30 s (LocalElasticAgent._stop_workers ignores
+    LaunchConfig.shutdown_timeout), and a frozen (SIGSTOPped) worker never acts on SIGTERM,
+    so the launcher outlived a `--timeout 10` job by half a minute (issue 23 point 5). The
+    agent logs each stop just before it sends the signal: the worker then gets SIGCONT (a
+    frozen one acts on the SIGTERM that follows) and, after _STOP_GRACE_S, SIGKILL.
+
+    A failure that --max-restarts allows: the agent restarts every worker without a word.
+    This says which worker failed and how, and tells the restarted workers why
+    (PYDDL_RESTART_REASON; `pyddl train` records it in its summary).
+    """
+
+    _STOP = "Sending process %s closing signal %s"
+    _FAILED = "failed (exitcode: %s) local_rank: %s (pid: %s) of binary: %s"
+
+    def __init__(self, cfg: RunConfig, log_dir: str):
+        super().__init__(logging.WARNING)
+        self.cfg, self.log_dir, self.failures = cfg, log_dir, 0
+        self.logger = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+
+    def __enter__(self):
+        self._saved = (self.logger.level, self.logger.propagate, os.environ.get(PYDDL_RESTART_REASON))
+        self.logger.setLevel(logging.WARNING)
+        self.logger.propagate = False  # the agent's own lines stay unprinted
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.level, self.logger.propagate, reason = self._saved
+        # As found: a program that launches several jobs (bench scaling) passes nothing on.
+        if reason is None:
+            os.environ.pop(PYDDL_RESTART_REASON, None)
+        else:
+            os.environ[PYDDL_RESTART_REASON] = reason
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == self._STOP and record.args:
+            self._stopping(int(record.args[0]))
+        elif record.msg == self._FAILED and record.args:
+            self._failed(int(record.args[0]), int(record.args[1]), int(record.args[2]))
+
+    def _stopping(self, pid: int) -> None:
+        started = _start_time(pid)
+        if started is None:
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGCONT)
+        timer = threading.Timer(_STOP_GRACE_S, self._kill, (pid, started))
+        timer.daemon = True
+        timer.start()
+
+    @staticmethod
+    def _kill(pid: int, started: int) -> None:
+        if _start_time(pid) == started:  # still that worker, not a new process with its pid
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def _failed(self, exitcode: int, local_rank: int, pid: int) -> None:
+        self.failures += 1
+        if self.failures > self.cfg.max_restarts:
+            return  # no restart left: launch() reports the failure
+        if self.cfg.elastic:
+            who = f"local rank {local_rank} of host {socket.gethostname()}"
+        else:
+            who = f"rank {(self.cfg.node_rank or 0) * self.cfg.nproc + local_rank} (local rank {local_rank})"
+        reason = f"{who}, pid {pid}, {_how(exitcode)}"
+        tail = _stderr_tail(self.log_dir, local_rank)
+        print(f"pyddl run: {reason}; restarting every worker (restart {self.failures} of "
+              f"{self.cfg.max_restarts})" + (f"\n  last lines of its stderr:\n{tail}" if tail else ""),
+              file=sys.stderr, flush=True)
+        # The agent starts the new workers with this process's environment.
+        os.environ[PYDDL_RESTART_REASON] = reason
+
+
+def _how(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"was killed by signal {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"was killed by signal {-exitcode}"
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of `pid` if it is a live child of this process, else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    state, ppid, started = fields[0], int(fields[1]), int(fields[19])
+    return started if ppid == os.getpid() and state != "Z" else None
 
 
 def _stderr_tail(log_dir: str, local_rank: int) -> str:
@@ -139,11 +240,8 @@ def _describe_failures(failures, causes, log_dir: str, where) -> str:
     stopped = [r for r, _ in failures if all(r != c for c, _ in causes)]
     lines = []
     for rank, failure in causes:
-        if failure.exitcode < 0:
-            how = f"was killed by signal {failure.signal_name()}"
-        else:
-            how = f"exited with code {failure.exitcode}"
-        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {where(rank)}) {how}")
+        lines.append(f"pyddl run: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}, {where(rank)}) "
+                     f"{_how(failure.exitcode)}")
         tail = _stderr_tail(log_dir, failure.local_rank)
         if tail:
             lines.append(f"  last lines of its stderr:\n{tail}")
@@ -235,12 +333,17 @@ def launch(cfg: RunConfig) -> None:
     executable, args = worker_command(cfg.command)
     if cfg.exit_with_stdin:
         _exit_with_stdin()
-    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir:
+    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir, \
+            _AgentEvents(cfg, log_dir):
         try:
             if cfg.emulate_nodes:
                 _launch_emulated(cfg, log_dir, executable, args)
             else:
-                elastic_launch(_launch_config(cfg, log_dir), executable)(*args)
+                # Through pdeath_exec, so that no worker outlives a launcher killed by SIGKILL.
+                from pyddl.launch import pdeath_exec
+
+                elastic_launch(_launch_config(cfg, log_dir), sys.executable)(
+                    "-I", "-S", pdeath_exec.__file__, "--parent", str(os.getpid()), "--", executable, *args)
         except ChildFailedError as err:
             if cfg.emulate_nodes:
                 per_server = cfg.nproc // cfg.emulate_nodes

@@ -17,8 +17,11 @@ import sys
 __all__ = ["main", "parse_cpu_sets", "format_cpu_sets"]
 
 _CLONE_NEWNET = 0x40000000
+_CLONE_NEWNS = 0x00020000
+_MS_BIND, _MS_REC, _MS_SLAVE = 0x1000, 0x4000, 0x80000
 _PR_SET_PDEATHSIG = 1
 _NETNS_DIR = "/run/netns"
+_NETNS_ETC = "/etc/netns"  # pyddl.launch.emulate.NETNS_ETC (not imported: that loads no torch, but this stays plain)
 
 
 def format_cpu_sets(sets: list[list[int]]) -> str:
@@ -43,11 +46,24 @@ def _enter_netns(name: str) -> None:
     # A worker must not outlive a launcher killed with SIGKILL (it could not tear the
     # namespace down); the next start also kills such orphans, this just does it at once.
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    _use_netns_hosts(libc, name)
+
+
+def _use_netns_hosts(libc, name: str) -> None:
+    # As `ip netns exec` does: the namespace's own hosts file over /etc/hosts, in a mount
+    # namespace of this process (changes do not propagate back), so that its addresses resolve.
+    hosts = os.path.join(_NETNS_ETC, name, "hosts")
+    if not os.path.exists(hosts):
+        return
+    if (libc.unshare(_CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, _MS_REC | _MS_SLAVE, None) != 0
+            or libc.mount(hosts.encode(), b"/etc/hosts", None, _MS_BIND, None) != 0):
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot use {hosts} in network namespace {name}: {os.strerror(err)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     """Enter the namespace of this rank's server, pin it if asked, and exec the program."""
-    parser = argparse.ArgumentParser(prog="netns_exec")
+    parser = argparse.ArgumentParser(prog="netns_exec", allow_abbrev=False)
     parser.add_argument("--netns", required=True, help="namespace name without the server index")
     parser.add_argument("--per-server", type=int, required=True, help="consecutive ranks per server")
     parser.add_argument("--cpus", help="per-server CPU sets, e.g. '0;1'")

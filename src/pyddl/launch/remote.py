@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pyddl import env as _env
-from pyddl.launch.hosts import Placement, check_command, forwarded_env, place_ranks, remote_command
+from pyddl.config import PYDDL_RESTART_REASON
 from pyddl.launch.config import LaunchError, RunConfig
+from pyddl.launch.hosts import Placement, check_command, forwarded_env, host_address, place_ranks, remote_command
 
 __all__ = ["launch_hosts", "check_reachable", "server_commands", "RESTART_COUNT_ENV"]
 
@@ -63,17 +64,20 @@ def check_reachable(cfg: RunConfig, placements: list[Placement]) -> None:
         raise LaunchError("\n".join(bad), 2)
 
 
-def server_commands(cfg: RunConfig, placements: list[Placement], *, restart: int = 0,
+def server_commands(cfg: RunConfig, placements: list[Placement], *, restart: int = 0, reason: str | None = None,
                     environ=None, cwd: str | None = None, python: str | None = None) -> list[list[str]]:
-    """The command that starts each server's share of the job (see hosts.remote_command)."""
+    """The command that starts each server's share of the job (see hosts.remote_command);
+    a restart tells the workers its number and the failure that caused it."""
     settings = cfg.worker_env()
     if restart:
         settings[RESTART_COUNT_ENV] = str(restart)
+        if reason:
+            settings[PYDDL_RESTART_REASON] = reason
     env = forwarded_env(os.environ if environ is None else environ, settings)
     run_args = ["--exit-with-stdin"]
     return [
         remote_command(
-            cfg.launcher, p, nnodes=len(placements), master_addr=placements[0].host,
+            cfg.launcher, p, nnodes=len(placements), master_addr=host_address(placements[0].host),
             master_port=cfg.master_port or _env.DEFAULT_MASTER_PORT, cwd=cwd or os.getcwd(),
             python=python or sys.executable, env=env, run_args=run_args, command=cfg.command)
         for p in placements
@@ -135,12 +139,12 @@ def _failure_message(s: _Server) -> str:
     return "\n".join(lines)
 
 
-def _run_once(cfg: RunConfig, placements: list[Placement], restart: int) -> list[_Server]:
+def _run_once(cfg: RunConfig, placements: list[Placement], restart: int, reason: str | None) -> list[_Server]:
     """Run every server's launcher until all succeed or one fails; return the failed ones."""
     lock = threading.Lock()
     servers, pumps = [], []
     try:
-        for p, argv in zip(placements, server_commands(cfg, placements, restart=restart)):
+        for p, argv in zip(placements, server_commands(cfg, placements, restart=restart, reason=reason)):
             # A session of its own: Ctrl-C reaches the driver, which stops every server in order.
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True, bufsize=1, start_new_session=True)
@@ -203,10 +207,11 @@ def launch_hosts(cfg: RunConfig) -> None:
     """
     placements = place_ranks(cfg.hosts, cfg.nproc)
     check_reachable(cfg, placements)
+    reason = None
     with _signals_interrupt():
         for attempt in range(cfg.max_restarts + 1):
             try:
-                failed = _run_once(cfg, placements, attempt)
+                failed = _run_once(cfg, placements, attempt, reason)
             except _Interrupted as sig:
                 name = signal.Signals(sig.signum).name
                 raise LaunchError(f"pyddl run: interrupted by {name}; every server's workers stopped",
@@ -215,16 +220,20 @@ def launch_hosts(cfg: RunConfig) -> None:
                 raise LaunchError("pyddl run: interrupted; every server's workers stopped", 130) from None
             if not failed:
                 return
-            _report(cfg, placements, failed, attempt)
+            reason = _report(cfg, placements, failed, attempt)
 
 
-def _report(cfg: RunConfig, placements: list[Placement], failed: list[_Server], attempt: int) -> None:
-    """Announce a restart, or raise the failure when no restart is left."""
+def _report(cfg: RunConfig, placements: list[Placement], failed: list[_Server], attempt: int) -> str:
+    """Announce a restart and return its reason in one line, or raise the failure when no
+    restart is left."""
     message = "\n".join(_failure_message(s) for s in failed)
     if attempt < cfg.max_restarts:
         print(f"{message}\npyddl run: restarting every server's workers "
               f"(restart {attempt + 1} of {cfg.max_restarts})", file=sys.stderr, flush=True)
-        return
+        # The server's launcher named the rank; else say which server's launcher failed.
+        named = [line.strip()[len("pyddl run: "):] for line in message.splitlines()[1:]
+                 if line.strip().startswith("pyddl run: rank ")]
+        return named[0] if named else message.splitlines()[0][len("pyddl run: "):]
     others = [p for p in placements if all(p is not s.placement for s in failed)]
     stopped = ", ".join(f"{p.host} (node {p.node})" for p in others)
     code = failed[0].proc.returncode  # the server's launcher passes its failed worker's code on

@@ -246,8 +246,22 @@ class CheckpointManager:
         found = (_NAME.match(p.name) for p in self.directory.iterdir())
         return sorted(int(m.group(1)) for m in found if m)
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the `.ckpt-*.tmp` files a writer killed mid-save left behind; return them.
+
+        Call it only where no other process is saving into this folder (the one writer,
+        before it writes).
+        """
+        if not self.directory.is_dir():
+            return []
+        stale = sorted(self.directory.glob(".ckpt-*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def save(self, state: Mapping[str, Any], index: int) -> Path:
-        """Check `state` is finite, write it as checkpoint `index`, then prune to the newest `keep`.
+        """Check `state` is finite, write it as checkpoint `index`, then prune to the newest
+        `keep`; temporaries of an earlier, interrupted save are removed first.
 
         Raises:
             NonFiniteError: `state` holds NaN or Inf; nothing is written or removed.
@@ -256,6 +270,7 @@ class CheckpointManager:
             raise ValueError(f"checkpoint index must be >= 0, got {index}")
         ensure_finite(state)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temps()
         path = self.path(index)
         atomic_save(dict(state), path)
         for old in self.indices()[:-self.keep]:

@@ -36,6 +36,9 @@ OPTIMIZERS = ("sgd", "lars")
 DEVICES = ("auto", "cpu", "cuda")
 # Goyal et al.'s 32 images per worker.
 DEFAULT_BATCH_SIZE = 32
+# `--data synthetic` by default: small enough that 5 epochs of the small CNN take well under a
+# minute on 2 CPU cores (pass --image-size 224 --synthetic-classes 1000 for ImageNet's shape).
+SYNTHETIC_SIZE, SYNTHETIC_CLASSES = 2_000, 10
 # Goyal et al. warm up for 5 epochs of a 90-epoch run; short runs get a quarter of their length.
 _GOYAL_WARMUP_EPOCHS = 5.0
 _TYPES = {"int": (int, "an int"), "float": ((int, float), "a number"), "bool": (bool, "a bool"),
@@ -77,13 +80,14 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     resume: bool = False
+    allow_changes: bool = False
     seed: int = 0
     out: str | None = None
     max_steps_per_epoch: int | None = None
     stop_after_epoch: int | None = None
-    synthetic_size: int = 10_000
-    synthetic_classes: int = 1000
-    image_size: int = 224
+    synthetic_size: int = SYNTHETIC_SIZE
+    synthetic_classes: int = SYNTHETIC_CLASSES
+    image_size: int | None = None
     loader_workers: int = 0
     device: str = "auto"
     log_every_s: float = 10.0
@@ -166,6 +170,8 @@ class TrainConfig:
         need(not self.resume or bool(self.checkpoint_dir or self.out),
              "--resume needs to know where the checkpoints are: pass --checkpoint-dir DIR or "
              "the --out DIR of the run to continue")
+        need(not self.allow_changes or self.resume,
+             "--allow-changes applies to --resume (continue a run with new values); add --resume")
         need(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
         need(self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
              f"--max-steps-per-epoch must be >= 1, got {self.max_steps_per_epoch}")
@@ -174,7 +180,8 @@ class TrainConfig:
         need(self.synthetic_size >= 1 and self.synthetic_classes >= 1,
              f"--synthetic-size and --synthetic-classes must be >= 1, got "
              f"{self.synthetic_size}, {self.synthetic_classes}")
-        need(self.image_size >= 1, f"--image-size must be >= 1, got {self.image_size}")
+        need(self.image_size is None or self.image_size >= 1,
+             f"--image-size must be >= 1, got {self.image_size}")
         need(self.loader_workers >= 0, f"--loader-workers must be >= 0, got {self.loader_workers}")
         need(self.device in DEVICES,
              f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -296,12 +303,18 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="default: OUT/checkpoints")
     k.add_argument("--keep-checkpoints", type=int, default=d["keep_checkpoints"], metavar="K")
     k.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    k.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although -np, --epochs, the batch or --base-lr differ "
+                   "from the checkpoint's run (the recipe follows the new values)")
 
     s = parser.add_argument_group("data details")
-    s.add_argument("--synthetic-size", type=int, default=d["synthetic_size"], metavar="N")
-    s.add_argument("--synthetic-classes", type=int, default=d["synthetic_classes"], metavar="K")
+    s.add_argument("--synthetic-size", type=int, default=d["synthetic_size"], metavar="N",
+                   help="synthetic training images (default %(default)s; a tenth as many test images)")
+    s.add_argument("--synthetic-classes", type=int, default=d["synthetic_classes"], metavar="K",
+                   help="synthetic classes (default %(default)s)")
     s.add_argument("--image-size", type=int, default=d["image_size"], metavar="PX",
-                   help="crop side for ImageFolder and synthetic data (default %(default)s)")
+                   help="side of the images fed to the model: ImageFolder images are cropped and resized "
+                   "to it (default 224), synthetic ones drawn at it (default 32)")
     s.add_argument("--loader-workers", type=int, default=d["loader_workers"], metavar="N",
                    help="DataLoader processes per worker (default %(default)s)")
 

@@ -44,6 +44,7 @@ class DataSplit:
     test: Dataset
     classes: tuple[str, ...]
     input_shape: tuple[int, ...]
+    resize: str = ""  # how the stored images become input_shape, for the start line
 
     @property
     def num_classes(self) -> int:
@@ -191,15 +192,29 @@ def image_folder_split(root: str, image_size: int = 224) -> DataSplit:
                 f"folder or remove the empty ones"
             ) from None
     return DataSplit(sets["train"], sets["val"], tuple(sets["train"].classes),
-                     (3, image_size, image_size))
+                     (3, image_size, image_size), _resize_note(sets["train"], image_size))
 
 
-def load_data(spec: str, *, synthetic_size: int = 10_000, image_size: int = 224,
-              num_classes: int = 1000, seed: int = 0) -> DataSplit:
+def _resize_note(images, image_size: int) -> str:
+    # The first training image stands for the set: a 32-px set trained at 224 px is upscaled
+    # 7x, which the user should see before the run, not guess from its accuracy.
+    try:
+        from PIL import Image
+
+        with Image.open(images.samples[0][0]) as img:
+            width, height = img.size
+    except (ImportError, OSError, IndexError):
+        return f"cropped and resized to {image_size} px"
+    return f"cropped and resized to {image_size} px from {width}x{height} (the first training image)"
+
+
+def load_data(spec: str, *, synthetic_size: int = 2_000, image_size: int | None = None,
+              num_classes: int = 10, seed: int = 0) -> DataSplit:
     """Open the data set named by `--data`: "digits", "synthetic" or an ImageFolder root.
 
     Synthetic data gets `synthetic_size` training and synthetic_size // 10 (at least 1) test
-    samples of shape (3, image_size, image_size); its test set uses a different seed.
+    samples of shape (3, image_size, image_size), 32 px unless given; its test set uses a
+    different seed. ImageFolder images are cropped and resized to image_size, 224 px unless given.
 
     Raises:
         ValueError: as `image_folder_split`, or an empty spec.
@@ -207,7 +222,7 @@ def load_data(spec: str, *, synthetic_size: int = 10_000, image_size: int = 224,
     if spec == "digits":
         return digits_split()
     if spec == "synthetic":
-        shape = (3, image_size, image_size)
+        shape = (3, image_size or 32, image_size or 32)
         return DataSplit(
             SyntheticImages(synthetic_size, shape, num_classes, seed),
             SyntheticImages(max(1, synthetic_size // 10), shape, num_classes, seed + 1),
@@ -215,7 +230,7 @@ def load_data(spec: str, *, synthetic_size: int = 10_000, image_size: int = 224,
         )
     if not spec:
         raise ValueError("--data is empty; pass digits, synthetic or an ImageFolder root")
-    return image_folder_split(spec, image_size)
+    return image_folder_split(spec, image_size or 224)
 
 
 def class_fingerprint(classes: Sequence[str]) -> str:

@@ -117,7 +117,7 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pyddl.train.experiment",
+        prog="python -m pyddl.train.experiment", allow_abbrev=False,
         description="Global batch 32 vs 256 on digits: (a) no recipe, (b) linear scaling, "
         "(c) linear scaling + warmup; writes OUT/large-batch.md and .json.")
     parser.add_argument("-np", "--workers", type=int, default=2, metavar="N",

@@ -223,8 +223,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     return (
         f"Trained{model}{data} for {summary['epochs']} epochs on {summary['workers']} workers "
         f"at a global batch of {summary['global_batch']} in {format_duration(summary['wall_s'])} "
-        f"({summary['images_per_s']:,.1f} images/s): test top-1 {pct(summary['test_top1'])}, "
-        f"top-5 {pct(summary['test_top5'])}."
+        f"({summary['images_per_s']:,.1f} images/s): test top-1 {pct(summary['test_top1'])}"
+        + ("" if summary["test_top5"] is None else f", top-5 {pct(summary['test_top5'])}") + "."
     )
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from pyddl.torch.compression import Compression
 from pyddl.torch.functions import broadcast_parameters
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.train import checkpoint as ckpt
-from pyddl.train.config import TrainConfig
+from pyddl.train.config import DEFAULT_BATCH_SIZE, TrainConfig
 from pyddl.train.data import DataSplit, ShardSampler, class_fingerprint, fingerprint_int64, load_data, shard_batches
 from pyddl.train.models import build_model
 from pyddl.train.optim import build_optimizer, make_criterion, set_lr
@@ -39,7 +41,7 @@ from pyddl.train.report import (
     topk_correct, write_summary,
 )
 
-__all__ = ["NonFiniteLossError", "RunResult", "backend_for", "check_inputs", "train"]
+__all__ = ["NonFiniteLossError", "RunResult", "backend_for", "check_inputs", "resume_changes", "train"]
 
 # Images per worker per evaluation batch: no gradients are kept, so it can exceed training's.
 _EVAL_BATCH = 256
@@ -106,18 +108,76 @@ def _check_fresh_start(cfg: TrainConfig, manager: ckpt.CheckpointManager | None)
             f"another --out/--checkpoint-dir to start a new one (nothing was overwritten)")
 
 
+# What a resumed run may not change without --allow-changes: flag -> how to read it from a
+# TrainConfig's dict (a checkpoint's extra["config"] or cfg.to_dict()).
+_RESUME_KEYS = {
+    "-np": lambda d: d.get("workers"),
+    "--epochs": lambda d: d.get("epochs"),
+    "--batch-size": lambda d: d.get("batch_size") or DEFAULT_BATCH_SIZE,
+    "--batch-ramp": lambda d: ",".join(f"{e}:{b}" for e, b in d.get("batch_ramp") or ()) or "none",
+    "--base-lr": lambda d: d.get("base_lr"),
+}
+
+
+def resume_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """Name what `cfg` changes from the config a checkpoint was written with, e.g.
+    ["--epochs 3 -> 5"]; empty when it continues the same run."""
+    now = cfg.to_dict()
+    return [f"{flag} {get(saved)} -> {get(now)}" for flag, get in _RESUME_KEYS.items()
+            if get(saved) != get(now)]
+
+
+def _check_resume_changes(cfg: TrainConfig, path: Path, state: dict, allowed: bool) -> str:
+    """Refuse a resume whose run changed unless `allowed`; return what to announce ("" if
+    nothing changed)."""
+    # A checkpoint without the config of its run (written by other code) cannot be compared.
+    changes = resume_changes(state.get("extra", {}).get("config") or cfg.to_dict(), cfg)
+    if not changes:
+        return ""
+    epoch = int(state["position"]["epoch"])
+    if not allowed:
+        raise ValueError(f"--resume: {path} was written by a run with other values ({', '.join(changes)}); "
+                         f"resume with the values of that run, or add --allow-changes to continue from "
+                         f"epoch {epoch} with the new ones")
+    return (f"pyddl train: resuming {path} with changes ({', '.join(changes)}): from epoch {epoch} on, "
+            f"the global batch, the learning rate and its schedule follow the new values")
+
+
+def _check_writable(flag: str, folder: str) -> None:
+    # Created now as the run would create it, so that a folder that cannot be written ends
+    # the command here rather than in every worker after the data is loaded.
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise ValueError(f"{flag} {folder}: not a folder; give a folder you can write to")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(f"{flag} {folder}: cannot write there ({err.strerror}); give a folder "
+                         f"you can write to") from None
+
+
 def check_inputs(cfg: TrainConfig) -> None:
     """Open the data, build the model and the recipe once, as every worker will, and check
-    the checkpoint folder; `pyddl train` calls this before it starts any worker.
+    the checkpoint and output folders; `pyddl train` calls this before it starts any worker.
 
     Raises:
         ValueError: a missing or empty data folder, an unknown model, a batch that does not
-            fit the data set, --resume without checkpoints, or checkpoints a new run would
-            overwrite.
+            fit the data set, --resume without checkpoints or with other values than the
+            checkpoint's run (unless --allow-changes), checkpoints a new run would overwrite,
+            or an output folder that cannot be written.
         ImportError: an optional dependency the data or model needs.
     """
     _open_inputs(cfg, None)
-    _check_fresh_start(cfg, _checkpoints(cfg, cfg.out))
+    manager = _checkpoints(cfg, cfg.out)
+    _check_fresh_start(cfg, manager)
+    if cfg.resume:
+        index, state = manager.load_latest()
+        if state is not None:
+            _check_resume_changes(cfg, manager.path(index), state, cfg.allow_changes)
+    for flag, folder in (("--out", cfg.out), ("--checkpoint-dir", cfg.checkpoint_dir)):
+        if folder is not None:
+            _check_writable(flag, folder)
 
 
 def _seed_epoch(seed: int, rank: int, epoch: int) -> None:
@@ -147,6 +207,17 @@ def new_out_dir(cfg: TrainConfig) -> Path:
         path = stem.with_name(f"{stem.name}-{n}")
     path.mkdir(parents=True)
     return path
+
+
+def _restarts(restart: int, state: dict | None, resumed_from: Path | None) -> list[dict]:
+    """The restarts of this run so far: the checkpoint's record plus this one, which names the
+    failure the launcher reported (PYDDL_RESTART_REASON) and where training goes on from."""
+    from pyddl.config import PYDDL_RESTART_REASON
+
+    earlier = list((state or {}).get("extra", {}).get("restarts", []))
+    epoch = int(state["position"]["epoch"]) if state else 0
+    return earlier + [{"restart": restart, "failure": os.environ.get(PYDDL_RESTART_REASON),
+                       "resumed_from": str(resumed_from) if resumed_from else None, "epoch": epoch}]
 
 
 def _describe_groups(values: list[int], name) -> str:
@@ -192,7 +263,8 @@ class _Run:
         self.rank, self.world = pyddl.rank(), pyddl.size()
         self.started = time.perf_counter()
         self.device = pyddl.device()
-        error, report, state, self.resumed_from = None, [0] * 6, None, None
+        error, report, state, self.resumed_from, self.changes = None, [0] * 6, None, None, ""
+        self.restarts: list[dict] = []  # the job's restarts so far (--max-restarts), for the summary
         report[_RESUMED] = -1
         try:
             self.cfg = cfg = dataclasses.replace(cfg, workers=self.world)
@@ -222,6 +294,11 @@ class _Run:
                 else:
                     report[_RESUMED] = index
                     self.resumed_from = manager.path(index)
+                    # A restart may change the number of workers (--nnodes MIN:MAX): go on.
+                    self.changes = _check_resume_changes(cfg, self.resumed_from, state,
+                                                         cfg.allow_changes or bool(restarted))
+            if restarted:
+                self.restarts = _restarts(restarted, state, self.resumed_from)
             fp = class_fingerprint(self.data.classes)
             report[_FINGERPRINT] = fingerprint_int64(fp)
             report[_CLASSES] = self.data.num_classes
@@ -235,6 +312,10 @@ class _Run:
             name = str(new_out_dir(cfg)) if self.rank == 0 else ""
             self.out = Path(_broadcast_text(name, self.device) if self.world > 1 else name)
         self.manager = _checkpoints(cfg, str(self.out))
+        if self.rank == 0:
+            # A worker killed while saving (--max-restarts, a crash) leaves its temporary.
+            for path in self.manager.remove_stale_temps():
+                print(f"pyddl train: removed {path}, left by an interrupted save", file=sys.stderr, flush=True)
         self._build(state)
 
     def _build(self, state: dict | None) -> None:
@@ -249,6 +330,12 @@ class _Run:
         self.totals = {"wall_s": 0.0, "train_s": 0.0, "train_images": 0}
         self.last_checkpoint = None
         if state is not None:
+            if self.changes:
+                # The sampler takes the new global batch (-np, --batch-size may have changed).
+                epoch = min(int(state["position"]["epoch"]), cfg.epochs - 1)
+                state = dict(state, sampler=dict(state["sampler"],
+                                                 global_batch=self.recipe.global_batch_at(epoch)))
+                self._log(self.changes)
             # The RNGs are reseeded per epoch (_seed_epoch), so rank 0's saved state is not needed.
             try:
                 self.position = ckpt.apply_state(state, self.model, base, sampler=self.sampler,
@@ -268,6 +355,13 @@ class _Run:
         if self.rank == 0:
             print(text, flush=True)
 
+    def _restart_note(self) -> str:
+        if not self.restarts:
+            return ""
+        last = self.restarts[-1]
+        failure = f" after {last['failure']}" if last["failure"] else ""
+        return f"restart {last['restart']}{failure}: "
+
     def run(self) -> RunResult:
         cfg, recipe = self.cfg, self.recipe
         start_epoch = self.position["epoch"]
@@ -276,14 +370,17 @@ class _Run:
             if self.rank == 0 else None
         gb = recipe.global_batch_at(min(start_epoch, cfg.epochs - 1))
         lr0 = recipe.at(min(start_epoch, cfg.epochs - 1), 0)[0]
+        shape = "x".join(map(str, self.data.input_shape))
+        resize = f", {self.data.resize}" if self.data.resize else ""
         self._log(
             f"pyddl train: {self.model_name} on {cfg.data} ({len(self.data.train)} train / "
-            f"{len(self.data.test)} test images, {self.data.num_classes} classes), {self.world} "
+            f"{len(self.data.test)} test images of {shape}{resize}, {self.data.num_classes} "
+            f"classes), {self.world} "
             f"worker(s) x {gb // self.world} = global batch {gb}, {cfg.epochs} epochs, lr "
             f"{cfg.base_lr:g} x {gb}/{cfg.base_batch} = {cfg.base_lr * gb / cfg.base_batch:.4g} "
             f"after {cfg.effective_warmup_epochs:g} warmup epochs; writing to {self.out}"
-            + (f"\nresuming from {self.last_checkpoint} at epoch {start_epoch} (lr {lr0:.4g})"
-               if cfg.resume else ""))
+            + (f"\n{self._restart_note()}resuming from {self.last_checkpoint} at epoch {start_epoch} "
+               f"(lr {lr0:.4g})" if cfg.resume else ""))
         self.bar = ProgressBar(recipe.total_steps(), start_step=self.position["global_step"],
                                enabled=self.rank == 0, every_s=cfg.log_every_s)
         evaluated = None
@@ -388,7 +485,9 @@ class _Run:
                 counts += torch.tensor([top1, top5, loss, len(y)], dtype=torch.float64)
         total = pyddl.allreduce(counts.to(self.device), op="sum").cpu().tolist()
         n = max(total[3], 1.0)
-        return total[0] / n, total[1] / n, total[2] / n
+        # Top-5 of 5 classes or fewer is always 100%: not reported (None in the records).
+        top5 = total[1] / n if self.data.num_classes > 5 else None
+        return total[0] / n, top5, total[2] / n
 
     def _end_epoch(self, epoch, loss, lr, images, seconds) -> dict:
         self._average_buffers()
@@ -402,8 +501,9 @@ class _Run:
         if self.rank == 0:
             self.bar.close()
             self.metrics.write(record)
+            top5_text = "" if top5 is None else f", top-5 {100 * top5:.2f}%"
             print(f"epoch {epoch + 1}/{self.cfg.epochs}: train loss {loss:.4f}, test top-1 "
-                  f"{100 * top1:.2f}%, top-5 {100 * top5:.2f}%, {images / seconds:,.1f} images/s, "
+                  f"{100 * top1:.2f}%{top5_text}, {images / seconds:,.1f} images/s, "
                   f"lr {lr:.4g}, elapsed {format_duration(wall)}", flush=True)
         # Parameters, optimizer state and the averaged buffers are equal on every rank, so
         # every rank reaches the same verdict here and none is left waiting.
@@ -414,7 +514,8 @@ class _Run:
             raise ckpt.NonFiniteError(f"after epoch {epoch + 1} (optimizer step "
                                       f"{self.position['global_step']}): {exc}") from None
         if self.rank == 0:
-            extra = {"config": self.cfg.to_dict(), "totals": dict(self.totals, wall_s=wall)}
+            extra = {"config": self.cfg.to_dict(), "totals": dict(self.totals, wall_s=wall),
+                     "restarts": self.restarts}
             self.last_checkpoint = self.manager.save(ckpt.make_state(
                 self.model, self.opt, epoch=epoch + 1, step=0,
                 global_step=self.position["global_step"], sampler=self.sampler, extra=extra),
@@ -435,7 +536,7 @@ class _Run:
             "workers": self.world, "wall_s": wall, "model": self.model_name, "data": cfg.data,
             "train_images": len(self.data.train), "test_images": len(self.data.test),
             "steps": self.position["global_step"], "seed": cfg.seed, "out": str(self.out),
-            "config": cfg.to_dict(),
+            "config": cfg.to_dict(), "restarts": self.restarts,
         }
         if self.rank == 0:
             write_summary(self.out / "summary.json", summary)

@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
-import pyddl
-from pyddl.errors import PyddlError
-from pyddl.train.config import TrainConfig
-from pyddl.train.trainer import backend_for, train
+
+def _exit_quietly(signum, frame):
+    # The launcher forwards Ctrl-C (SIGINT) to every worker and says itself, in one line, that
+    # the run was interrupted: a SystemExit unwinds like KeyboardInterrupt, without a
+    # traceback per rank.
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":  # before the heavy imports below, which a Ctrl-C may interrupt
+    signal.signal(signal.SIGINT, _exit_quietly)
+
+import pyddl  # noqa: E402
+from pyddl.errors import PyddlError  # noqa: E402
+from pyddl.train.config import TrainConfig  # noqa: E402
+from pyddl.train.trainer import backend_for, train  # noqa: E402
 
 __all__ = ["main", "run"]
 
@@ -53,7 +65,7 @@ def run(cfg: TrainConfig, *, timeout_s: float | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pyddl.train.worker",
+    parser = argparse.ArgumentParser(prog="python -m pyddl.train.worker", allow_abbrev=False,
                                      description="one worker of `pyddl train` (started by it)")
     parser.add_argument("--config-json", required=True, metavar="JSON",
                         help="TrainConfig.to_dict() as JSON")
