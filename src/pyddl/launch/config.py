@@ -3,8 +3,6 @@ programmatic API) and `LaunchError`. Pure: no process is started here."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 
 from pyddl.launch.hosts import DEFAULT_LAUNCHER
@@ -70,8 +68,6 @@ class RunConfig:
             parse_topology(spec, self.nproc)
         self._check_emulation()
         self._check_nodes()
-        if not self.hosts:  # with -H the command runs on the servers: their files, their PATH
-            _check_command(self.command)
 
     @property
     def elastic(self) -> bool:
@@ -163,16 +159,3 @@ class RunConfig:
         out.update({k: str(v) for k, v in self.extra_env.items()})
         return out
 
-
-def _check_command(command: tuple[str, ...]) -> None:
-    """Fail before any worker starts when the command cannot start: a missing script, or an
-    executable that is not on PATH (the workers would each die with a traceback)."""
-    first = command[0]
-    python = os.path.basename(first) in ("python", "python3") or first.endswith(".py")
-    script = first if first.endswith(".py") else (command[1] if python and len(command) > 1 else "")
-    if script.endswith(".py") and not os.path.isfile(script):
-        raise ValueError(f"script {script!r} not found (working directory {os.getcwd()}); give the path of an "
-                         "existing file")
-    if not python and shutil.which(first) is None:
-        raise ValueError(f"command {first!r} not found on PATH; give a script (train.py), `python -m module`, "
-                         "or an executable")

@@ -16,6 +16,7 @@ import dataclasses
 import glob
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -305,19 +306,35 @@ def _exit_with_stdin() -> None:
     threading.Thread(target=watch, name="pyddl-stdin-watch", daemon=True).start()
 
 
+def check_command(command: tuple[str, ...]) -> None:
+    """Fail before any worker starts when the command cannot start: a missing script, or an
+    executable that is not on PATH (the workers would each die with a traceback)."""
+    first = command[0]
+    python = os.path.basename(first) in ("python", "python3") or first.endswith(".py")
+    script = first if first.endswith(".py") else (command[1] if python and len(command) > 1 else "")
+    if script.endswith(".py") and not os.path.isfile(script):
+        raise ValueError(f"script {script!r} not found (working directory {os.getcwd()}); give the path of an "
+                         "existing file")
+    if not python and shutil.which(first) is None:
+        raise ValueError(f"command {first!r} not found on PATH; give a script (train.py), `python -m module`, "
+                         "or an executable")
+
+
 def launch(cfg: RunConfig) -> None:
     """Run `cfg.command` on this server's `cfg.nproc` workers (or on every server of
     `cfg.hosts`); return when all succeeded.
 
     Raises:
+        ValueError: the command cannot start here (a missing script, not on PATH).
         LaunchError: a worker failed (named, with its stderr tail), the run was interrupted,
             or the emulated cluster or the rendezvous store could not be set up (exit code 2).
     """
-    if cfg.hosts:
+    if cfg.hosts:  # the command runs on the servers: their files, their PATH
         from pyddl.launch.remote import launch_hosts
 
         launch_hosts(cfg)
         return
+    check_command(cfg.command)
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
