@@ -119,7 +119,7 @@ def allreduce(tree, op: str = Average, compression=None, algorithm: str | None =
 
     def host(values):
         _tree.agree("allreduce", leaves)
-        outs = [_tree.empty_like(v) for v in values]
+        outs = list(values)  # an empty leaf is its own result
         pending = []
         for indices in _tree.buckets(leaves).values():
             buf, spans = _tree.pack(values, indices)
@@ -128,7 +128,7 @@ def allreduce(tree, op: str = Average, compression=None, algorithm: str | None =
         for handle, buf, spans, indices in pending:
             handle.wait()
             for (off, n), i in zip(spans, indices):
-                outs[i] = _tree.to_jax(buf[0, off: off + n], values[i])
+                outs[i] = _tree.to_jax(buf[off: off + n], values[i])
         return outs
 
     return _run("allreduce", leaves, host, leaves.values)
@@ -145,12 +145,12 @@ def broadcast(tree, root_rank: int = 0):
 
     def host(values):
         _tree.agree("broadcast", leaves)
-        outs = [_tree.empty_like(v) for v in values]
+        outs = list(values)  # an empty leaf is its own result
         for indices in _tree.buckets(leaves).values():
             buf, spans = _tree.pack(values, indices)
             comm.broadcast_(buf, root_rank)
             for (off, n), i in zip(spans, indices):
-                outs[i] = _tree.to_jax(buf[0, off: off + n], values[i])
+                outs[i] = _tree.to_jax(buf[off: off + n], values[i])
         return outs
 
     return _run("broadcast", leaves, host, leaves.values)
@@ -170,7 +170,7 @@ def allgather(tree):
 
     def host(values):
         rows = _tree.agree("allgather", leaves, [int(v.shape[0]) for v in values], free_first_axis=True)
-        outs = [_tree.empty_like(v, (sum(r[i] for r in rows),) + v.shape[1:]) for i, v in enumerate(values)]
+        outs = [jax.ShapeDtypeStruct((sum(r[i] for r in rows),) + v.shape[1:], v.dtype) for i, v in enumerate(values)]
         # Empty leaves stay in: a leaf with no rows here may have rows on another rank.
         for indices in _tree.buckets(leaves, skip_empty=False).values():
             flat = torch.cat([_tree.as_torch(values[i]).reshape(-1) for i in indices])
@@ -211,7 +211,7 @@ def reduce_scatter(tree, op: str = Average):
 
     def host(values):
         _tree.agree("reduce_scatter", leaves)
-        outs = [_tree.empty_like(v, s) for v, s in zip(values, mine)]
+        outs = [_tree.empty_like(v, s) if v.size == 0 else None for v, s in zip(values, mine)]
         for indices in _tree.buckets(leaves).values():
             # Row j of the buffer holds every leaf's block j, so the core's split of the rows
             # hands rank j exactly its blocks.

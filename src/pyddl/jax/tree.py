@@ -142,22 +142,24 @@ def as_torch(value) -> torch.Tensor:
     return torch.from_numpy(np.array(value))
 
 
-def pack(values, indices: list[int], rows: int = 1):
-    """Copy the leaves `indices` of `values` (one dtype) into a new buffer of `rows` x width.
+def pack(values, indices: list[int]):
+    """Copy the leaves `indices` of `values` (one dtype) into one new 1-D buffer.
 
-    Returns (buffer, [(offset, numel)]): each leaf at a 64-byte-aligned offset of row 0.
+    Returns (buffer, [(offset, numel)]): each leaf at a 64-byte-aligned offset. Only the
+    alignment gaps are zeroed (they travel through the reduction too).
     """
-    first = values[indices[0]]
-    dtype = getattr(torch, str(first.dtype))
+    dtype = getattr(torch, str(values[indices[0]].dtype))
     itemsize = torch.empty(0, dtype=dtype).element_size()
     spans, width = [], 0
     for i in indices:
         n = int(values[i].size)
         spans.append((width, n))
         width += _aligned(n, itemsize)
-    buf = torch.zeros((rows, width), dtype=dtype, device=core().device())
-    for (off, n), i in zip(spans, indices):
-        buf[0, off: off + n].copy_(as_torch(values[i]).reshape(-1))
+    buf = torch.empty(width, dtype=dtype, device=core().device())
+    for k, ((off, n), i) in enumerate(zip(spans, indices)):
+        end = spans[k + 1][0] if k + 1 < len(spans) else width
+        buf[off: off + n].copy_(as_torch(values[i]).reshape(-1))
+        buf[off + n: end].zero_()
     return buf, spans
 
 
@@ -170,5 +172,6 @@ def to_jax(tensor: torch.Tensor, like) -> jax.Array:
     return out
 
 
-def empty_like(value, shape=None) -> jax.Array:
-    return jnp.zeros(value.shape if shape is None else shape, value.dtype)
+def empty_like(value, shape) -> jax.Array:
+    """A jax.Array of `value`'s dtype and `shape` (which has no elements)."""
+    return jnp.zeros(shape, value.dtype)
