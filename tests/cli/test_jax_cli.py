@@ -52,3 +52,20 @@ def test_a_pyddl_jax_script_runs_under_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in (0, 1):
         assert f"rank {r} of 2 local {r}: [3.0, 3.0, 3.0] [3, 3]" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_bench_allreduce_framework_jax_compares_pyddl_jax_with_jax_psum(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pyddl.cli.main", "bench", "allreduce", "--framework", "jax", "-np", "2",
+                           "--algorithms", "multiring", "--iters", "1", "--warmup", "0", "--json", "jax.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=170, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    rows = json.loads((tmp_path / "jax.json").read_text())["rows"]
+    # Every system's result was checked against the closed form (rank r adds r+1) before timing.
+    assert [(r["system"], r["tree"], r["leaves"]) for r in rows] == [
+        ("pyddl.jax multiring", "resnet50", 161), ("jax psum (gloo)", "resnet50", 161),
+        ("pyddl.jax multiring", "64M x16", 16), ("torch core multiring", "64M x16", 16)]
+    assert rows[0]["bytes"] == 4 * 25_557_032 and all(r["median_s"] > 0 for r in rows)
+    assert "copy overhead: the 64 MiB pytree through pyddl.jax takes" in proc.stdout
