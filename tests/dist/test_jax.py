@@ -34,6 +34,9 @@ def _closed_forms(rank, world):
     hvd.init(timeout_s=30)
     n, s = world, world * (world + 1) // 2
     errors = []
+    servers = 2 if os.environ.get("PYDDL_TOPOLOGY") == "2x2" else 1
+    if (hvd.size(), hvd.rank(), hvd.cross_size(), hvd.local_size()) != (n, rank, servers, n // servers):
+        errors.append(f"rank queries: {hvd.size()}, {hvd.rank()}, {hvd.cross_size()}, {hvd.local_size()}")
 
     def expect(what, got, want_value, shape, dtype):
         if not isinstance(got, jax.Array):
@@ -104,10 +107,11 @@ def _closed_forms(rank, world):
     return errors
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("world", [2, 3])
-def test_every_op_closed_form_eager_and_in_jit(world):
-    for rank, errors in enumerate(run_ranks(_closed_forms, world, timeout=200)):
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,env", [(3, {}), (4, {"PYDDL_TOPOLOGY": "2x2", "LOCAL_WORLD_SIZE": "2"})])
+def test_every_op_closed_form_eager_and_in_jit(world, env):
+    # 3 ranks: uneven splits; 4 as 2 servers x 2: the multiring's two levels. (2 ranks: below.)
+    for rank, errors in enumerate(run_ranks(_closed_forms, world, env=env, timeout=260)):
         assert errors == [], f"rank {rank}: {errors}"
 
 
