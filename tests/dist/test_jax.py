@@ -102,6 +102,13 @@ def _closed_forms(rank, world):
                                op=hvd.Sum)
     expect("reduce_scatter pytree a", parts["a"], s, (1, 2), "float32")
     expect("reduce_scatter pytree b", parts["b"], s, (1, 3) if rank == 0 else (0, 3), "int32")
+    # Under jit, a collective on arrays closed over runs at every call, not once while traced.
+    const = jnp.full((2,), rank + 1.0)
+    if "io_callback" not in str(jax.make_jaxpr(lambda: hvd.allreduce(const))()):
+        errors.append("an allreduce of a closed-over array ran at trace time instead of in the computation")
+    step = jax.jit(lambda x: hvd.allreduce(const, op=hvd.Sum) + x)
+    step(1.0)
+    expect("jit allreduce of a closed-over array, 2nd call", step(2.0), s + 2, (2,), "float32")
     hvd.barrier()
     hvd.shutdown()
     return errors

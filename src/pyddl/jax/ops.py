@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy  # noqa: F401 (jax.numpy.zeros in _tracing)
 import torch
 from jax.experimental import io_callback
 
@@ -68,9 +69,15 @@ def cross_size() -> int:
     return core().cross_size()
 
 
+def _tracing(leaves: _tree.Leaves) -> bool:
+    # Under jit, leaves closed over are concrete but a new array is a tracer: a collective on
+    # them must still run at every call of the computation, not once while it is traced.
+    return leaves.traced() or isinstance(jax.numpy.zeros((), "int8"), jax.core.Tracer)
+
+
 def _run(what: str, leaves: _tree.Leaves, host, out_like, in_jit: bool = True):
     """Run `host(values) -> values` now, or inside jit as one ordered io_callback."""
-    if not leaves.traced():
+    if not _tracing(leaves):
         # Callbacks of computations already dispatched hold earlier collectives: submit ours after.
         jax.effects_barrier()
         return leaves.unflatten(host(leaves.values))
