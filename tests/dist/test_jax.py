@@ -109,6 +109,13 @@ def _closed_forms(rank, world):
     step = jax.jit(lambda x: hvd.allreduce(const, op=hvd.Sum) + x)
     step(1.0)
     expect("jit allreduce of a closed-over array, 2nd call", step(2.0), s + 2, (2,), "float32")
+    for what, fn in (("allgather", lambda: hvd.allgather(const)), ("barrier", hvd.barrier)):
+        try:
+            jax.jit(fn)()
+            errors.append(f"{what} inside jit did not raise")
+        except TypeError as err:
+            if f"pyddl.jax.{what} cannot run inside jax.jit" not in str(err):
+                errors.append(f"{what} inside jit: {err}")
     hvd.barrier()
     hvd.shutdown()
     return errors

@@ -69,10 +69,10 @@ def cross_size() -> int:
     return core().cross_size()
 
 
-def _tracing(leaves: _tree.Leaves) -> bool:
+def _tracing(leaves: _tree.Leaves | None = None) -> bool:
     # Under jit, leaves closed over are concrete but a new array is a tracer: a collective on
     # them must still run at every call of the computation, not once while it is traced.
-    return leaves.traced() or isinstance(jax.numpy.zeros((), "int8"), jax.core.Tracer)
+    return (leaves is not None and leaves.traced()) or isinstance(jax.numpy.zeros((), "int8"), jax.core.Tracer)
 
 
 def _run(what: str, leaves: _tree.Leaves, host, out_like, in_jit: bool = True):
@@ -251,5 +251,7 @@ def _span(start_length: tuple[int, int]) -> tuple[int, int]:
 
 def barrier() -> None:
     """Wait until every rank has called barrier (after this rank's pending jit callbacks)."""
+    if _tracing():
+        raise TypeError("pyddl.jax.barrier cannot run inside jax.jit; call it between jitted steps")
     jax.effects_barrier()
     core().barrier()
