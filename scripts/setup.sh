@@ -11,5 +11,5 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,train,vision,tensorflow]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[test,train,vision,tensorflow,jax]"
 echo "$WANT" > "$STAMP"

@@ -75,12 +75,18 @@ def _allreduce(args) -> int:
         return 2
     if not _in_job():
         tail = ["allreduce", "--sizes", args.sizes, "--algorithms", args.algorithms,
-                "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype]
+                "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype,
+                "--framework", args.framework]
         if args.json:
             tail += ["--json", os.path.abspath(args.json)]
         if args.link_gbps:
             tail += ["--link-gbps", str(args.link_gbps)]
         return _relaunch(args, tail)
+    if args.framework == "jax":  # a ResNet-50 pytree instead of --sizes; see bench/jax_allreduce.py
+        from pyddl.bench import jax_allreduce
+
+        jax_allreduce.main(algorithms, args.iters, args.warmup, args.json, args.link_gbps)
+        return 0
     bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype)
     return 0
 
@@ -281,6 +287,8 @@ def register(subparsers) -> None:
     ar.add_argument("--dtype", default="float32",
                     help="element type: float32 (default), float16 or bfloat16 (what an fp16/bf16 wire moves)")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
+    ar.add_argument("--framework", choices=["torch", "jax"], default="torch",
+                    help="jax: a ResNet-50 pytree through pyddl.jax against JAX's own psum (needs pyddl[jax])")
     ar.add_argument("--json", metavar="PATH", help="also write the rows as JSON (a bare name: under runs/)")
     ar.set_defaults(func=_allreduce)
 
