@@ -17,6 +17,7 @@ import jax.numpy  # noqa: F401 (jax.numpy.zeros in _tracing)
 import torch
 from jax.experimental import io_callback
 
+import pyddl
 from pyddl.jax import tree as _tree
 from pyddl.jax._core import core
 
@@ -32,41 +33,41 @@ _OPS = (Average, Sum, Min, Max, Product)
 
 def init(**kwargs) -> None:
     """Join the job (reads pyddl run, torchrun, srun or mpirun); the arguments of `pyddl.init`."""
-    core().init(**kwargs)
+    pyddl.init(**kwargs)
 
 
 def shutdown() -> None:
     """Wait for JAX's pending callbacks (their collectives), then leave the job."""
     jax.effects_barrier()
-    core().shutdown()
+    pyddl.shutdown()
 
 
 def is_initialized() -> bool:
-    return core().is_initialized()
+    return pyddl.is_initialized()
 
 
 def rank() -> int:
-    return core().rank()
+    return core().rank
 
 
 def size() -> int:
-    return core().size()
+    return core().size
 
 
 def local_rank() -> int:
-    return core().local_rank()
+    return core().local_rank
 
 
 def local_size() -> int:
-    return core().local_size()
+    return core().local_size
 
 
 def cross_rank() -> int:
-    return core().cross_rank()
+    return core().cross_rank
 
 
 def cross_size() -> int:
-    return core().cross_size()
+    return core().cross_size
 
 
 def _tracing(leaves: _tree.Leaves | None = None) -> bool:
@@ -122,7 +123,7 @@ def allreduce(tree, op: str = Average, compression=None, algorithm: str | None =
     """
     comm = core()
     leaves = _tree.flatten(tree, "allreduce")
-    op, codec = _check_op(op), comm.get_codec(compression).name
+    op, codec = _check_op(op), pyddl.get_codec(compression).name
 
     def host(values):
         _tree.agree("allreduce", leaves)
@@ -207,7 +208,7 @@ def reduce_scatter(tree, op: str = Average):
     comm = core()
     leaves = _tree.flatten(tree, "reduce_scatter", min_axes=1)
     op = _check_op(op)
-    n, me = comm.size(), comm.rank()
+    n, me = comm.size, comm.rank
 
     def block(length: int, j: int) -> tuple[int, int]:
         base, extra = divmod(length, n)
@@ -231,7 +232,7 @@ def reduce_scatter(tree, op: str = Average):
             for w in width_of:
                 offsets.append(width)
                 width += _tree._aligned(w, itemsize)
-            buf = torch.zeros((n, width), dtype=dtype, device=comm.device())
+            buf = torch.zeros((n, width), dtype=dtype, device=comm.device)
             for j in range(n):
                 for k, b in enumerate(blocks[j]):
                     buf[j, offsets[k]: offsets[k] + b.numel()].copy_(b.reshape(-1))

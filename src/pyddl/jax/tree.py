@@ -100,7 +100,7 @@ def agree(what: str, leaves: Leaves, extra: list[int] | None = None, free_first_
         CollectiveMismatchError: on every rank, naming the first differing leaf and the ranks.
     """
     comm = core()
-    if comm.size() == 1 or (extra is None and not comm.settings().check):
+    if comm.size == 1 or (extra is None and not comm.settings.check):
         return [list(extra or [])]
     lines = leaves.describe(free_first_axis) + [f"treedef {leaves.treedef}"]
     text = "\n".join(lines).encode()
@@ -155,7 +155,7 @@ def pack(values, indices: list[int]):
         n = int(values[i].size)
         spans.append((width, n))
         width += _aligned(n, itemsize)
-    buf = torch.empty(width, dtype=dtype, device=core().device())
+    buf = torch.empty(width, dtype=dtype, device=core().device)
     for k, ((off, n), i) in enumerate(zip(spans, indices)):
         end = spans[k + 1][0] if k + 1 < len(spans) else width
         buf[off: off + n].copy_(as_torch(values[i]).reshape(-1))

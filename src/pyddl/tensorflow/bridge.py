@@ -28,6 +28,11 @@ shutdown, is_initialized = pyddl.shutdown, pyddl.is_initialized
 size, rank, local_size, local_rank = pyddl.size, pyddl.rank, pyddl.local_size, pyddl.local_rank
 cross_size, cross_rank = pyddl.cross_size, pyddl.cross_rank
 
+def _comm():
+    """The communicator every collective of pyddl.tensorflow runs on: the job's world."""
+    return pyddl.world()
+
+
 DTYPES = (tf.float32, tf.float64, tf.float16, tf.bfloat16, tf.int32, tf.int64, tf.int8, tf.uint8)
 
 
@@ -78,7 +83,7 @@ def _scaled(tensor: tf.Tensor, factor: float) -> torch.Tensor:
 def allreduce(tensor: tf.Tensor, op: str, codec: str | None, pre: float, post: float) -> tf.Tensor:
     """The allreduce of an eager tensor; op is a core name ("sum", "average", ...)."""
     with horovod_errors():
-        out = pyddl.allreduce_(_scaled(tensor, pre), op=op, compression=codec)
+        out = _comm().allreduce_(_scaled(tensor, pre), op=op, compression=codec)
     if post != 1.0:
         out.mul_(post)
     return to_tf(out)
@@ -88,7 +93,7 @@ def grouped_allreduce(tensors: list, op: str, codec: str | None, pre: float, pos
     """One fused allreduce of eager tensors (buckets of the core's grouped allreduce)."""
     work = [_scaled(t, pre) for t in tensors]
     with horovod_errors():
-        pyddl.grouped_allreduce_(work, op=op, compression=codec)
+        _comm().grouped_allreduce_(work, op=op, compression=codec)
     if post != 1.0:
         for w in work:
             w.mul_(post)
@@ -97,17 +102,17 @@ def grouped_allreduce(tensors: list, op: str, codec: str | None, pre: float, pos
 
 def broadcast(tensor: tf.Tensor, root: int) -> tf.Tensor:
     with horovod_errors():
-        return to_tf(pyddl.broadcast(to_torch(tensor), root=root))
+        return to_tf(_comm().broadcast(to_torch(tensor), root=root))
 
 
 def allgather(tensor: tf.Tensor) -> tf.Tensor:
     with horovod_errors():
-        return to_tf(pyddl.allgather(to_torch(tensor)))
+        return to_tf(_comm().allgather(to_torch(tensor)))
 
 
 def reduce_scatter(tensor: tf.Tensor, op: str, pre: float, post: float) -> tf.Tensor:
     with horovod_errors():
-        out = pyddl.reduce_scatter(_scaled(tensor, pre), op=op)
+        out = _comm().reduce_scatter(_scaled(tensor, pre), op=op)
     if post != 1.0:
         out.mul_(post)
     return to_tf(out)
@@ -117,27 +122,27 @@ def alltoall(tensor: tf.Tensor, splits: list[int]) -> tuple[tf.Tensor, list[int]
     """Send splits[j] rows of axis 0 to rank j; return the rows received, in rank order, and
     how many came from each rank."""
     with horovod_errors():
-        rows, received = pyddl.alltoall(to_torch(tensor), splits)
+        rows, received = _comm().alltoall(to_torch(tensor), splits)
     return to_tf(rows), received
 
 
 def barrier() -> None:
     with horovod_errors():
-        pyddl.barrier()
+        _comm().barrier()
 
 
 def join() -> int:
     with horovod_errors():
-        return pyddl.join()
+        return _comm().join()
 
 
 def broadcast_object(obj, root: int):
     """Rank `root`'s picklable object on every rank (a length, then the bytes, broadcast)."""
     data = pickle.dumps(obj) if rank() == root else b""
     with horovod_errors():
-        length = int(pyddl.broadcast(torch.tensor([len(data)], dtype=torch.int64), root=root))
+        length = int(_comm().broadcast(torch.tensor([len(data)], dtype=torch.int64), root=root))
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(length, dtype=torch.uint8)
-        buf = pyddl.broadcast(buf, root=root)
+        buf = _comm().broadcast(buf, root=root)
     return pickle.loads(buf.numpy().tobytes()) if rank() != root else obj
 
 
@@ -145,8 +150,8 @@ def allgather_object(obj) -> list:
     """Every rank's picklable object, in rank order (lengths, then the bytes, allgathered)."""
     data = pickle.dumps(obj)
     with horovod_errors():
-        lengths = pyddl.allgather(torch.tensor([len(data)], dtype=torch.int64)).tolist()
-        flat = pyddl.allgather(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
+        lengths = _comm().allgather(torch.tensor([len(data)], dtype=torch.int64)).tolist()
+        flat = _comm().allgather(torch.frombuffer(bytearray(data), dtype=torch.uint8)).numpy()
     out, offset = [], 0
     for length in lengths:
         out.append(pickle.loads(flat[offset : offset + length].tobytes()))
