@@ -22,12 +22,13 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRende
 from torch.distributed.elastic.rendezvous.static_tcp_rendezvous import StaticTCPRendezvous, create_rdzv_handler
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 
-__all__ = ["STATIC", "C10D", "RendezvousBindError", "listen_socket", "register", "format_endpoint"]
+from pyddl.listen import listen_socket
+
+__all__ = ["STATIC", "C10D", "RendezvousBindError", "register", "format_endpoint"]
 
 STATIC = "pyddl-static"
 C10D = "pyddl-c10d"
 _C10D_DEFAULT_PORT = 29400  # torchrun's
-_LISTEN_BACKLOG = 512
 
 
 class RendezvousBindError(RuntimeError):
@@ -37,24 +38,6 @@ class RendezvousBindError(RuntimeError):
 def format_endpoint(addr: str, port: int) -> str:
     """`addr:port`, with an IPv6 address in brackets as parse_rendezvous_endpoint expects."""
     return f"[{addr}]:{port}" if ":" in addr and not addr.startswith("[") else f"{addr}:{port}"
-
-
-def listen_socket(addr: str, port: int) -> socket.socket:
-    """Return a TCP socket listening on `addr`:`port` only (port 0: a free port).
-
-    Raises:
-        OSError: the address is not this machine's (EADDRNOTAVAIL), the port is taken, ...
-    """
-    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr.strip("[]"), port, type=socket.SOCK_STREAM)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(_LISTEN_BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _bind_error(addr: str, port: int, err: OSError, role: str) -> RendezvousBindError:
