@@ -9,6 +9,7 @@ communicator that pyddl's module-level functions (pyddl.api) use; nothing below 
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import threading
@@ -201,6 +202,10 @@ def init(
         timeline = Timeline(os.environ.get(PYDDL_TIMELINE), dist.get_rank(), dist.get_world_size())
         _state = _State(job=job, world=world_communicator(topo, settings, device, store, timeline),
                         owns_world=owns_world, listener=listener)
+        # Leave the job before the interpreter tears down: torch's process groups destroyed at
+        # exit with pyddl's threads still running aborted the process ("terminate called
+        # without an active exception", SIGABRT) instead of returning the script's exit code.
+        atexit.register(shutdown)
     if settings.allreduce == "auto":
         _state.world.ensure_tuned()
 
@@ -212,6 +217,7 @@ def shutdown() -> None:
         state, _state = _state, None
     if state is None:
         return
+    atexit.unregister(shutdown)
     timeline = state.world.timeline
     timeline.close()
     if timeline.enabled and dist.is_initialized() and dist.get_world_size() > 1:

@@ -512,3 +512,21 @@ def test_pyddl_train_resumes_after_a_restart(tmp_path):
     assert ref.returncode == 0, ref.stderr
     a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_script_that_exits_after_a_caught_mismatch_keeps_its_exit_code(tmp_path):
+    # Torn down at exit with pyddl's threads running, torch's process groups aborted the process
+    # in about 1 run of 4 ("terminate called without an active exception": SIGABRT, rc 1).
+    script = _script(tmp_path, """
+        import sys, torch, pyddl
+        pyddl.init(timeout_s=20)
+        try:
+            pyddl.allreduce(torch.ones(2 + pyddl.rank()))
+        except pyddl.CollectiveMismatchError:
+            print("caught", flush=True)
+        sys.exit(3)
+    """)
+    for _ in range(3):
+        proc = _run(["run", "-np", "2", script], tmp_path)
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert "terminate called" not in proc.stdout + proc.stderr and proc.stdout.count("caught") == 2
