@@ -62,7 +62,7 @@ def test_bench_allreduce_framework_jax_compares_pyddl_jax_with_jax_psum(tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    rows = json.loads((tmp_path / "jax.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "runs" / "jax.json").read_text())["rows"]  # a bare name goes under runs/
     # Every system's result was checked against the closed form (rank r adds r+1) before timing.
     assert [(r["system"], r["tree"], r["leaves"]) for r in rows] == [
         ("pyddl.jax multiring", "resnet50", 161), ("jax psum (gloo)", "resnet50", 161),

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 import pyddl
-from pyddl.bench.allreduce import LINK_GBPS_ENV, bound_s
+from pyddl.bench.allreduce import bound_s
+from pyddl.config import PYDDL_LINK_GBPS
 
 __all__ = ["resnet50_shapes", "bench_jax", "format_table", "main"]
 
@@ -173,7 +174,7 @@ def format_table(rows: list[dict]) -> str:
 def main(algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None) -> None:
     """The body of `pyddl bench allreduce --framework jax` inside each worker; rank 0 prints."""
     pyddl.init()
-    link = link_gbps or (float(os.environ[LINK_GBPS_ENV]) if os.environ.get(LINK_GBPS_ENV) else None)
+    link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
     rows = bench_jax(algorithms, iters, warmup, link)
     if pyddl.rank() == 0:
         print(f"allreduce of a pytree over {pyddl.size()} ranks, topology {pyddl.topology().spec} "
