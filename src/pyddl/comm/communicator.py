@@ -109,7 +109,11 @@ class Communicator:
         self._algorithms: dict[str, Callable] = {}
         member = job_rank in self.ranks
         self._rank = self.ranks.index(job_rank) if member else None
-        self._engine = Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-{name}") if member else None
+        # Threads are named pyddl-engine, pyddl-stage<i> (the world's) with the communicator's
+        # name after them for the others: the step bench groups threads by these prefixes.
+        self._thread_suffix = "" if root is None else f"[{name}]"
+        self._engine = (Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-engine{self._thread_suffix}")
+                        if member else None)
         self._monitor = (Monitor(store, job_rank, self.ranks, settings.timeout_s, settings.stall_warn, prefix=name)
                          if member and store is not None and len(self.ranks) > 1 else None)
 
@@ -159,7 +163,7 @@ class Communicator:
         """This communicator's pipeline threads (started on first use)."""
         with self._lock:
             if self._stage_threads is None:
-                self._stage_threads = StageThreads(f"pyddl-{self.name}")
+                self._stage_threads = StageThreads(self._thread_suffix)
             return self._stage_threads
 
     def _require_member(self, what: str) -> None:

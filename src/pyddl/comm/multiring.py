@@ -150,8 +150,8 @@ class StageThreads:
     receive from a dead peer never holds the process open at exit.
     """
 
-    def __init__(self, name: str = "pyddl"):
-        self._name = name
+    def __init__(self, suffix: str = ""):
+        self._suffix = suffix  # after each thread's name, pyddl-stage<i>
         self._lock = threading.Lock()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -161,8 +161,8 @@ class StageThreads:
         finished events."""
         with self._lock:
             while len(self._threads) < len(jobs):
-                thread = threading.Thread(target=self._loop, name=f"{self._name}-stage{len(self._threads) + 1}",
-                                          daemon=True)
+                name = f"pyddl-stage{len(self._threads) + 1}{self._suffix}"
+                thread = threading.Thread(target=self._loop, name=name, daemon=True)
                 thread.start()
                 self._threads.append(thread)
         finished = []
