@@ -1,0 +1,378 @@
+"""`init_process_group("pyddl")`: a torch.distributed backend that runs on a pyddl Communicator.
+
+Importing `pyddl.torch` registers it. Each process group of this backend (the world's, and every
+`dist.new_group(...)`) builds an inner Gloo group (NCCL on CUDA) over its ranks, one more per slice
+of each topology dim, and a pyddl Communicator over them: allreduce runs the algorithm of
+PYDDL_ALLREDUCE (native or the multiring), reduce-scatter and allgather run the multiring's halves
+level by level, and every collective gets pyddl's cross-rank check and named timeouts.
+Caveats: Python backends go through the GIL; gather, scatter, reduce and list alltoall are not
+provided (they raise, naming the alternative). docs/backend.md.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import _create_work_from_future
+
+from pyddl import env as _env
+from pyddl.comm.communicator import DTYPES, Communicator
+from pyddl.comm.guard import OpInfo
+from pyddl.comm.multiring import Level
+from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
+from pyddl.config import PYDDL_TIMEOUT, Settings
+from pyddl.timeline import Timeline
+from pyddl.topology.spec import Topology, parse_topology, servers_from_keys, sub_topology
+
+__all__ = ["BACKEND_NAME", "ProcessGroupPyddl"]
+
+BACKEND_NAME = "pyddl"
+
+_RedOp = dist.ReduceOp
+_OPS = {_RedOp.SUM: "sum", _RedOp.AVG: "average", _RedOp.MIN: "min", _RedOp.MAX: "max",
+        _RedOp.PRODUCT: "product", _RedOp.PREMUL_SUM: "sum"}
+
+
+def _op_name(op) -> tuple[str, object]:
+    """pyddl's name of a torch ReduceOp, and the PREMUL_SUM factor (None for the others)."""
+    kind = op.op if isinstance(op, _RedOp) else op
+    for red, name in _OPS.items():
+        if kind == red:
+            return name, (op.factor if kind == _RedOp.PREMUL_SUM else None)
+    raise ValueError(f"the pyddl backend does not support ReduceOp {kind}; it reduces with SUM, AVG, MIN, MAX, "
+                     "PRODUCT and PREMUL_SUM (for bitwise ops, use a Gloo group: dist.new_group(backend='gloo'))")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')}[{','.join(map(str, t.shape))}]"
+
+
+def _check(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
+        raise TypeError(f"{what} has dtype {t.dtype}; the pyddl backend supports {names}")
+
+
+def _work(handle, result) -> dist.Work:
+    """A Work whose future completes, with `result` (a list of tensors), when `handle` has."""
+    fut: torch.futures.Future = torch.futures.Future()
+
+    def done(_, error):
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    handle.add_done_callback(done)
+    return _create_work_from_future(fut)
+
+
+def _inner_group(store, prefix: str, members: list[int], me: int, timeout: timedelta, device: torch.device):
+    """A real ProcessGroup over `members` (global ranks) on Gloo (NCCL for CUDA), known to
+    torch's rank translation, so the rings' dist.isend/irecv with global ranks reach it."""
+    sub = dist.PrefixStore(prefix, store)
+    rank, size = members.index(me), len(members)
+    pg = dist.ProcessGroup(sub, rank, size)
+    if device.type == "cuda":
+        kind = dist.ProcessGroup.BackendType.NCCL
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        backend = dist.ProcessGroupNCCL(sub, rank, size, options)
+    else:
+        kind = dist.ProcessGroup.BackendType.GLOO
+        backend = dist.ProcessGroupGloo(sub, rank, size, timeout=timeout)
+    pg._set_default_backend(kind)
+    pg._register_backend(device, kind, backend)
+    dist.distributed_c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(members)}
+    return pg
+
+
+def _topology(settings: Settings, store, ranks: list[int], me: int, world_size: int) -> Topology:
+    """The group's topology: PYDDL_TOPOLOGY (of the job) restricted to the group's ranks, else
+    its ranks grouped by server (the launcher's node rank, else the host), as pyddl.init does."""
+    if settings.topology:
+        world = parse_topology(settings.topology, world_size)
+        return world if len(ranks) == world_size else sub_topology(world, ranks)
+    try:
+        job = _env.read_job_env()
+        key = str(job.node_rank) if job.node_rank is not None and job.local_size is not None else None
+    except ValueError:
+        key = None
+    store.set(f"pyddl/server/{me}", key or _env.host_identity())
+    return servers_from_keys([store.get(f"pyddl/server/{r}").decode() for r in ranks])
+
+
+class ProcessGroupPyddl(dist.ProcessGroup):
+    """The process group of backend "pyddl": torch's collectives on a pyddl Communicator.
+
+    Made by `dist.init_process_group("pyddl")` and `dist.new_group(..., backend="pyddl")`, not by
+    hand. `communicator` is the Communicator underneath (its topology, settings, levels).
+    """
+
+    def __init__(self, comm: Communicator, inner, groups: list):
+        super().__init__(comm.rank, comm.size)
+        self.communicator = comm
+        self._inner = inner  # the whole group's Gloo/NCCL group: send/recv go there
+        self._groups = groups
+
+    def getBackendName(self) -> str:
+        return BACKEND_NAME
+
+    def __repr__(self) -> str:
+        return f"ProcessGroupPyddl({self.communicator!r})"
+
+    # Reductions ---------------------------------------------------------------------------
+
+    def _reduce_input(self, tensors, opts, what: str):
+        op, factor = _op_name(opts.reduceOp if opts is not None else _RedOp.SUM)
+        for i, t in enumerate(tensors):
+            _check(t, f"{what} tensor {i}")
+            if factor is not None:  # PREMUL_SUM: each rank scales its input, then the sum
+                t.mul_(factor)
+        return op
+
+    def allreduce(self, tensors, opts=None):
+        op = self._reduce_input(tensors, opts, "allreduce")
+        comm = self.communicator
+        if len(tensors) == 1:
+            return _work(comm.allreduce_async_(tensors[0], op=op), tensors)
+        return _work(comm.grouped_allreduce_async_(tensors, op=op), tensors)
+
+    def allreduce_coalesced(self, tensors, opts=None):
+        op = self._reduce_input(tensors, opts, "allreduce_coalesced")
+        return _work(self.communicator.grouped_allreduce_async_(tensors, op=op), tensors)
+
+    def _reduce_scatter_base(self, output, input, opts=None):
+        n = self.communicator.size
+        if input.numel() != output.numel() * n:
+            raise ValueError(f"reduce_scatter_tensor: the input has {input.numel()} elements, not the output's "
+                             f"{output.numel()} x {n} ranks")
+        op, factor = _op_name(opts.reduceOp if opts is not None else _RedOp.SUM)
+        _check(input, "reduce_scatter input")
+        return self._levels_job("reduce_scatter_tensor", input, output, op, factor)
+
+    def reduce_scatter(self, outputs, inputs, opts=None):
+        if len(outputs) != 1:
+            raise ValueError("the pyddl backend reduce-scatters one output tensor per call")
+        flat = torch.cat([t.reshape(-1) for t in inputs[0]])
+        return self._reduce_scatter_base(outputs[0], flat, opts)
+
+    # Gathers ----------------------------------------------------------------------------------
+
+    def _allgather_base(self, output, input, opts=None):
+        n = self.communicator.size
+        if output.numel() != input.numel() * n:
+            raise ValueError(f"all_gather_into_tensor: the output has {output.numel()} elements, not the input's "
+                             f"{input.numel()} x {n} ranks")
+        _check(input, "allgather input")
+        return self._levels_job("all_gather_into_tensor", input, output, None, None)
+
+    def allgather(self, outputs, inputs, opts=None):
+        if len(inputs) != 1:
+            raise ValueError("the pyddl backend gathers one input tensor per call")
+        flat = torch.empty(inputs[0].numel() * self.communicator.size, dtype=inputs[0].dtype, device=inputs[0].device)
+        work = self._allgather_base(flat, inputs[0])
+        chunks = flat.view(self.communicator.size, -1)
+
+        def copy_out(fut):
+            fut.value()  # re-raise a failure
+            for out, chunk in zip(outputs[0], chunks):
+                out.copy_(chunk.view_as(out))
+            return outputs
+
+        return _create_work_from_future(work.get_future().then(copy_out))
+
+    def _levels_job(self, name: str, input, output, op: str | None, factor) -> dist.Work:
+        """Reduce-scatter (op given) or allgather (op None) of equal blocks, one per rank, through
+        the Communicator's topology levels: the multiring's two halves, each level's ring in turn."""
+        comm = self.communicator
+        info = OpInfo(name, f"{_describe(input)} -> {_describe(output)}" + (f" op={op}" if op else ""))
+
+        def fn(seq: int) -> None:
+            n = comm.size
+            blocks = _block_order(comm.topology)
+            if op is not None:
+                src = input.detach().reshape(n, -1).to(comm.device)
+                work = src[blocks].reshape(-1)  # rank r's block where the rings leave it: a copy
+                if factor is not None:
+                    work.mul_(factor)
+                start, seg = _levels_reduce_scatter_(work, comm.levels, op, seq)
+                mine = work[start: start + seg]
+                if op == "average":
+                    mine = mine.div_(n) if mine.is_floating_point() else mine.floor_divide_(n)
+                output.copy_(mine.view_as(output))
+            else:
+                m = input.numel()
+                work = torch.empty(n * m, dtype=input.dtype, device=comm.device)
+                at = int(_place(comm.topology, comm.rank))
+                work[at * m: (at + 1) * m] = input.detach().reshape(-1)
+                _levels_allgather_(work, comm.levels, seq)
+                inverse = torch.empty_like(blocks)
+                inverse[blocks] = torch.arange(n)
+                output.view(n, -1).copy_(work.view(n, -1)[inverse])
+
+        return _work(comm.run(info, fn, asynchronous=True), [output])
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        # The engine runs them in order and fails every call after a failed one: the last Work
+        # completes after all of them, and fails if any did.
+        return [self._reduce_scatter_base(o, i, opts) for o, i in zip(outputs, inputs)][-1]
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        return [self._allgather_base(o, i, opts) for o, i in zip(outputs, inputs)][-1]
+
+    # torch 2.14's names of the same calls
+    reduce_scatter_single = _reduce_scatter_base
+    all_gather_single = _allgather_base
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        comm, inner = self.communicator, self._inner
+        _check(input, "alltoall input")
+        # Ranks send different splits: only the dtype is compared across ranks.
+        info = OpInfo("all_to_all_single", str(input.dtype))
+
+        def fn(seq: int) -> None:
+            dist.all_to_all_single(output, input, output_split_sizes or None, input_split_sizes or None, group=inner)
+
+        return _work(comm.run(info, fn, asynchronous=True), [output])
+
+    all_to_all_single = alltoall_base
+
+    def broadcast(self, tensors, opts=None):
+        if len(tensors) != 1:
+            raise ValueError("the pyddl backend broadcasts one tensor per call")
+        _check(tensors[0], "broadcast tensor")
+        return _work(self.communicator.broadcast_async_(tensors[0], root=opts.rootRank if opts is not None else 0), tensors)
+
+    def barrier(self, opts=None):
+        comm = self.communicator
+        handle = comm.run(OpInfo("barrier", ""), lambda seq: dist.barrier(group=self._inner) if comm.size > 1 else None,
+                          asynchronous=True)
+        return _work(handle, [])
+
+    # Point to point: the inner group's, unchecked (no collective to compare) ---------------
+
+    def send(self, tensors, dst: int, tag: int = 0):
+        return self._inner.send(tensors, dst, tag)
+
+    def recv(self, tensors, src: int, tag: int = 0):
+        return self._inner.recv(tensors, src, tag)
+
+    def recv_anysource(self, tensors, tag: int = 0):
+        return self._inner.recv_anysource(tensors, tag)
+
+    # Not provided ------------------------------------------------------------------------------
+
+    def _unsupported(self, what: str, instead: str):
+        raise NotImplementedError(f"the pyddl backend does not provide {what}; {instead}, or run it on a Gloo "
+                                  "group (dist.new_group(backend='gloo'))")
+
+    def gather(self, outputs, inputs, opts=None):
+        self._unsupported("gather", "use all_gather / all_gather_into_tensor and keep the root's part")
+
+    def scatter(self, outputs, inputs, opts=None):
+        self._unsupported("scatter", "use broadcast and take this rank's part")
+
+    def reduce(self, tensors, opts=None):
+        self._unsupported("reduce", "use all_reduce (every rank gets the result)")
+
+    def alltoall(self, outputs, inputs, opts=None):
+        self._unsupported("all_to_all on tensor lists", "use all_to_all_single")
+
+    def shutdown(self) -> None:
+        """Stop the Communicator's threads and free the inner groups (torch calls this from
+        destroy_process_group)."""
+        self.communicator.close()
+        for pg in self._groups:
+            dist.distributed_c10d._world.pg_group_ranks.pop(pg, None)
+        self._groups = []
+
+
+def _place(topo: Topology, rank: int) -> int:
+    """Where the multiring leaves rank `rank`'s block of an n-block buffer: after reduce-scattering
+    along the dims innermost first, coordinates (c0, c1, ...) hold block c0*d1*d2... + c1*d2... + ..."""
+    at, stride = 0, topo.size
+    for c, d in zip(topo.coords(rank), topo.dims):
+        stride //= d
+        at += c * stride
+    return at
+
+
+def _block_order(topo: Topology) -> torch.Tensor:
+    """order[p] = the rank whose block sits at place p."""
+    order = torch.empty(topo.size, dtype=torch.int64)
+    for r in range(topo.size):
+        order[_place(topo, r)] = r
+    return order
+
+
+def _levels_reduce_scatter_(buf: torch.Tensor, levels: list[Level], op: str, seq: int) -> tuple[int, int]:
+    """Reduce-scatter `buf` level by level, innermost first; return this rank's (start, length)."""
+    start, seg = 0, buf.numel()
+    base = (seq % 4096) << 18
+    for depth, lv in enumerate(levels):
+        parts = equal_parts(start, seg, lv.size)
+        ring_reduce_scatter_(buf, parts, lv.ranks, lv.coord, lv.send_group, "sum" if op == "average" else op,
+                             base | (depth << 12), lv.recv_group)
+        start, seg = parts[lv.coord]
+    return start, seg
+
+
+def _levels_allgather_(buf: torch.Tensor, levels: list[Level], seq: int) -> None:
+    """Allgather `buf` level by level, outermost first: the reverse of _levels_reduce_scatter_."""
+    segments, start, seg = [], 0, buf.numel()
+    for lv in levels:
+        segments.append((start, seg))
+        start, seg = equal_parts(start, seg, lv.size)[lv.coord]
+    base = (seq % 4096) << 18
+    for depth in reversed(range(len(levels))):
+        lv = levels[depth]
+        parts = equal_parts(*segments[depth], lv.size)
+        ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.send_group, base | ((len(levels) + depth) << 12),
+                        lv.recv_group)
+
+
+def _create(opts, backend_options) -> ProcessGroupPyddl:
+    """The creator torch calls for each group of backend "pyddl" (extended API)."""
+    size, timeout = opts.group_size, opts.timeout
+    ranks = list(opts.global_ranks_in_group) or list(range(size))  # empty: the world group
+    world_size = size if not opts.global_ranks_in_group else dist.get_world_size()
+    me = ranks[opts.group_rank]
+    settings = Settings.from_env()
+    if not os.environ.get(PYDDL_TIMEOUT):  # init_process_group(timeout=) unless pyddl run set one
+        settings = settings.replace(timeout_s=timeout.total_seconds())
+    timeout = timedelta(seconds=settings.timeout_s)
+    device = torch.device("cuda", torch.cuda.current_device()) if _wants_cuda() else torch.device("cpu")
+    store = opts.store
+    topo = _topology(settings, store, ranks, me, world_size)
+    whole = _inner_group(store, "pyddl/all/", ranks, me, timeout, device)
+    groups, levels = [whole], []
+    for dim, d in enumerate(topo.dims):
+        if d == 1:
+            continue
+        for index, local in enumerate(topo.slices(dim)):
+            members = [ranks[i] for i in local]
+            if me not in members:
+                continue
+            group = _inner_group(store, f"pyddl/dim{dim}/{index}/", members, me, timeout, device)
+            # A 2-rank ring gets one connection per direction (see pyddl.comm.multiring.Level).
+            reverse = _inner_group(store, f"pyddl/dim{dim}/{index}/r/", members, me, timeout, device) if d == 2 else None
+            groups += [g for g in (group, reverse) if g is not None]
+            levels.append(Level(d, tuple(members), members.index(me), group, reverse))
+    comm = Communicator(name=f"pg{opts.group_id}", ranks=ranks, job_rank=me, topology=topo, settings=settings,
+                        backend="nccl" if device.type == "cuda" else "gloo", device=device, group=whole,
+                        levels=levels, store=store if size > 1 else None, timeline=Timeline(None, me, world_size),
+                        root=None)
+    return ProcessGroupPyddl(comm, whole, groups)
+
+
+def _wants_cuda() -> bool:
+    return torch.cuda.is_available() and dist.is_nccl_available()
+
+
+dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu", "cuda"])
