@@ -12,11 +12,11 @@ provided (they raise, naming the alternative). docs/backend.md.
 from __future__ import annotations
 
 import os
+import threading
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch._C._distributed_c10d import _create_work_from_future
 
 from pyddl import env as _env
 from pyddl.comm.communicator import DTYPES, Communicator
@@ -24,10 +24,11 @@ from pyddl.comm.guard import OpInfo
 from pyddl.comm.multiring import Level
 from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
 from pyddl.config import PYDDL_TIMEOUT, Settings
+from pyddl.errors import CollectiveTimeoutError
 from pyddl.timeline import Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys, sub_topology
 
-__all__ = ["BACKEND_NAME", "ProcessGroupPyddl"]
+__all__ = ["BACKEND_NAME", "ProcessGroupPyddl", "register"]
 
 BACKEND_NAME = "pyddl"
 
@@ -56,23 +57,61 @@ def _check(t: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what} has dtype {t.dtype}; the pyddl backend supports {names}")
 
 
-def _work(handle, result) -> dist.Work:
-    """A Work whose future completes, with `result` (a list of tensors), when `handle` has."""
-    fut: torch.futures.Future = torch.futures.Future()
+class _Work(dist.Work):
+    """The Work of one collective on the engine: wait() raises its error (the Work torch makes
+    from a future would return True and drop it) and honours a timeout; get_future() fails too."""
 
-    def done(_, error):
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
+    def __init__(self, handle, result: list, describe: str):
+        super().__init__()
+        self._result, self._describe = result, describe
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        fut: torch.futures.Future = torch.futures.Future()
 
-    handle.add_done_callback(done)
-    return _create_work_from_future(fut)
+        def finished(_, error):
+            self._error = error
+            self._done.set()
+            fut.set_result(error)
+
+        handle.add_done_callback(finished)
+        # Raising in a `then` callback is what marks a future failed for C++ (DDP's reducer);
+        # Future.set_exception only wraps the error for Python's value().
+        self._future = fut.then(lambda f: _raise(f.value()) or result)
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else 0
+        if not self._done.wait(seconds if seconds > 0 else None):
+            raise CollectiveTimeoutError(f"pyddl backend: {self._describe} did not complete within the "
+                                         f"{seconds:g} s given to Work.wait()")
+        _raise(self._error)
+        return True
+
+    def get_future(self) -> torch.futures.Future:
+        return self._future
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self._error is None
+
+    def exception(self):
+        return self._error
+
+    def result(self) -> list:
+        self.wait()
+        return self._result
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
 
 
 def _inner_group(store, prefix: str, members: list[int], me: int, timeout: timedelta, device: torch.device):
-    """A real ProcessGroup over `members` (global ranks) on Gloo (NCCL for CUDA), known to
-    torch's rank translation, so the rings' dist.isend/irecv with global ranks reach it."""
+    """A real ProcessGroup over `members` (global ranks) on Gloo (NCCL for CUDA), entered in
+    torch's maps of groups (not its list of names), so the rings' dist.isend/irecv with global
+    ranks reach it; the owning ProcessGroupPyddl removes it on shutdown."""
     sub = dist.PrefixStore(prefix, store)
     rank, size = members.index(me), len(members)
     pg = dist.ProcessGroup(sub, rank, size)
@@ -86,7 +125,9 @@ def _inner_group(store, prefix: str, members: list[int], me: int, timeout: timed
         backend = dist.ProcessGroupGloo(sub, rank, size, timeout=timeout)
     pg._set_default_backend(kind)
     pg._register_backend(device, kind, backend)
-    dist.distributed_c10d._world.pg_group_ranks[pg] = {g: i for i, g in enumerate(members)}
+    world = dist.distributed_c10d._world
+    world.pg_group_ranks[pg] = {g: i for i, g in enumerate(members)}
+    world.pg_map[pg] = ("nccl" if device.type == "cuda" else "gloo", sub)  # its error logging asks
     return pg
 
 
@@ -138,12 +179,12 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         op = self._reduce_input(tensors, opts, "allreduce")
         comm = self.communicator
         if len(tensors) == 1:
-            return _work(comm.allreduce_async_(tensors[0], op=op), tensors)
-        return _work(comm.grouped_allreduce_async_(tensors, op=op), tensors)
+            return _Work(comm.allreduce_async_(tensors[0], op=op), tensors, "allreduce")
+        return _Work(comm.grouped_allreduce_async_(tensors, op=op), tensors, "allreduce")
 
     def allreduce_coalesced(self, tensors, opts=None):
         op = self._reduce_input(tensors, opts, "allreduce_coalesced")
-        return _work(self.communicator.grouped_allreduce_async_(tensors, op=op), tensors)
+        return _Work(self.communicator.grouped_allreduce_async_(tensors, op=op), tensors, "allreduce_coalesced")
 
     def _reduce_scatter_base(self, output, input, opts=None):
         n = self.communicator.size
@@ -174,18 +215,15 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         if len(inputs) != 1:
             raise ValueError("the pyddl backend gathers one input tensor per call")
         flat = torch.empty(inputs[0].numel() * self.communicator.size, dtype=inputs[0].dtype, device=inputs[0].device)
-        work = self._allgather_base(flat, inputs[0])
-        chunks = flat.view(self.communicator.size, -1)
 
-        def copy_out(fut):
-            fut.value()  # re-raise a failure
-            for out, chunk in zip(outputs[0], chunks):
+        def copy_out() -> None:
+            for out, chunk in zip(outputs[0], flat.view(self.communicator.size, -1)):
                 out.copy_(chunk.view_as(out))
-            return outputs
 
-        return _create_work_from_future(work.get_future().then(copy_out))
+        _check(inputs[0], "allgather input")
+        return self._levels_job("all_gather", inputs[0], flat, None, None, copy_out, outputs)
 
-    def _levels_job(self, name: str, input, output, op: str | None, factor) -> dist.Work:
+    def _levels_job(self, name: str, input, output, op: str | None, factor, finish=None, result=None) -> dist.Work:
         """Reduce-scatter (op given) or allgather (op None) of equal blocks, one per rank, through
         the Communicator's topology levels: the multiring's two halves, each level's ring in turn."""
         comm = self.communicator
@@ -213,8 +251,10 @@ class ProcessGroupPyddl(dist.ProcessGroup):
                 inverse = torch.empty_like(blocks)
                 inverse[blocks] = torch.arange(n)
                 output.view(n, -1).copy_(work.view(n, -1)[inverse])
+            if finish is not None:
+                finish()
 
-        return _work(comm.run(info, fn, asynchronous=True), [output])
+        return _Work(comm.run(info, fn, asynchronous=True), result or [output], name)
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         # The engine runs them in order and fails every call after a failed one: the last Work
@@ -239,7 +279,7 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         def fn(seq: int) -> None:
             dist.all_to_all_single(output, input, output_split_sizes or None, input_split_sizes or None, group=inner)
 
-        return _work(comm.run(info, fn, asynchronous=True), [output])
+        return _Work(comm.run(info, fn, asynchronous=True), [output], "all_to_all_single")
 
     all_to_all_single = alltoall_base
 
@@ -247,13 +287,14 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         if len(tensors) != 1:
             raise ValueError("the pyddl backend broadcasts one tensor per call")
         _check(tensors[0], "broadcast tensor")
-        return _work(self.communicator.broadcast_async_(tensors[0], root=opts.rootRank if opts is not None else 0), tensors)
+        root = opts.rootRank if opts is not None else 0
+        return _Work(self.communicator.broadcast_async_(tensors[0], root=root), tensors, "broadcast")
 
     def barrier(self, opts=None):
         comm = self.communicator
         handle = comm.run(OpInfo("barrier", ""), lambda seq: dist.barrier(group=self._inner) if comm.size > 1 else None,
                           asynchronous=True)
-        return _work(handle, [])
+        return _Work(handle, [], "barrier")
 
     # Point to point: the inner group's, unchecked (no collective to compare) ---------------
 
@@ -288,8 +329,10 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         """Stop the Communicator's threads and free the inner groups (torch calls this from
         destroy_process_group)."""
         self.communicator.close()
+        world = dist.distributed_c10d._world
         for pg in self._groups:
-            dist.distributed_c10d._world.pg_group_ranks.pop(pg, None)
+            world.pg_group_ranks.pop(pg, None)
+            world.pg_map.pop(pg, None)
         self._groups = []
 
 
@@ -375,4 +418,11 @@ def _wants_cuda() -> bool:
     return torch.cuda.is_available() and dist.is_nccl_available()
 
 
-dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu", "cuda"])
+def register() -> None:
+    """Register backend "pyddl" with torch.distributed (again: harmless). Importing pyddl.torch
+    does it, and so does torch itself through the "torch.distributed.backends" entry point when
+    a script asks for "pyddl" without importing pyddl."""
+    dist.Backend.register_backend(BACKEND_NAME, _create, extended_api=True, devices=["cpu", "cuda"])
+
+
+register()

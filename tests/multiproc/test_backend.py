@@ -1,0 +1,244 @@
+"""Backend "pyddl" (`init_process_group("pyddl")`) on 4 Gloo ranks as 2 servers x 2: DDP and
+FSDP2 train to the same parameters as on Gloo, reduce_scatter_tensor and all_gather_into_tensor
+are exact on integers, and mismatched shapes, unsupported ops and a missing rank are clear errors."""
+
+import pytest
+import torch
+
+from harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(170)]
+
+ENV = {"PYDDL_TOPOLOGY": "2x2", "PYDDL_CHUNK_BYTES": "4096", "LOCAL_WORLD_SIZE": "2"}
+STEPS = 5
+TOL = dict(rtol=1e-5, atol=1e-6)  # summation order differs between Gloo's ring and the multiring
+
+
+def _groups(algorithms=("native", "multiring")):
+    """The default group (backend pyddl, PYDDL_ALLREDUCE native), Gloo's, and more pyddl groups."""
+    import os
+
+    import torch.distributed as dist
+
+    import pyddl.torch  # noqa: F401  (registers "pyddl"; the entry point would too)
+
+    dist.init_process_group("pyddl")
+    groups = {"gloo": dist.new_group(backend="gloo"), "native": dist.group.WORLD}
+    for alg in algorithms:
+        if alg != "native":
+            os.environ["PYDDL_ALLREDUCE"] = alg  # read when the group is created
+            groups[alg] = dist.new_group(backend="pyddl")
+    return groups
+
+
+def _model(unused: bool = False):
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(6, 9)
+            self.b = torch.nn.Linear(9, 3)
+            self.spare = torch.nn.Linear(9, 3) if unused else None  # never used: find_unused_parameters
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    return Net()
+
+
+def _batch(rank: int, step: int, micro: int = 0):
+    g = torch.Generator().manual_seed(1000 * step + 10 * rank + micro)
+    return torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)
+
+
+def _train_ddp(group, variant: str, rank: int) -> list[torch.Tensor]:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = _model(unused=variant == "find_unused")
+    ddp = DDP(model, process_group=group, find_unused_parameters=variant == "find_unused",
+              static_graph=variant == "static_graph", bucket_cap_mb=0.0005)  # several buckets
+    if variant == "hook":
+        ddp.register_comm_hook(group, default_hooks.allreduce_hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    for step in range(STEPS):
+        opt.zero_grad()
+        if variant == "no_sync":  # two micro-batches, gradients reduced once
+            with ddp.no_sync():
+                x, y = _batch(rank, step, 1)
+                torch.nn.functional.mse_loss(ddp(x), y).backward()
+        x, y = _batch(rank, step)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _ddp_everywhere(rank, world):
+    import torch.distributed as dist
+
+    groups = _groups()
+    initial = [p.detach().clone() for p in _model().parameters()]
+    out = {"backends": {name: dist.get_backend(g) for name, g in groups.items()}, "params": {}, "initial": initial}
+    for variant in ("plain", "hook", "no_sync", "static_graph", "find_unused"):
+        for name, group in groups.items():
+            out["params"][variant, name] = _train_ddp(group, variant, rank)
+    dist.destroy_process_group()
+    return out
+
+
+def test_ddp_on_pyddl_equals_gloo_native_and_multiring_with_hook_no_sync_static_graph_and_unused():
+    results = run_ranks(_ddp_everywhere, 4, env=ENV, timeout=160)
+    for rank, out in enumerate(results):
+        assert out["backends"] == {"gloo": "gloo", "native": "pyddl", "multiring": "pyddl"}
+        for (variant, name), params in out["params"].items():
+            reference = out["params"][variant, "gloo"]
+            for got, want in zip(params, reference):
+                torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} {variant} on {name}")
+            # Same on every rank (DDP kept replicas in sync), and training moved the weights.
+            for got, want in zip(params, results[0]["params"][variant, name]):
+                torch.testing.assert_close(got, want, **TOL)
+        assert not torch.allclose(out["params"]["plain", "native"][0], out["initial"][0])
+
+
+def _fsdp2(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    groups = _groups()
+    out = {}
+    for name, group in groups.items():
+        model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 7),
+                                    torch.nn.Tanh(), torch.nn.Linear(7, 3))  # shards of uneven size
+        torch.manual_seed(0)
+        for p in model.parameters():
+            torch.nn.init.normal_(p)
+        mesh = DeviceMesh.from_group(group, "cpu")
+        for layer in (model[0], model[2], model[4]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(STEPS):
+            opt.zero_grad()
+            x, y = _batch(rank, step)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+    dist.destroy_process_group()
+    return out
+
+
+def test_fsdp2_on_pyddl_trains_to_gloos_parameters():
+    results = run_ranks(_fsdp2, 4, env=ENV, timeout=160)
+    torch.manual_seed(0)
+    for rank, out in enumerate(results):
+        for name in ("native", "multiring"):
+            for got, want in zip(out[name], out["gloo"]):
+                torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} FSDP2 on {name}")
+        assert not torch.allclose(out["native"][0], results[0]["native"][0] * 0)
+
+
+def _scatter_gather(rank, world):
+    import torch.distributed as dist
+
+    from pyddl.comm.communicator import DTYPES
+
+    groups = _groups(("native",))
+    group = groups["native"]
+    ReduceOp = dist.ReduceOp
+    got = {}
+    for dtype in DTYPES:
+        floating = dtype.is_floating_point
+        ops = [("sum", ReduceOp.SUM), ("max", ReduceOp.MAX), ("min", ReduceOp.MIN), ("avg", ReduceOp.AVG)]
+        if floating:
+            ops.append(("premul", ReduceOp.PREMUL_SUM(0.5)))
+        for shape in ((0,), (1,), (5,), (2, 3)):  # per-rank blocks: empty, tiny, odd, 2-D
+            block = torch.Size(shape).numel()
+            base = torch.arange(world * block).reshape((world,) + shape) % 7 + 1
+            for name, op in ops:
+                inp = (base * (rank + 1)).to(dtype).reshape((world * shape[0],) + shape[1:])
+                out = torch.full(shape, -1).to(dtype)
+                dist.reduce_scatter_tensor(out, inp, op=op, group=group)
+                got["rs", str(dtype), shape, name] = out
+            gathered = torch.full((world * shape[0],) + shape[1:], -1).to(dtype)
+            mine = (torch.arange(block).reshape(shape) % 5 + 10 * rank).to(dtype)
+            dist.all_gather_into_tensor(gathered, mine, group=group)
+            got["ag", str(dtype), shape] = gathered
+    dist.destroy_process_group()
+    return got
+
+
+def test_reduce_scatter_tensor_and_all_gather_into_tensor_exact_for_every_dtype_and_uneven_shape():
+    from pyddl.comm.communicator import DTYPES
+
+    results = run_ranks(_scatter_gather, 4, env=ENV, timeout=160)
+    world, weights = 4, torch.arange(1, 5)
+    for rank, got in enumerate(results):
+        for dtype in DTYPES:
+            for shape in ((0,), (1,), (5,), (2, 3)):
+                block = torch.Size(shape).numel()
+                base = (torch.arange(world * block).reshape((world,) + shape) % 7 + 1)[rank]
+                expected = {"sum": base * 10, "max": base * 4, "min": base,
+                            "avg": base * 10 // 4 if not dtype.is_floating_point else base * 2.5,
+                            "premul": base * 5}
+                for name, want in expected.items():
+                    if name == "premul" and not dtype.is_floating_point:
+                        continue
+                    out = got["rs", str(dtype), shape, name]
+                    assert out.dtype == dtype and out.shape == shape
+                    assert out.double().tolist() == want.double().tolist(), (rank, dtype, shape, name)
+                rows = [(torch.arange(block).reshape(shape) % 5 + 10 * r) for r in range(world)]
+                assert got["ag", str(dtype), shape].double().tolist() == torch.cat(rows).double().tolist()
+    assert weights.sum() == 10
+
+
+def _errors(rank, world):
+    import time
+
+    import torch.distributed as dist
+
+    import pyddl.torch  # noqa: F401
+
+    dist.init_process_group("pyddl")
+    # A failed collective leaves its group unusable (as Gloo's): the mismatch gets a group of its own.
+    side = dist.new_group(backend="pyddl")
+    out = {}
+    try:
+        dist.all_reduce(torch.ones(3 + (rank == 2)), group=side)  # rank 2 passes 4 elements
+    except Exception as err:
+        out["mismatch"] = f"{type(err).__name__}: {err}"
+    try:
+        dist.reduce(torch.ones(2), dst=0)
+    except Exception as err:
+        out["unsupported"] = f"{type(err).__name__}: {err}"
+    try:
+        dist.all_reduce(torch.ones(2, dtype=torch.int32), op=dist.ReduceOp.BAND)
+    except Exception as err:
+        out["band"] = f"{type(err).__name__}: {err}"
+    if rank == 3:  # leaves the job without its next collective
+        time.sleep(8)
+        return out
+    started = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(2))
+    except Exception as err:
+        out["missing"] = f"{type(err).__name__}: {err}"
+    out["waited_s"] = time.monotonic() - started
+    return out
+
+
+def test_mismatched_shapes_unsupported_ops_and_a_missing_rank_are_clear_errors():
+    env = dict(ENV, PYDDL_TIMEOUT="4")
+    results = run_ranks(_errors, 4, env=env, timeout=120)
+    for rank, out in enumerate(results):
+        assert "CollectiveMismatchError" in out["mismatch"] and "ranks 0,1,3: allreduce(float32[3]" in out["mismatch"]
+        assert "ranks 2: allreduce(float32[4]" in out["mismatch"]
+        assert "NotImplementedError" in out["unsupported"] and "does not provide reduce; use all_reduce" in out["unsupported"]
+        assert "does not support ReduceOp" in out["band"] and "SUM, AVG" in out["band"]
+        if rank != 3:
+            # The first rank to time out leaves; the others may see its connection close first.
+            assert "ranks that did not arrive: rank 3 " in out["missing"], out["missing"]
+            assert out["waited_s"] < 30
+    assert any("CollectiveTimeoutError" in out.get("missing", "") and "timed out after 4 s" in out["missing"]
+               for out in results)
