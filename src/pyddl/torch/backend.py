@@ -162,6 +162,11 @@ class ProcessGroupPyddl(dist.ProcessGroup):
     def getBackendName(self) -> str:
         return BACKEND_NAME
 
+    @property
+    def group_name(self) -> str:
+        # The C++ base reads the name from a registered backend, which a Python group has not.
+        return dist.distributed_c10d._world.pg_names[self]
+
     def __repr__(self) -> str:
         return f"ProcessGroupPyddl({self.communicator!r})"
 
