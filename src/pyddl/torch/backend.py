@@ -153,9 +153,10 @@ class ProcessGroupPyddl(dist.ProcessGroup):
     hand. `communicator` is the Communicator underneath (its topology, settings, levels).
     """
 
-    def __init__(self, comm: Communicator, inner, groups: list):
+    def __init__(self, comm: Communicator, inner, groups: list, name: str):
         super().__init__(comm.rank, comm.size)
         self.communicator = comm
+        self._name = name
         self._inner = inner  # the whole group's Gloo/NCCL group: send/recv go there
         self._groups = groups
 
@@ -165,7 +166,7 @@ class ProcessGroupPyddl(dist.ProcessGroup):
     @property
     def group_name(self) -> str:
         # The C++ base reads the name from a registered backend, which a Python group has not.
-        return dist.distributed_c10d._world.pg_names[self]
+        return self._name
 
     def __repr__(self) -> str:
         return f"ProcessGroupPyddl({self.communicator!r})"
@@ -416,7 +417,7 @@ def _create(opts, backend_options) -> ProcessGroupPyddl:
                         backend="nccl" if device.type == "cuda" else "gloo", device=device, group=whole,
                         levels=levels, store=store if size > 1 else None, timeline=Timeline(None, me, world_size),
                         root=None)
-    return ProcessGroupPyddl(comm, whole, groups)
+    return ProcessGroupPyddl(comm, whole, groups, opts.group_id)
 
 
 def _wants_cuda() -> bool:
