@@ -101,8 +101,9 @@ def test_ddp_on_pyddl_equals_gloo_native_and_multiring_with_hook_no_sync_static_
         assert not torch.allclose(out["params"]["plain", "native"][0], out["initial"][0])
 
 
-def _fsdp2(rank, world):
+def _fsdp2(rank, world, checkpoint_dir):
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
@@ -127,18 +128,29 @@ def _fsdp2(rank, world):
             torch.nn.functional.mse_loss(model(x), y).backward()
             opt.step()
         out[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
+        if name == "multiring":  # torch.distributed.checkpoint on the default group (pyddl): save, perturb, load
+            dcp.save(model.state_dict(), checkpoint_id=checkpoint_dir)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            state = model.state_dict()
+            dcp.load(state, checkpoint_id=checkpoint_dir)
+            model.load_state_dict(state)
+            out["reloaded"] = [p.full_tensor().detach().clone() for p in model.parameters()]
     dist.destroy_process_group()
     return out
 
 
-def test_fsdp2_on_pyddl_trains_to_gloos_parameters():
-    results = run_ranks(_fsdp2, 4, env=ENV, timeout=160)
+def test_fsdp2_on_pyddl_trains_to_gloos_parameters_and_checkpoints_with_dcp(tmp_path):
+    results = run_ranks(_fsdp2, 4, str(tmp_path / "ckpt"), env=ENV, timeout=160)
     for rank, out in enumerate(results):
         for name in ("native", "multiring"):
             assert out[name, "backend"] == "pyddl"
             for got, want in zip(out[name], out["gloo"]):
                 torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} FSDP2 on {name}")
         assert not torch.allclose(out["native"][0], out["initial"][0])  # it trained
+        for got, want in zip(out["reloaded"], out["multiring"]):
+            assert torch.equal(got, want), f"rank {rank}: dcp.load did not restore what dcp.save wrote"
 
 
 def _scatter_gather(rank, world):
@@ -167,15 +179,28 @@ def _scatter_gather(rank, world):
             mine = (torch.arange(block).reshape(shape) % 5 + 10 * rank).to(dtype)
             dist.all_gather_into_tensor(gathered, mine, group=group)
             got["ag", str(dtype), shape] = gathered
+    # Rooted collectives (what torch.distributed.checkpoint's object collectives run on)
+    summed = torch.tensor([rank + 1])
+    dist.reduce(summed, dst=1)
+    pieces = [torch.zeros(2, dtype=torch.int64) for _ in range(world)] if rank == 2 else None
+    dist.gather(torch.tensor([rank, 7 * rank]), pieces, dst=2)
+    part = torch.zeros(2, dtype=torch.int64)
+    dist.scatter(part, [torch.tensor([10 * r, 10 * r + 1]) for r in range(world)] if rank == 3 else None, src=3)
+    objects = [None] * world
+    dist.gather_object({"rank": rank}, objects if rank == 0 else None, dst=0)
+    picked = [None]
+    dist.scatter_object_list(picked, [f"to {r}" for r in range(world)] if rank == 1 else None, src=1)
+    got["rooted"] = (summed.item() if rank == 1 else None, [p.tolist() for p in pieces] if pieces else None,
+                     part.tolist(), objects if rank == 0 else None, picked[0])
     dist.destroy_process_group()
     return got
 
 
-def test_reduce_scatter_tensor_and_all_gather_into_tensor_exact_for_every_dtype_and_uneven_shape():
+def test_reduce_scatter_all_gather_and_rooted_collectives_exact_for_every_dtype_and_uneven_shape():
     from pyddl.comm.communicator import DTYPES
 
     results = run_ranks(_scatter_gather, 4, env=ENV, timeout=160)
-    world, weights = 4, torch.arange(1, 5)
+    world = 4
     for rank, got in enumerate(results):
         for dtype in DTYPES:
             for shape in ((0,), (1,), (5,), (2, 3)):
@@ -192,7 +217,12 @@ def test_reduce_scatter_tensor_and_all_gather_into_tensor_exact_for_every_dtype_
                     assert out.double().tolist() == want.double().tolist(), (rank, dtype, shape, name)
                 rows = [(torch.arange(block).reshape(shape) % 5 + 10 * r) for r in range(world)]
                 assert got["ag", str(dtype), shape].double().tolist() == torch.cat(rows).double().tolist()
-    assert weights.sum() == 10
+    for rank, got in enumerate(results):
+        summed, pieces, part, objects, picked = got["rooted"]
+        assert summed == (10 if rank == 1 else None)
+        assert pieces == ([[r, 7 * r] for r in range(world)] if rank == 2 else None)
+        assert part == [10 * rank, 10 * rank + 1] and picked == f"to {rank}"
+        assert objects == ([{"rank": r} for r in range(world)] if rank == 0 else None)
 
 
 def _errors(rank, world):
@@ -211,7 +241,7 @@ def _errors(rank, world):
     except Exception as err:
         out["mismatch"] = f"{type(err).__name__}: {err}"
     try:
-        dist.reduce(torch.ones(2), dst=0)
+        dist.all_to_all([torch.ones(1) for _ in range(world)], [torch.ones(1) for _ in range(world)])
     except Exception as err:
         out["unsupported"] = f"{type(err).__name__}: {err}"
     try:
@@ -236,7 +266,7 @@ def test_mismatched_shapes_unsupported_ops_and_a_missing_rank_are_clear_errors()
     for rank, out in enumerate(results):
         assert "CollectiveMismatchError" in out["mismatch"] and "ranks 0,1,3: allreduce(float32[3]" in out["mismatch"]
         assert "ranks 2: allreduce(float32[4]" in out["mismatch"]
-        assert "NotImplementedError" in out["unsupported"] and "does not provide reduce; use all_reduce" in out["unsupported"]
+        assert "NotImplementedError" in out["unsupported"] and "all_to_all on tensor lists; use all_to_all_single" in out["unsupported"]
         assert "does not support ReduceOp" in out["band"] and "SUM, AVG" in out["band"]
         if rank != 3:
             # The first rank to time out leaves; the others may see its connection close first.

@@ -5,8 +5,8 @@ Importing `pyddl.torch` registers it. Each process group of this backend (the wo
 of each topology dim, and a pyddl Communicator over them: allreduce runs the algorithm of
 PYDDL_ALLREDUCE (native or the multiring), reduce-scatter and allgather run the multiring's halves
 level by level, and every collective gets pyddl's cross-rank check and named timeouts.
-Caveats: Python backends go through the GIL; gather, scatter, reduce and list alltoall are not
-provided (they raise, naming the alternative). docs/backend.md.
+Caveats: Python backends go through the GIL; all_to_all of tensor lists and bitwise reductions
+are not provided (they raise, naming the alternative). docs/backend.md.
 """
 
 from __future__ import annotations
@@ -313,23 +313,47 @@ class ProcessGroupPyddl(dist.ProcessGroup):
     def recv_anysource(self, tensors, tag: int = 0):
         return self._inner.recv_anysource(tensors, tag)
 
-    # Not provided ------------------------------------------------------------------------------
-
-    def _unsupported(self, what: str, instead: str):
-        raise NotImplementedError(f"the pyddl backend does not provide {what}; {instead}, or run it on a Gloo "
-                                  "group (dist.new_group(backend='gloo'))")
-
-    def gather(self, outputs, inputs, opts=None):
-        self._unsupported("gather", "use all_gather / all_gather_into_tensor and keep the root's part")
-
-    def scatter(self, outputs, inputs, opts=None):
-        self._unsupported("scatter", "use broadcast and take this rank's part")
+    # Rooted collectives, on the ones above (every rank moves the whole result: the object
+    # collectives torch.distributed.checkpoint uses are small) ---------------------------------
 
     def reduce(self, tensors, opts=None):
-        self._unsupported("reduce", "use all_reduce (every rank gets the result)")
+        # An allreduce: torch leaves the non-root ranks' tensors unspecified after a reduce.
+        return self.allreduce(tensors, opts)
+
+    def gather(self, outputs, inputs, opts=None):
+        root, n = (opts.rootRank if opts is not None else 0), self.communicator.size
+        _check(inputs[0], "gather input")
+        flat = torch.empty(inputs[0].numel() * n, dtype=inputs[0].dtype, device=inputs[0].device)
+
+        def copy_out() -> None:
+            if self.communicator.rank == root:
+                for out, chunk in zip(outputs[0], flat.view(n, -1)):
+                    out.copy_(chunk.view_as(out))
+
+        return self._levels_job(f"gather(root={root})", inputs[0], flat, None, None, copy_out, outputs)
+
+    def scatter(self, outputs, inputs, opts=None):
+        comm, root = self.communicator, (opts.rootRank if opts is not None else 0)
+        out = outputs[0]
+        _check(out, "scatter output")
+
+        def fn(seq: int) -> None:
+            if comm.rank == root:
+                flat = torch.cat([t.reshape(-1) for t in inputs[0]]).to(comm.device)
+            else:
+                flat = torch.empty(out.numel() * comm.size, dtype=out.dtype, device=comm.device)
+            if comm.size > 1:
+                dist.broadcast(flat, src=comm.ranks[root], group=self._inner)
+            out.copy_(flat.view(comm.size, -1)[comm.rank].view_as(out))
+
+        info = OpInfo("scatter", f"{_describe(out)} root={root}")
+        return _Work(comm.run(info, fn, asynchronous=True), outputs, "scatter")
+
+    # Not provided ------------------------------------------------------------------------------
 
     def alltoall(self, outputs, inputs, opts=None):
-        self._unsupported("all_to_all on tensor lists", "use all_to_all_single")
+        raise NotImplementedError("the pyddl backend does not provide all_to_all on tensor lists; use "
+                                  "all_to_all_single, or run it on a Gloo group (dist.new_group(backend='gloo'))")
 
     def shutdown(self) -> None:
         """Stop the Communicator's threads and free the inner groups (torch calls this from
