@@ -38,3 +38,19 @@ def test_torchrun_ddp_script_with_only_the_backend_string_changed_trains_as_on_g
     # The same script under pyddl run, on the multiring.
     run_losses, _, run_checksum = _train(["pyddl.cli.main", "run", "-np", "2", "--allreduce", "multiring"], EXAMPLE)
     assert run_checksum == checksum and run_losses == losses
+
+
+def test_bench_allreduce_api_backend_times_all_reduce_and_reduce_scatter_on_pyddl_and_gloo(tmp_path):
+    import json
+    import os
+
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "pyddl.cli.main", "bench", "allreduce", "-np", "2", "--api", "backend",
+                           "--sizes", "64K", "--algorithms", "native,multiring", "--iters", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "dist.all_reduce (ar) and dist.reduce_scatter_tensor (rs)" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["algorithm"] for r in rows] == ["ar/gloo", "ar/native", "ar/multiring", "rs/gloo", "rs/native",
+                                              "rs/multiring"]
+    assert all(r["bytes"] == 65536 and r["median_s"] > 0 for r in rows)

@@ -227,6 +227,7 @@ def test_reduce_scatter_all_gather_and_rooted_collectives_exact_for_every_dtype_
 
 def _errors(rank, world):
     import time
+    from datetime import timedelta
 
     import torch.distributed as dist
 
@@ -252,8 +253,13 @@ def _errors(rank, world):
         time.sleep(8)
         return out
     started = time.monotonic()
+    work = dist.all_reduce(torch.ones(2), async_op=True)
     try:
-        dist.all_reduce(torch.ones(2))
+        work.wait(timeout=timedelta(seconds=1))
+    except Exception as err:
+        out["wait_timeout"] = (f"{type(err).__name__}: {err}", time.monotonic() - started)
+    try:
+        work.wait()
     except Exception as err:
         out["missing"] = f"{type(err).__name__}: {err}"
     out["waited_s"] = time.monotonic() - started
@@ -271,6 +277,8 @@ def test_mismatched_shapes_unsupported_ops_and_a_missing_rank_are_clear_errors()
         if rank != 3:
             # The first rank to time out leaves; the others may see its connection close first.
             assert "ranks that did not arrive: rank 3 " in out["missing"], out["missing"]
+            text, waited = out["wait_timeout"]
+            assert "did not complete within the 1 s given to Work.wait()" in text and waited < 3, out["wait_timeout"]
             assert out["waited_s"] < 30
     assert any("CollectiveTimeoutError" in out.get("missing", "") and "timed out after 4 s" in out["missing"]
                for out in results)
