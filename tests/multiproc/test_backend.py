@@ -167,7 +167,7 @@ def _scatter_gather(rank, world):
         ops = [("sum", ReduceOp.SUM), ("max", ReduceOp.MAX), ("min", ReduceOp.MIN), ("avg", ReduceOp.AVG)]
         if floating:
             ops.append(("premul", ReduceOp.PREMUL_SUM(0.5)))
-        for shape in ((0,), (1,), (5,), (2, 3)):  # per-rank blocks: empty, tiny, odd, 2-D
+        for shape in ((0,), (1,), (5,), (2, 3), (700,)):  # per-rank blocks: empty, tiny, odd, 2-D, pipelined
             block = torch.Size(shape).numel()
             base = torch.arange(world * block).reshape((world,) + shape) % 7 + 1
             for name, op in ops:
@@ -203,7 +203,7 @@ def test_reduce_scatter_all_gather_and_rooted_collectives_exact_for_every_dtype_
     world = 4
     for rank, got in enumerate(results):
         for dtype in DTYPES:
-            for shape in ((0,), (1,), (5,), (2, 3)):
+            for shape in ((0,), (1,), (5,), (2, 3), (700,)):
                 block = torch.Size(shape).numel()
                 base = (torch.arange(world * block).reshape((world,) + shape) % 7 + 1)[rank]
                 expected = {"sum": base * 10, "max": base * 4, "min": base,

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from pyddl import env as _env
 from pyddl.comm.communicator import DTYPES, Communicator
 from pyddl.comm.guard import OpInfo
-from pyddl.comm.multiring import Level
-from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
+# The multiring's stages and pipeline, shared with its allreduce (private there: one user more).
+from pyddl.comm.multiring import Level, _pipelined, _run_stage, _stages
 from pyddl.config import PYDDL_TIMEOUT, Settings
 from pyddl.errors import CollectiveTimeoutError
 from pyddl.timeline import Timeline
@@ -236,27 +236,37 @@ class ProcessGroupPyddl(dist.ProcessGroup):
         info = OpInfo(name, f"{_describe(input)} -> {_describe(output)}" + (f" op={op}" if op else ""))
 
         def fn(seq: int) -> None:
-            n = comm.size
+            n, m = comm.size, (output.numel() if op is not None else input.numel())
+            at = _place(comm.topology, comm.rank)
             blocks = _block_order(comm.topology)
+            # Chunks of every rank's block flow through the levels' rings as a pipeline, as in
+            # the multiring allreduce: chunk i crosses the servers while chunk i+1 is reduced
+            # inside them. Each chunk buffer holds the n blocks' slices where the rings put them.
+            width = max(1, comm.settings.chunk_bytes // (n * input.element_size()))
+            spans = [(a, min(m, a + width)) for a in range(0, m, width)]
             if op is not None:
-                src = input.detach().reshape(n, -1).to(comm.device)
-                work = src[blocks].reshape(-1)  # rank r's block where the rings leave it: a copy
+                src = input.detach().reshape(n, m).to(comm.device)[blocks]  # a copy, in ring order
                 if factor is not None:
-                    work.mul_(factor)
-                start, seg = _levels_reduce_scatter_(work, comm.levels, op, seq)
-                mine = work[start: start + seg]
-                if op == "average":
-                    mine = mine.div_(n) if mine.is_floating_point() else mine.floor_divide_(n)
-                output.copy_(mine.view_as(output))
+                    src.mul_(factor)
+                bufs = [src[:, a:b].reshape(-1) for a, b in spans]
+                _through_levels(comm, bufs, op, seq, reduce=True)
+                flat = output.view(-1)
+                for (a, b), buf in zip(spans, bufs):
+                    mine = buf.view(n, b - a)[at]
+                    if op == "average":
+                        mine = mine.div_(n) if mine.is_floating_point() else mine.floor_divide_(n)
+                    flat[a:b] = mine
             else:
-                m = input.numel()
-                work = torch.empty(n * m, dtype=input.dtype, device=comm.device)
-                at = int(_place(comm.topology, comm.rank))
-                work[at * m: (at + 1) * m] = input.detach().reshape(-1)
-                _levels_allgather_(work, comm.levels, seq)
-                inverse = torch.empty_like(blocks)
-                inverse[blocks] = torch.arange(n)
-                output.view(n, -1).copy_(work.view(n, -1)[inverse])
+                mine = input.detach().reshape(-1).to(comm.device)
+                bufs = []
+                for a, b in spans:
+                    buf = torch.empty(n, b - a, dtype=input.dtype, device=comm.device)
+                    buf[at] = mine[a:b]
+                    bufs.append(buf.view(-1))
+                _through_levels(comm, bufs, None, seq, reduce=False)
+                rows, inverse = output.view(n, m), _inverse(blocks)
+                for (a, b), buf in zip(spans, bufs):
+                    rows[:, a:b] = buf.view(n, b - a)[inverse]
             if finish is not None:
                 finish()
 
@@ -384,30 +394,31 @@ def _block_order(topo: Topology) -> torch.Tensor:
     return order
 
 
-def _levels_reduce_scatter_(buf: torch.Tensor, levels: list[Level], op: str, seq: int) -> tuple[int, int]:
-    """Reduce-scatter `buf` level by level, innermost first; return this rank's (start, length)."""
-    start, seg = 0, buf.numel()
-    base = (seq % 4096) << 18
-    for depth, lv in enumerate(levels):
-        parts = equal_parts(start, seg, lv.size)
-        ring_reduce_scatter_(buf, parts, lv.ranks, lv.coord, lv.send_group, "sum" if op == "average" else op,
-                             base | (depth << 12), lv.recv_group)
-        start, seg = parts[lv.coord]
-    return start, seg
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """inverse[r] = the place of rank r's block (order[p] = the rank at place p)."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return inverse
 
 
-def _levels_allgather_(buf: torch.Tensor, levels: list[Level], seq: int) -> None:
-    """Allgather `buf` level by level, outermost first: the reverse of _levels_reduce_scatter_."""
-    segments, start, seg = [], 0, buf.numel()
-    for lv in levels:
-        segments.append((start, seg))
-        start, seg = equal_parts(start, seg, lv.size)[lv.coord]
+def _through_levels(comm: Communicator, bufs: list[torch.Tensor], op: str | None, seq: int, reduce: bool) -> None:
+    """Run the multiring's reduce-scatter half (innermost level first) or its allgather half
+    (outermost first) on each chunk buffer, pipelined over the chunks (one after another on NCCL,
+    which matches messages by order, not tag)."""
+    levels = comm.levels
+    stages = _stages(len(levels))
+    half = stages[: len(levels)] if reduce else stages[len(levels):]
     base = (seq % 4096) << 18
-    for depth in reversed(range(len(levels))):
-        lv = levels[depth]
-        parts = equal_parts(*segments[depth], lv.size)
-        ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.send_group, base | ((len(levels) + depth) << 12),
-                        lv.recv_group)
+
+    def run(stage, chunk: int) -> None:
+        _run_stage(stage, levels, bufs[chunk], op or "sum", base | (stage.index << 12) | (chunk % 4096))
+
+    if comm.backend != "nccl" and len(bufs) > 1 and len(half) > 1:
+        _pipelined(half, len(bufs), run, comm.stage_threads)
+    else:
+        for chunk in range(len(bufs)):
+            for stage in half:
+                run(stage, chunk)
 
 
 def _create(opts, backend_options) -> ProcessGroupPyddl:
