@@ -21,7 +21,7 @@ from pyddl.torch.ops import (
 )
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
-from pyddl.torch import backend as _backend  # registers init_process_group("pyddl")
+from pyddl.torch import backend as _backend  # noqa: F401  (registers init_process_group("pyddl"))
 
 __all__ = [
     "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",

@@ -4,7 +4,8 @@ Importing `pyddl.torch` registers it. Each process group of this backend (the wo
 `dist.new_group(...)`) builds an inner Gloo group (NCCL on CUDA) over its ranks, one more per slice
 of each topology dim, and a pyddl Communicator over them: allreduce runs the algorithm of
 PYDDL_ALLREDUCE (native or the multiring), reduce-scatter and allgather run the multiring's halves
-level by level, and every collective gets pyddl's cross-rank check and named timeouts.
+(one ring per level, chunks pipelined), and every collective gets pyddl's cross-rank check and
+named timeouts.
 Caveats: Python backends go through the GIL; all_to_all of tensor lists and bitwise reductions
 are not provided (they raise, naming the alternative). docs/backend.md.
 """
@@ -231,7 +232,7 @@ class ProcessGroupPyddl(dist.ProcessGroup):
 
     def _levels_job(self, name: str, input, output, op: str | None, factor, finish=None, result=None) -> dist.Work:
         """Reduce-scatter (op given) or allgather (op None) of equal blocks, one per rank, through
-        the Communicator's topology levels: the multiring's two halves, each level's ring in turn."""
+        the Communicator's topology levels: the multiring's two halves; then `finish()`."""
         comm = self.communicator
         info = OpInfo(name, f"{_describe(input)} -> {_describe(output)}" + (f" op={op}" if op else ""))
 
