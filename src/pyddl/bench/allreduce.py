@@ -20,7 +20,7 @@ import torch
 import pyddl
 from pyddl.config import PYDDL_LINK_GBPS
 
-__all__ = ["parse_size", "parse_dtype", "bound_s", "calls_per_sample", "bench_allreduce", "format_table",
+__all__ = ["parse_size", "parse_dtype", "bound_s", "calls_per_sample", "bench_allreduce", "bench_backend", "format_table",
            "DTYPES"]
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
@@ -87,42 +87,90 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
     for nbytes in sizes:
         x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=pyddl.device())
         for alg in algorithms:
-            for _ in range(warmup):
-                pyddl.allreduce_(x, algorithm=alg)
-            pyddl.barrier()
-            t0 = time.perf_counter()
-            pyddl.allreduce_(x, algorithm=alg)  # one untimed call sizes the samples
-            probe = time.perf_counter() - t0
-            calls = calls_per_sample(float(pyddl.allreduce(torch.tensor([probe], dtype=torch.float64), op="max")))
-            samples, cpu = [], []
-            for _ in range(iters):
-                pyddl.barrier()
-                t0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(calls):
-                    pyddl.allreduce_(x, algorithm=alg)
-                samples.append((time.perf_counter() - t0) / calls)
-                cpu.append((time.process_time() - c0) / calls)
-            stats = [statistics.median(samples), min(samples), statistics.median(cpu)]
-            worst = pyddl.allreduce(torch.tensor(stats, dtype=torch.float64), op="max")
-            median_s, min_s, cpu_s = (float(v) for v in worst)
-            algbw = nbytes / median_s / 1e9
-            row = {
-                "algorithm": alg,
-                "bytes": nbytes,
-                "dtype": name,
-                "median_s": median_s,
-                "min_s": min_s,
-                "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
-                "calls_per_sample": calls,
-                "algbw_gbps": algbw * 8,
-                "busbw_gbps": algbw * 8 * 2 * (n - 1) / n,
-                "bound_s": None,
-                "bound_ratio": None,
-            }
-            if link_gbps and servers > 1:  # one server has no inter-server link to bound by
-                row["bound_s"] = bound_s(nbytes, servers, link_gbps)
-                row["bound_ratio"] = row["bound_s"] / median_s
-            rows.append(row)
+            rows.append(_row(alg, nbytes, name, _measure(lambda: pyddl.allreduce_(x, algorithm=alg), iters, warmup),
+                             n, servers, link_gbps))
+    return rows
+
+
+def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int]:
+    """Time `call` (a collective) as bench_allreduce describes: (median s, min s, CPU s per call,
+    calls per sample), each the slowest rank's."""
+    for _ in range(warmup):
+        call()
+    pyddl.barrier()
+    t0 = time.perf_counter()
+    call()  # one untimed call sizes the samples
+    probe = time.perf_counter() - t0
+    calls = calls_per_sample(float(pyddl.allreduce(torch.tensor([probe], dtype=torch.float64), op="max")))
+    samples, cpu = [], []
+    for _ in range(iters):
+        pyddl.barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            call()
+        samples.append((time.perf_counter() - t0) / calls)
+        cpu.append((time.process_time() - c0) / calls)
+    stats = [statistics.median(samples), min(samples), statistics.median(cpu)]
+    worst = pyddl.allreduce(torch.tensor(stats, dtype=torch.float64), op="max")
+    median_s, min_s, cpu_s = (float(v) for v in worst)
+    return median_s, min_s, cpu_s, calls
+
+
+def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: int, link_gbps: float | None,
+         half: bool = False) -> dict:
+    """One table row; `half`: a reduce-scatter, which moves half an allreduce's bytes (its bus
+    bandwidth and bound are halved likewise)."""
+    median_s, min_s, cpu_s, calls = measured
+    algbw = nbytes / median_s / 1e9
+    share = 0.5 if half else 1.0
+    row = {
+        "algorithm": label,
+        "bytes": nbytes,
+        "dtype": dtype_name,
+        "median_s": median_s,
+        "min_s": min_s,
+        "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
+        "calls_per_sample": calls,
+        "algbw_gbps": algbw * 8,
+        "busbw_gbps": algbw * 8 * 2 * (n - 1) / n * share,
+        "bound_s": None,
+        "bound_ratio": None,
+    }
+    if link_gbps and servers > 1:  # one server has no inter-server link to bound by
+        row["bound_s"] = bound_s(nbytes, servers, link_gbps) * share
+        row["bound_ratio"] = row["bound_s"] / median_s
+    return row
+
+
+def bench_backend(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
+                  dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Time dist.all_reduce ("ar/...") and dist.reduce_scatter_tensor ("rs/...") through a group
+    of backend "pyddl" per algorithm and through a Gloo group of the same ranks, as a DDP or
+    FSDP2 user would call them (docs/backend.md). Rows as bench_allreduce's."""
+    import torch.distributed as dist
+
+    import pyddl.torch  # noqa: F401  (registers backend "pyddl")
+
+    n, servers = pyddl.size(), pyddl.cross_size()
+    groups = {"gloo": dist.new_group(backend="gloo")}
+    for alg in algorithms:
+        os.environ["PYDDL_ALLREDUCE"] = alg  # each pyddl group reads it when created
+        groups[alg] = dist.new_group(backend="pyddl")
+    name = str(dtype).removeprefix("torch.")
+    rows = []
+    for nbytes in sizes:
+        numel = max(n, nbytes // dtype.itemsize // n * n)
+        x = torch.ones(numel, dtype=dtype)
+        out = torch.empty(numel // n, dtype=dtype)
+        for label, group in groups.items():
+            rows.append(_row(f"ar/{label}", nbytes, name,
+                             _measure(lambda: dist.all_reduce(x, group=group), iters, warmup), n, servers, link_gbps))
+        for label, group in groups.items():
+            rows.append(_row(f"rs/{label}", nbytes, name,
+                             _measure(lambda: dist.reduce_scatter_tensor(out, x, group=group), iters, warmup),
+                             n, servers, link_gbps, half=True))
+    for group in groups.values():
+        dist.destroy_process_group(group)
     return rows
 
 
@@ -150,18 +198,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None,
-         dtype: torch.dtype = torch.float32) -> None:
+         dtype: torch.dtype = torch.float32, api: str = "pyddl") -> None:
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
     link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
-    rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype)
+    rows = (bench_backend if api == "backend" else bench_allreduce)(sizes, algorithms, iters, warmup, link, dtype)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.
     hosts: list = [None] * pyddl.size()
     torch.distributed.all_gather_object(hosts, socket.gethostname())
     if pyddl.rank() == 0:
         topo = pyddl.topology()
-        print(f"allreduce of {str(dtype).removeprefix('torch.')} over {pyddl.size()} ranks, topology {topo.spec} "
+        what = ("dist.all_reduce (ar) and dist.reduce_scatter_tensor (rs) on groups of backend pyddl and gloo, "
+                if api == "backend" else "allreduce ")
+        print(f"{what}of {str(dtype).removeprefix('torch.')} over {pyddl.size()} ranks, topology {topo.spec} "
               f"({pyddl.cross_size()} servers), backend {torch.distributed.get_backend()}"
               + (f", link {link:g} Gbit/s" if link else ""))
         print(format_table(rows))

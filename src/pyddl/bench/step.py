@@ -57,14 +57,19 @@ SYSTEMS = {
     "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
     "pyddl-native-fp16-nocheck": "pyddl native fp16 with the cross-rank check off (pyddl.set_check(False))",
     "pyddl-native-bf16-nocheck": "pyddl native bf16 with the cross-rank check off",
+    "ddp-on-pyddl": "torch DDP on a group of backend pyddl (init_process_group(\"pyddl\")), multiring",
+    "fsdp2": "torch FSDP2 (fully_shard per top-level layer) on Gloo",
+    "fsdp2-on-pyddl": "torch FSDP2 on a group of backend pyddl, multiring",
 }
 _NOCHECK = "-nocheck"
+_ON_PYDDL = "-on-pyddl"  # torch's own wrappers on backend pyddl (docs/backend.md): named, not default
 
 
 def default_systems() -> list[str]:
     """What `pyddl bench step` runs without --systems (the bf16 and unchecked variants only
     when named)."""
-    return [s for s in SYSTEMS if s != "single" and not s.endswith(("bf16", _NOCHECK))]
+    return [s for s in SYSTEMS
+            if s != "single" and not s.endswith(("bf16", _NOCHECK, _ON_PYDDL)) and not s.startswith("fsdp2")]
 
 
 def _family(system: str) -> str:
@@ -78,6 +83,22 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
     model = build_model(model_name, num_classes, (3, image_size, image_size))
     sgd = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)  # noqa: E731
     if system in ("single", "pyddl-noop"):
+        return model, model, sgd(model.parameters())
+    if system == "ddp-on-pyddl":
+        ddp = nn.parallel.DistributedDataParallel(model, process_group=_pyddl_group(),
+                                                  **({"bucket_cap_mb": bucket_mb} if bucket_mb else {}))
+        return model, ddp, sgd(ddp.parameters())
+    if system.startswith("fsdp2"):
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+
+        group = _pyddl_group() if system.endswith(_ON_PYDDL) else dist.group.WORLD
+        mesh = DeviceMesh.from_group(group, "cpu")
+        for child in model.children():
+            if any(p.requires_grad for p in child.parameters()):
+                fully_shard(child, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model, model, sgd(model.parameters())
     if system.startswith("ddp"):
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -102,6 +123,25 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
         algorithm=parts[1], **sizing,
     )
     return model, model, opt
+
+
+def _pyddl_group():
+    """A group of backend pyddl over every rank, on the multiring (collective: every rank)."""
+    import os
+
+    import torch.distributed as dist
+
+    import pyddl.torch  # noqa: F401  (registers backend "pyddl")
+
+    before = os.environ.get("PYDDL_ALLREDUCE")
+    os.environ["PYDDL_ALLREDUCE"] = "multiring"  # read when the group is created
+    try:
+        return dist.new_group(backend="pyddl")
+    finally:
+        if before is None:
+            del os.environ["PYDDL_ALLREDUCE"]
+        else:
+            os.environ["PYDDL_ALLREDUCE"] = before
 
 
 def thread_cpu_s() -> dict[str, float]:

@@ -76,7 +76,7 @@ def _allreduce(args) -> int:
     if not _in_job():
         tail = ["allreduce", "--sizes", args.sizes, "--algorithms", args.algorithms,
                 "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype,
-                "--framework", args.framework]
+                "--framework", args.framework, "--api", args.api]
         if args.json:
             tail += ["--json", os.path.abspath(args.json)]
         if args.link_gbps:
@@ -87,7 +87,7 @@ def _allreduce(args) -> int:
 
         jax_allreduce.main(algorithms, args.iters, args.warmup, args.json, args.link_gbps)
         return 0
-    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype)
+    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype, args.api)
     return 0
 
 
@@ -286,6 +286,9 @@ def register(subparsers) -> None:
     ar.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     ar.add_argument("--dtype", default="float32",
                     help="element type: float32 (default), float16 or bfloat16 (what an fp16/bf16 wire moves)")
+    ar.add_argument("--api", choices=("pyddl", "backend"), default="pyddl",
+                    help="pyddl: pyddl.allreduce per algorithm; backend: dist.all_reduce and "
+                    "dist.reduce_scatter_tensor on a group of backend pyddl per algorithm and on Gloo")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
     ar.add_argument("--framework", choices=["torch", "jax"], default="torch",
                     help="jax: a ResNet-50 pytree through pyddl.jax against JAX's own psum (needs pyddl[jax])")

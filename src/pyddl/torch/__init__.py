@@ -2,7 +2,8 @@
 `import pyddl.torch as hvd` and the script runs under `pyddl run` (or torchrun, srun, mpirun).
 
 Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNorm on CPU
-and GPU, and join() for uneven data. See docs/horovod.md and docs/torch.md.
+and GPU, join() for uneven data, and the torch.distributed backend "pyddl" (registered on
+import). See docs/horovod.md, docs/torch.md and docs/backend.md.
 """
 
 from pyddl.torch.capabilities import (
@@ -21,6 +22,7 @@ from pyddl.torch.ops import (
 )
 from pyddl.torch.optimizer import DistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
+from pyddl.torch import backend as _backend  # noqa: F401  (registers init_process_group("pyddl"))
 
 __all__ = [
     "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
