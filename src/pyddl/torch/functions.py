@@ -97,7 +97,8 @@ def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
 
     That is the per-parameter state (momentum buffers, Adam moments, step counts), the
     hyperparameters and the learning rate of every parameter group. It works before the first
-    step too, when the state holds only hyperparameters; unlike Horovod it never steps the
+    step too, when the state holds only hyperparameters: then, as in Horovod, every parameter
+    that trains and has no gradient yet gets a zero one; unlike Horovod it never steps the
     optimizer to create state, and it handles any optimizer (LBFGS too). The structure travels
     pickled, the tensors as one broadcast per dtype.
 
@@ -113,6 +114,13 @@ def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
         >>> hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     """
     root = _check_root(root_rank)
+    if not optimizer.state_dict()["state"]:
+        # As Horovod: before the first step, parameters that train get zero gradients (Horovod
+        # then steps the optimizer with them to create its state; pyddl does not step).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
     tensors: list = []
     sizes: dict = {}
     skeleton = _strip(optimizer.state_dict(), tensors, sizes) if rank() == root else None

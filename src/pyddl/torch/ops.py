@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import operator
+import os
 import threading
 import warnings
 from typing import Callable
@@ -28,7 +29,9 @@ __all__ = [
     "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce", "grouped_allreduce_",
     "grouped_allreduce_async", "grouped_allreduce_async_", "allgather", "allgather_async",
     "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async",
-    "reducescatter", "reducescatter_async", "poll", "synchronize", "join", "barrier",
+    "reducescatter", "reducescatter_async", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline",
+    "is_homogeneous", "poll", "synchronize", "join", "barrier",
 ]
 
 # Horovod's ReduceOp values (its C++ enum), so scripts that store or compare them still work.
@@ -133,6 +136,7 @@ def init(comm=None, process_sets=None) -> None:
         ValueError: `comm` covers only part of the job.
     """
     pyddl.init()
+    _export_horovod_environ()
     if comm is None:
         return
     n = pyddl.size()
@@ -142,6 +146,25 @@ def init(comm=None, process_sets=None) -> None:
             f"init(comm=...) must span all {n} ranks of this job: pyddl runs collectives on every "
             "rank; launch the subset as a job of its own instead"
         )
+
+
+def export_launch_environ() -> None:
+    """Set HOROVOD_RANK and HOROVOD_SIZE from the launcher's RANK and WORLD_SIZE (torchrun's
+    contract, which `pyddl run` follows), where unset: Horovod's launcher sets them before a
+    script starts, and scripts read them before hvd.init() (to choose process sets, say)."""
+    for ours, theirs in (("HOROVOD_RANK", "RANK"), ("HOROVOD_SIZE", "WORLD_SIZE")):
+        if theirs in os.environ:
+            os.environ.setdefault(ours, os.environ[theirs])
+
+
+def _export_horovod_environ() -> None:
+    """Set HOROVOD_RANK, _SIZE, _LOCAL_RANK, _LOCAL_SIZE, _CROSS_RANK and _CROSS_SIZE, as
+    Horovod's launcher does, from what init() learned (the servers are known only now)."""
+    os.environ.update(
+        HOROVOD_RANK=str(pyddl.rank()), HOROVOD_SIZE=str(pyddl.size()),
+        HOROVOD_LOCAL_RANK=str(pyddl.local_rank()), HOROVOD_LOCAL_SIZE=str(pyddl.local_size()),
+        HOROVOD_CROSS_RANK=str(pyddl.cross_rank()), HOROVOD_CROSS_SIZE=str(pyddl.cross_size()),
+    )
 
 
 def shutdown() -> None:
@@ -220,26 +243,44 @@ def synchronize(handle: int):
     return finish(out) if finish is not None else out
 
 
-def _check_scale(tensor: torch.Tensor, pre: float, post: float) -> None:
-    if (pre != 1.0 or post != 1.0) and not tensor.is_floating_point():
-        raise TypeError(
-            f"prescale_factor and postscale_factor scale floating-point tensors, got {tensor.dtype}; "
-            "cast the tensor (tensor.float()) or leave both factors at 1.0"
-        )
+# Horovod's dtypes the backend lacks travel as a wider one and come back in their own.
+_WIRE_DTYPES = {torch.int16: torch.int32}
 
 
-def _finisher(post: float, inplace_result=None) -> Callable:
-    """What synchronize() returns: the core's output, or the caller's own tensors for an
-    in-place op, times postscale_factor."""
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself, or a copy in the dtype it travels as (int16 as int32)."""
+    wide = _WIRE_DTYPES.get(tensor.dtype)
+    return tensor if wide is None else tensor.to(wide)
 
-    def finish(out):
-        out = out if inplace_result is None else inplace_result
-        if post != 1.0:
-            for t in out if isinstance(out, (list, tuple)) else [out]:
-                t.detach().mul_(post)
+
+def _scaled(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """`tensor` times `factor` as Horovod scales a buffer (ScaleBufferCPUImpl): integers in
+    float64 and truncated toward zero, float16/bfloat16 in float32; `tensor` itself for 1."""
+    if factor == 1.0:
+        return tensor
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        return (tensor.float() * factor).to(tensor.dtype)
+    if not tensor.is_floating_point():
+        return (tensor.double() * factor).to(tensor.dtype)  # float -> int truncates toward zero
+    return tensor * factor
+
+
+def _average_as_postscale(tensors, op: str, post: float, n: int) -> tuple[str, float]:
+    """Horovod averages as a sum times postscale_factor / n. For integers that product is
+    truncated toward zero (-75 / 2 = -37.5 gives -37), where the core's average floors."""
+    if op == "average" and any(not t.is_floating_point() for t in tensors):
+        return "sum", post / n
+    return op, post
+
+
+def _result(out: torch.Tensor, dtype: torch.dtype, post: float, into: torch.Tensor | None = None) -> torch.Tensor:
+    """The core's output times postscale_factor, in `dtype`; copied into `into` for an in-place op."""
+    out = _scaled(out, post).to(dtype)
+    if into is None:
         return out
-
-    return finish
+    if out.data_ptr() != into.data_ptr():
+        into.detach().copy_(out)
+    return into
 
 
 def _codec(compression) -> str | None:
@@ -250,18 +291,16 @@ def _codec(compression) -> str | None:
 # Allreduce ------------------------------------------------------------------------------
 
 def _allreduce_async(tensor, inplace: bool, op: str, name, pre: float, post: float, codec=None) -> int:
-    _check_scale(tensor, pre, post)
+    op, post = _average_as_postscale([tensor], op, post, size())
+    src = tensor.detach()
 
     def start():
-        if inplace:
-            if pre != 1.0:
-                tensor.detach().mul_(pre)
-            return pyddl.allreduce_async_(tensor.detach(), op=op, compression=codec)
-        if pre != 1.0:
-            return pyddl.allreduce_async_(tensor.detach() * pre, op=op, compression=codec)
-        return pyddl.allreduce_async(tensor.detach(), op=op, compression=codec)
+        work = _wire(_scaled(src, pre))
+        if work is src and not inplace:
+            return pyddl.allreduce_async(src, op=op, compression=codec)
+        return pyddl.allreduce_async_(work, op=op, compression=codec)
 
-    return _submit("allreduce", name, start, _finisher(post, tensor if inplace else None))
+    return _submit("allreduce", name, start, lambda out: _result(out, tensor.dtype, post, tensor if inplace else None))
 
 
 def allreduce_async(tensor, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -309,13 +348,16 @@ def allreduce(tensor, average=None, name=None, compression=Compression.none, op=
     """Return the allreduce of `tensor` over all ranks (Average by default); differentiable.
 
     Args:
-        tensor: any shape; float32/64, float16, bfloat16, int32/64 (also int8/uint8).
+        tensor: any shape; float32/64, float16, bfloat16, int64/32/16/8, uint8 (int16 travels
+            as int32: Gloo has no int16).
         average: deprecated: True for Average, False for Sum.
         name: optional; unique among ops still in flight.
         compression: hvd.Compression.none/fp16/bf16 (the core's wire codec, pre-divided so
             fp16 cannot overflow) or a Horovod-style Compressor of your own.
-        op: hvd.Average, Sum, Min, Max or Product. Average of integers floors.
-        prescale_factor, postscale_factor: multiply before and after the reduction (floats).
+        op: hvd.Average, Sum, Min, Max or Product. Average of integers truncates toward zero
+            (Horovod's sum times 1/size in float64: -37.5 gives -37).
+        prescale_factor, postscale_factor: multiply before and after the reduction; integers
+            are scaled in float64 and truncated toward zero, as Horovod does.
         process_set: only hvd.global_process_set.
 
     Returns:
@@ -340,22 +382,20 @@ def _grouped_async(tensors, inplace: bool, op: str, name, pre: float, post: floa
     tensors = list(tensors)
     if not tensors:
         raise ValueError("grouped_allreduce needs a non-empty list of tensors")
-    for t in tensors:
-        _check_scale(t, pre, post)
+    op, post = _average_as_postscale(tensors, op, post, size())
+    srcs = [t.detach() for t in tensors]
 
     def start():
-        if inplace:
-            if pre != 1.0:
-                for t in tensors:
-                    t.detach().mul_(pre)
-            work = [t.detach() for t in tensors]
-        else:
-            work = [t.detach() * pre if pre != 1.0 else t.detach().clone() for t in tensors]
+        work = [_wire(_scaled(s, pre)) for s in srcs]
+        if not inplace:
+            work = [w.clone() if w is s else w for w, s in zip(work, srcs)]
         return pyddl.grouped_allreduce_async_(work, op=op, compression=codec)
 
-    finish = _finisher(post, tensors if inplace else None)
-    # Horovod's synchronize() gives a grouped op's outputs as a tuple.
-    return _submit("grouped_allreduce", name, start, lambda out: tuple(finish(out)))
+    def finish(outs):
+        # Horovod's synchronize() gives a grouped op's outputs as a tuple.
+        return tuple(_result(o, t.dtype, post, t if inplace else None) for o, t in zip(outs, tensors))
+
+    return _submit("grouped_allreduce", name, start, finish)
 
 
 def grouped_allreduce_async(tensors, average=None, name=None, op=None, prescale_factor=1.0, postscale_factor=1.0,
@@ -413,7 +453,8 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
 def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     """Start an allgather: concatenation along axis 0, whose length may differ across ranks."""
     _check_process_set(process_set)
-    return _submit("allgather", name, lambda: pyddl.allgather_async(tensor.detach()))
+    return _submit("allgather", name, lambda: pyddl.allgather_async(_wire(tensor.detach())),
+                   lambda out: out.to(tensor.dtype))
 
 
 class _Allgather(torch.autograd.Function):
@@ -459,14 +500,16 @@ def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set
     """
     _check_process_set(process_set)
     root = _check_root(root_rank)
-    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(tensor.detach().clone(), root=root))
+    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(_wire(tensor.detach()).clone(), root=root),
+                   lambda out: out.to(tensor.dtype))
 
 
 def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_set) -> int:
     """Start overwriting `tensor` with rank `root_rank`'s; synchronize() returns `tensor`."""
     _check_process_set(process_set)
     root = _check_root(root_rank)
-    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(tensor.detach(), root=root), _finisher(1.0, tensor))
+    return _submit("broadcast", name, lambda: pyddl.broadcast_async_(_wire(tensor.detach()), root=root),
+                   lambda out: _result(out, tensor.dtype, 1.0, tensor))
 
 
 def broadcast_(tensor, root_rank, name=None, process_set=global_process_set):
@@ -501,13 +544,13 @@ def broadcast(tensor, root_rank, name=None, process_set=global_process_set):
 
 # Alltoall and reducescatter -------------------------------------------------------------
 
-def _received_like(splits) -> Callable:
+def _received_like(splits, dtype: torch.dtype) -> Callable:
     """Horovod returns the received splits as int32 on the CPU, or like `splits` if a tensor."""
     like = splits if isinstance(splits, torch.Tensor) else torch.empty(0, dtype=torch.int32)
 
     def finish(out):
         rows, received = out
-        return rows, torch.tensor(received, dtype=like.dtype, device=like.device)
+        return rows.to(dtype), torch.tensor(received, dtype=like.dtype, device=like.device)
 
     return finish
 
@@ -519,7 +562,8 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     and how many came from each.
     """
     _check_process_set(process_set)
-    return _submit("alltoall", name, lambda: pyddl.alltoall_async(tensor.detach(), splits), _received_like(splits))
+    return _submit("alltoall", name, lambda: pyddl.alltoall_async(_wire(tensor.detach()), splits),
+                   _received_like(splits, tensor.dtype))
 
 
 class _Alltoall(torch.autograd.Function):
@@ -553,12 +597,12 @@ def alltoall(tensor, splits=None, name=None, process_set=global_process_set):
 
 
 def _reducescatter_async(tensor, op: str, name, pre: float, post: float) -> int:
-    _check_scale(tensor, pre, post)
+    op, post = _average_as_postscale([tensor], op, post, size())
 
     def start():
-        return pyddl.reduce_scatter_async(tensor.detach() * pre if pre != 1.0 else tensor.detach(), op=op)
+        return pyddl.reduce_scatter_async(_wire(_scaled(tensor.detach(), pre)), op=op)
 
-    return _submit("reducescatter", name, start, _finisher(post))
+    return _submit("reducescatter", name, start, lambda out: _result(out, tensor.dtype, post))
 
 
 def reducescatter_async(tensor, name=None, op=Average, process_set=global_process_set, prescale_factor=1.0,
@@ -598,6 +642,91 @@ def reducescatter(tensor, name=None, compression=Compression.none, op=Average, p
     compression = Compression.none if compression is None else compression
     wire, ctx = compression.compress(tensor)
     return compression.decompress(_Reducescatter.apply(wire, op_name, name, prescale_factor, postscale_factor), ctx)
+
+
+class _Together:
+    """Several core handles waited on as one: `wait()` returns their results, in order."""
+
+    def __init__(self, handles: list):
+        self._handles = handles
+
+    def done(self) -> bool:
+        return all(h.done() for h in self._handles)
+
+    def wait(self) -> list:
+        return [h.wait() for h in self._handles]
+
+
+def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
+    """Start an allgather of each tensor of the list; synchronize() returns the list of results."""
+    _check_process_set(process_set)
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grouped_allgather needs a non-empty list of tensors")
+    return _submit("grouped_allgather", name,
+                   lambda: _Together([pyddl.allgather_async(_wire(t.detach())) for t in tensors]),
+                   lambda outs: [o.to(t.dtype) for o, t in zip(outs, tensors)])
+
+
+def grouped_allgather(tensors, name=None, process_set=global_process_set) -> list:
+    """Return `allgather` of each tensor of the list (Horovod's grouped_allgather; not
+    differentiable here: use allgather per tensor for gradients)."""
+    return synchronize(grouped_allgather_async(tensors, name, process_set))
+
+
+def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=global_process_set,
+                                prescale_factor=1.0, postscale_factor=1.0) -> int:
+    """Start a reduce-scatter of each tensor of the list; synchronize() returns the list of blocks."""
+    _check_process_set(process_set)
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("grouped_reducescatter needs a non-empty list of tensors")
+    op_name = reduce_op_name(op)
+    plans = [_average_as_postscale([t], op_name, postscale_factor, size()) for t in tensors]
+    return _submit(
+        "grouped_reducescatter", name,
+        lambda: _Together([pyddl.reduce_scatter_async(_wire(_scaled(t.detach(), prescale_factor)), op=o)
+                           for t, (o, _) in zip(tensors, plans)]),
+        lambda outs: [_result(out, t.dtype, post) for out, t, (_, post) in zip(outs, tensors, plans)])
+
+
+def grouped_reducescatter(tensors, name=None, compression=None, op=Average, process_set=global_process_set,
+                          prescale_factor=1.0, postscale_factor=1.0) -> list:
+    """Return `reducescatter` of each tensor of the list (Average by default; not
+    differentiable here: use reducescatter per tensor for gradients)."""
+    compression = Compression.none if compression is None else compression
+    pairs = [compression.compress(t) for t in tensors]
+    outs = synchronize(grouped_reducescatter_async([w for w, _ in pairs], name, op, process_set,
+                                                   prescale_factor, postscale_factor))
+    return [compression.decompress(o, c) for o, (_, c) in zip(outs, pairs)]
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Record a Chrome-trace timeline of every collective into `file_path` until stop_timeline().
+
+    Every rank calls it. Each rank writes `<file_path>.rank<N>`; stop_timeline() merges them
+    into `file_path` on rank 0 (pyddl's timeline format, docs/timeline.md; Horovod's
+    NEGOTIATE/CYCLE events do not exist here, so `mark_cycles` is accepted and unused).
+    """
+    pyddl.world().timeline.start(str(file_path))
+
+
+def stop_timeline() -> None:
+    """Stop the timeline start_timeline() began and write its file (collective: every rank)."""
+    timeline = pyddl.world().timeline
+    if not timeline.enabled:
+        return
+    timeline.close()
+    barrier()  # every rank's file is complete before rank 0 merges
+    if rank() == 0:
+        timeline.merge()
+    timeline.stop()
+
+
+def is_homogeneous() -> bool:
+    """True: pyddl's topology gives every server the same number of ranks (local_size())."""
+    pyddl.world()  # raises before init, as Horovod's does
+    return True
 
 
 def join(device: int = -1) -> int:

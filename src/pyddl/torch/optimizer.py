@@ -16,7 +16,7 @@ import torch
 import pyddl
 from pyddl.torch.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, ReducerOptions
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "PartialDistributedOptimizer"]
 
 
 def _core_op(op) -> str:
@@ -71,6 +71,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if gradient_predivide_factor != 1.0 and op_name != "average":
             raise ValueError("gradient_predivide_factor applies to op=Average only")
         named = self._named(optimizer, named_parameters)
+        self._parameter_names = {p: n for n, p in named}  # Horovod's attribute: parameter -> name
         prescale, postscale = 1.0, 1.0
         if op_name == "average" and gradient_predivide_factor != 1.0:
             size = pyddl.size()
@@ -96,8 +97,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _named(optimizer, named_parameters) -> list:
         opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-        if named_parameters is None:
-            return [(f"param.{i}", p) for i, p in enumerate(opt_params)]
+        if named_parameters is None:  # Horovod's names: group i, position j
+            return [(f"allreduce.noname.{i}.{j}", p)
+                    for i, g in enumerate(optimizer.param_groups) for j, p in enumerate(g["params"])]
         named = list(named_parameters)
         if any(not isinstance(x, tuple) or len(x) != 2 for x in named):
             raise TypeError("named_parameters must be (name, parameter) pairs, e.g. model.named_parameters()")
@@ -201,3 +203,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "Call zero_grad() before backward() or after step()."
             )
         return self._optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def PartialDistributedOptimizer(*args, **kwargs):  # noqa: N802 (Horovod's name)
+    """Horovod's Keras wrapper that leaves some layers' gradients local; not in pyddl.torch."""
+    raise NotImplementedError(
+        "pyddl.torch has no PartialDistributedOptimizer (Horovod has it for Keras only): wrap an "
+        "optimizer over the shared parameters in hvd.DistributedOptimizer, and step a plain torch "
+        "optimizer over the local layers' parameters"
+    )
