@@ -315,7 +315,8 @@ def test_horovod_ops(world):
         assert f"in {n} equal parts, but it has {n + 1} rows" in errs[7]
         assert errs[8].startswith(f"ValueError: alltoall splits {[1] * n} must be {n} non-negative row counts summing to axis 0 ({n + 1})")
         assert errs[9].startswith("TypeError: tensor has dtype torch.bool; pyddl collectives support")
-        assert "process_set= takes only hvd.global_process_set, got ProcessSet(ranks=[0])" in errs[10]
+        assert errs[10] == ("ValueError: ProcessSet(process_set_id=None, ranks=[0]) is not registered: call "
+                            "hvd.add_process_set() with it on every rank first")
         assert f"init(comm=...) must span all {n} ranks" in errs[11]
         assert errs[12] == "ValueError: grouped_allreduce needs a non-empty list of tensors"
         assert errs[13].startswith("ValueError: allreduce 'dup' is still in flight")

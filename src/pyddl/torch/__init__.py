@@ -15,12 +15,14 @@ from pyddl.torch.compression import Compression
 from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook, noop_hook
 from pyddl.torch.functions import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from pyddl.torch.ops import (
-    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, allgather, allgather_async,
+    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, add_process_set, allgather,
+    allgather_async,
     allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier, broadcast,
     broadcast_, broadcast_async, broadcast_async_, cross_rank, cross_size, global_process_set, grouped_allgather,
     grouped_allgather_async, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
     grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async, init, is_homogeneous,
-    is_initialized, join, local_rank, local_size, poll, rank, reducescatter, reducescatter_async, shutdown, size,
+    is_initialized, join, local_rank, local_size, poll, rank, reducescatter, reducescatter_async, remove_process_set,
+    shutdown, size,
     start_timeline, stop_timeline, synchronize,
 )
 from pyddl.torch.optimizer import DistributedOptimizer, PartialDistributedOptimizer
@@ -33,7 +35,7 @@ _ops.export_launch_environ()
 __all__ = [
     "__version__", "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
     "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
-    "ProcessSet", "global_process_set",
+    "ProcessSet", "global_process_set", "add_process_set", "remove_process_set",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
     "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",

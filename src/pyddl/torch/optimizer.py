@@ -39,6 +39,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             (Average only), to control overflow as in Horovod.
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).
+        process_set: the ranks that average their gradients (hvd.add_process_set); default:
+            every rank.
 
     Example:
         >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size()),
@@ -70,12 +72,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
         op_name = "average" if op is None else _core_op(op)
         if gradient_predivide_factor != 1.0 and op_name != "average":
             raise ValueError("gradient_predivide_factor applies to op=Average only")
+        from pyddl.torch.ops import _comm_of
+
+        comm = _comm_of(process_set)
         named = self._named(optimizer, named_parameters)
         self._parameter_names = {p: n for n, p in named}  # Horovod's attribute: parameter -> name
         prescale, postscale = 1.0, 1.0
         if op_name == "average" and gradient_predivide_factor != 1.0:
-            size = pyddl.size()
-            prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / size
+            prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / comm.size
         codec = getattr(compression, "codec", None) if compression is not None else None
         compressor = compression if compression is not None and codec is None else None
         self._reducer = GradientReducer(
@@ -90,6 +94,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 prescale=prescale,
                 postscale=postscale,
             ),
+            comm,
         )
         self._synchronized = False
         self._should_synchronize = True
