@@ -10,6 +10,7 @@ from pyddl.torch.capabilities import (
     ccl_built, cuda_built, ddl_built, gloo_built, gloo_enabled, mpi_built, mpi_enabled, mpi_threads_supported,
     nccl_built, rocm_built,
 )
+from pyddl.launch.func import run
 from pyddl.torch import ops as _ops
 from pyddl.torch.compression import Compression
 from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook, noop_hook
@@ -33,7 +34,7 @@ __version__ = _pyddl_version
 _ops.export_launch_environ()
 
 __all__ = [
-    "__version__", "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
+    "__version__", "run", "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
     "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
     "ProcessSet", "global_process_set", "add_process_set", "remove_process_set",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
