@@ -12,6 +12,8 @@ import pytest
 pytestmark = [pytest.mark.cli, pytest.mark.timeout(120)]
 
 SCRIPT = textwrap.dedent('''
+    import os
+
     import torch
 
     import pyddl as horovod
@@ -19,9 +21,11 @@ SCRIPT = textwrap.dedent('''
 
 
     def train(base, scale=1):
+        before = [os.environ.get(f"HOROVOD_{k}") for k in ("RANK", "SIZE")]
         hvd.init()
         total = hvd.allreduce(torch.tensor([float(hvd.rank() + base)]), op=hvd.Sum).item()
-        return {"rank": hvd.rank(), "size": hvd.size(), "total": total * scale}
+        after = [os.environ[f"HOROVOD_{k}"] for k in ("LOCAL_RANK", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")]
+        return {"rank": hvd.rank(), "size": hvd.size(), "total": total * scale, "env": before + after}
 
 
     if __name__ == "__main__":
@@ -34,8 +38,9 @@ def test_run_returns_each_ranks_result(tmp_path):
     script.write_text(SCRIPT)
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=110, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    # Rank r contributes 10 + r: the sum is 21 on both ranks, times scale=2.
-    want = [{"rank": 0, "size": 2, "total": 42.0}, {"rank": 1, "size": 2, "total": 42.0}]
+    # Rank r contributes 10 + r: the sum is 21 on both ranks, times scale=2. The launcher's
+    # workers see HOROVOD_RANK and _SIZE before hvd.init(), the local and cross ones after it.
+    want = [{"rank": r, "size": 2, "total": 42.0, "env": [str(r), "2", str(r), "2", "0", "1"]} for r in (0, 1)]
     assert f"RESULTS {want}" in proc.stdout, proc.stdout[-2000:]
     assert proc.stdout.count("RESULTS") == 1  # the workers did not run the script's main block
 
