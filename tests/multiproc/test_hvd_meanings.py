@@ -138,3 +138,15 @@ def test_horovod_meanings(tmp_path):
         assert "hvd.DistributedOptimizer" in out["partial"]
     assert results[0]["join_average"] == [-37]
     assert results[0]["timeline"] == [[("allreduce", 0), ("allreduce", 1)]] * 2
+
+
+def test_duplicate_parameter_names_are_refused_even_before_init():
+    # Horovod's test_duplicate_names: a ValueError at construction, with no hvd.init() before it.
+    import itertools
+
+    import pyddl.torch as hvd
+
+    net1, net2 = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+    opt = torch.optim.SGD(itertools.chain(net1.parameters(), net2.parameters()), lr=0.1)
+    with pytest.raises(ValueError, match="duplicate names: bias, weight"):
+        hvd.DistributedOptimizer(opt, named_parameters=itertools.chain(net1.named_parameters(), net2.named_parameters()))

@@ -74,8 +74,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError("gradient_predivide_factor applies to op=Average only")
         from pyddl.torch.ops import _comm_of
 
+        named = self._named(optimizer, named_parameters)  # its errors come first, even before init
         comm = _comm_of(process_set)
-        named = self._named(optimizer, named_parameters)
         self._parameter_names = {p: n for n, p in named}  # Horovod's attribute: parameter -> name
         prescale, postscale = 1.0, 1.0
         if op_name == "average" and gradient_predivide_factor != 1.0:
