@@ -68,6 +68,14 @@ def _meanings(rank, world, tmp):
         [torch.full((rank + 1,), rank), torch.full((1, 2), 5 * rank, dtype=torch.int16)])]
     out["grouped_reducescatter"] = [t.tolist() for t in hvd.grouped_reducescatter(
         [torch.ones(2, 1) * (rank + 1), torch.tensor([[-40 if rank == 0 else -35]] * 2)])]
+    # Gradients of the grouped ops, as Horovod defines them per tensor: allgather's is the
+    # average over ranks of the gathered rows' gradient (here rank+1: 1.5); reducescatter's
+    # (Sum) gathers the blocks' gradients back (here rank r's block weighs r+1) times size 2.
+    w = torch.ones(2, requires_grad=True)
+    (hvd.grouped_allgather([w])[0] * (rank + 1)).sum().backward()
+    v = torch.ones(2, 1, requires_grad=True)
+    (hvd.grouped_reducescatter([v], op=hvd.Sum)[0] * (rank + 1)).sum().backward()
+    out["grouped_grads"] = (w.grad.tolist(), v.grad.reshape(-1).tolist())
     # DistributedOptimizer without named_parameters (Horovod's test_optimizer_no_named_parameters):
     # two parameter groups, unique names equal on every rank, and a step with the average.
     p0, p1 = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(1))
@@ -130,6 +138,7 @@ def test_horovod_meanings(tmp_path):
         assert out["join"] == 0
         assert out["grouped_allgather"] == [[0, 1, 1], [[0, 0], [5, 5]]]
         assert out["grouped_reducescatter"] == [[[1.5]], [[-37]]]  # one row of two each, Average
+        assert out["grouped_grads"] == ([1.5, 1.5], [2.0, 4.0])
         assert out["names"] == (["allreduce.noname.0.0", "allreduce.noname.1.0"],
                                 [{"allreduce.noname.0.0", "allreduce.noname.1.0"}] * 2)
         assert out["step"] == [-1.5, -1.5, -1.5]

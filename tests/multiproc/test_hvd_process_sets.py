@@ -46,6 +46,12 @@ def _sets(rank, world):
             out["outsider"] = "no error"
         except ValueError as err:  # pyddl's NotMemberError is a ValueError
             out["outsider"] = type(err).__name__
+        # Horovod's test_optimizer_process_sets: outside the set, step() applies the local gradient.
+        p = nn.Parameter(torch.zeros(2))
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([p], lr=1.0), named_parameters=[("p", p)], process_set=even)
+        (p.sum() * (rank + 1)).backward()
+        opt.step()
+        out["opt"] = p.tolist()  # - 2, rank 1's own
     if upper.included():
         # root_rank counts in job ranks: rank 1 is the set's first.
         out["upper_bcast"] = hvd.broadcast(torch.tensor([rank]), root_rank=1, process_set=upper).item()
@@ -81,7 +87,7 @@ def test_process_sets():
             assert out["object"] == {"from": 2} and out["objects"] == [0, 2]
             assert out["opt"] == [-2.0, -2.0]
         else:
-            assert out["outsider"] == "NotMemberError"
+            assert out["outsider"] == "NotMemberError" and out["opt"] == [-2.0, -2.0]
         if rank in (1, 2):
             assert out["upper_bcast"] == 1
             assert out["bad_root"] == "broadcast root_rank 0 is not in the process set (ranks [1, 2])"

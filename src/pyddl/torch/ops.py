@@ -747,8 +747,11 @@ def grouped_allgather_async(tensors, name=None, process_set=global_process_set) 
 
 
 def grouped_allgather(tensors, name=None, process_set=global_process_set) -> list:
-    """Return `allgather` of each tensor of the list (Horovod's grouped_allgather; not
-    differentiable here: use allgather per tensor for gradients)."""
+    """Return `allgather` of each tensor of the list (Horovod's grouped_allgather);
+    differentiable, with allgather's gradient for each tensor."""
+    tensors = list(tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return [allgather(t, process_set=process_set) for t in tensors]  # one autograd node each
     return synchronize(grouped_allgather_async(tensors, name, process_set))
 
 
@@ -770,8 +773,12 @@ def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=glob
 
 def grouped_reducescatter(tensors, name=None, compression=None, op=Average, process_set=global_process_set,
                           prescale_factor=1.0, postscale_factor=1.0) -> list:
-    """Return `reducescatter` of each tensor of the list (Average by default; not
-    differentiable here: use reducescatter per tensor for gradients)."""
+    """Return `reducescatter` of each tensor of the list (Average by default);
+    differentiable, with reducescatter's gradient for each tensor."""
+    tensors = list(tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # one autograd node each
+        return [reducescatter(t, compression=compression, op=op, process_set=process_set,
+                              prescale_factor=prescale_factor, postscale_factor=postscale_factor) for t in tensors]
     compression = Compression.none if compression is None else compression
     pairs = [compression.compress(t) for t in tensors]
     outs = synchronize(grouped_reducescatter_async([w for w, _ in pairs], name, op, process_set,

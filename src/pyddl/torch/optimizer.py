@@ -25,6 +25,16 @@ def _core_op(op) -> str:
     return reduce_op_name(op)
 
 
+class _LocalGradients:
+    """The reducer of a rank outside the optimizer's process set: nothing to reduce."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def pending(self) -> bool:
+        return False
+
+
 class DistributedOptimizer(torch.optim.Optimizer):
     """Wrap `optimizer` so `step()` applies gradients averaged (or summed) over all ranks.
 
@@ -40,7 +50,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).
         process_set: the ranks that average their gradients (hvd.add_process_set); default:
-            every rank.
+            every rank. On a rank outside it, step() applies the local gradients, as in Horovod.
 
     Example:
         >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size()),
@@ -82,7 +92,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / comm.size
         codec = getattr(compression, "codec", None) if compression is not None else None
         compressor = compression if compression is not None and codec is None else None
-        self._reducer = GradientReducer(
+        # As in Horovod, a rank outside the process set keeps its gradients local.
+        self._reducer = _LocalGradients() if not comm.is_member else GradientReducer(
             named,
             ReducerOptions(
                 op=op_name,
