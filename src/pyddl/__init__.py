@@ -34,6 +34,7 @@ _EXPORTS = {
     "Handle": "pyddl.comm.engine",
     "get_codec": "pyddl.comm.codecs",
     "Settings": "pyddl.config",
+    "run": "pyddl.launch.func",  # Horovod's horovod.run
 }
 
 __all__ = [

@@ -46,6 +46,19 @@ class Timeline:
         if self.enabled:
             self._write({"name": name, "ph": "i", "s": "t", "ts": self.now_us(), "tid": lane, "args": args or {}})
 
+    def start(self, path: str) -> None:
+        """Record from now on into `path` (this rank's file `<path>.rank<N>`)."""
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+            self.path, self.enabled = path, True
+            self._fh = open(f"{path}.rank{self.rank}", "w")
+
+    def stop(self) -> None:
+        """Stop recording (after close() and merge())."""
+        self.close()
+        self.enabled = False
+
     def close(self) -> None:
         """Flush and close this rank's file."""
         if not self.enabled:

@@ -31,7 +31,7 @@ def _closed_forms(hvd, rank, n, fail):
         d = str(dtype).replace("torch.", "")
         x = torch.full((5,), rank + 1, dtype=dtype)
         full = lambda v, shape=(5,): torch.full(shape, v, dtype=dtype)  # noqa: E731
-        avg = (n + 1) / 2 if dtype.is_floating_point else (n + 1) // 2  # integer average floors
+        avg = (n + 1) / 2 if dtype.is_floating_point else (n + 1) // 2  # positive: truncation = floor
         _expect(fail, f"allreduce Sum {d}", hvd.allreduce(x, op=hvd.Sum), full(s))
         _expect(fail, f"allreduce default (Average) {d}", hvd.allreduce(x), full(avg))
         _expect(fail, f"allreduce Min {d}", hvd.allreduce(x, op=hvd.Min), full(1))
@@ -198,7 +198,7 @@ def _ops(rank, world):
         lambda: hvd.allreduce(torch.ones(1), op=42),
         lambda: hvd.alltoall(torch.ones(n + 1, 1)),
         lambda: hvd.alltoall(torch.ones(n + 1, 1), splits=[1] * n),
-        lambda: hvd.allreduce(torch.ones(1, dtype=torch.int32), prescale_factor=2.0),
+        lambda: hvd.allreduce(torch.ones(1, dtype=torch.bool)),  # Horovod's torch ops take no bool
         lambda: hvd.allreduce(torch.ones(1), process_set=hvd.ProcessSet([0])),
         lambda: hvd.init(comm=[0]),
         lambda: hvd.grouped_allreduce([]),
@@ -314,8 +314,9 @@ def test_horovod_ops(world):
         assert errs[6].startswith("ValueError: unknown reduction op 42")
         assert f"in {n} equal parts, but it has {n + 1} rows" in errs[7]
         assert errs[8].startswith(f"ValueError: alltoall splits {[1] * n} must be {n} non-negative row counts summing to axis 0 ({n + 1})")
-        assert errs[9].startswith("TypeError: prescale_factor and postscale_factor scale floating-point tensors, got torch.int32")
-        assert "process_set= takes only hvd.global_process_set, got ProcessSet(ranks=[0])" in errs[10]
+        assert errs[9].startswith("TypeError: tensor has dtype torch.bool; pyddl collectives support")
+        assert errs[10] == ("ValueError: ProcessSet(process_set_id=None, ranks=[0]) is not registered: call "
+                            "hvd.add_process_set() with it on every rank first")
         assert f"init(comm=...) must span all {n} ranks" in errs[11]
         assert errs[12] == "ValueError: grouped_allreduce needs a non-empty list of tensors"
         assert errs[13].startswith("ValueError: allreduce 'dup' is still in flight")

@@ -2,8 +2,11 @@
 
 Synchronous calls are submitted and waited on, so collectives issued from any thread (the
 training loop, gradient hooks) reach the process groups in one global order on every rank,
-which is what keeps ranks from mismatching. After a collective fails the job's groups are
-in an unknown state, so every later call fails at once with the original error.
+which is what keeps ranks from mismatching. A CollectiveMismatchError is found by the
+cross-rank check before any data moves and raised alike on every rank, so the groups stay
+in step and the next collective runs. After any other failure (a timeout, a backend error,
+a rank that died mid-transfer) the groups are in an unknown state, so every later call
+fails at once with the original error.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from pyddl.errors import CollectiveError, CollectiveTimeoutError
+from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
 __all__ = ["Engine", "Handle"]
 
@@ -86,7 +89,8 @@ class Engine:
             try:
                 future.set_result(fn())
             except BaseException as exc:
-                self._broken = exc
+                if not isinstance(exc, CollectiveMismatchError):  # raised before data moved
+                    self._broken = exc
                 future.set_exception(exc)
 
     def close(self) -> None:

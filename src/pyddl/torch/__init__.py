@@ -6,32 +6,45 @@ and GPU, join() for uneven data, and the torch.distributed backend "pyddl" (regi
 import). See docs/horovod.md, docs/torch.md and docs/backend.md.
 """
 
+from pyddl import __version__ as _pyddl_version
 from pyddl.torch.capabilities import (
     ccl_built, cuda_built, ddl_built, gloo_built, gloo_enabled, mpi_built, mpi_enabled, mpi_threads_supported,
     nccl_built, rocm_built,
 )
+from pyddl.launch.func import run
+from pyddl.torch import ops as _ops
 from pyddl.torch.compression import Compression
 from pyddl.torch.ddp_hook import HookState, allreduce_hook, bf16_allreduce_hook, fp16_allreduce_hook, noop_hook
 from pyddl.torch.functions import allgather_object, broadcast_object, broadcast_optimizer_state, broadcast_parameters
 from pyddl.torch.ops import (
-    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, allgather, allgather_async,
+    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, add_process_set, allgather,
+    allgather_async,
     allreduce, allreduce_, allreduce_async, allreduce_async_, alltoall, alltoall_async, barrier, broadcast,
-    broadcast_, broadcast_async, broadcast_async_, cross_rank, cross_size, global_process_set, grouped_allreduce,
-    grouped_allreduce_, grouped_allreduce_async, grouped_allreduce_async_, init, is_initialized, join, local_rank,
-    local_size, poll, rank, reducescatter, reducescatter_async, shutdown, size, synchronize,
+    broadcast_, broadcast_async, broadcast_async_, cross_rank, cross_size, global_process_set, grouped_allgather,
+    grouped_allgather_async, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
+    grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async, init, is_homogeneous,
+    is_initialized, join, local_rank, local_size, poll, rank, reducescatter, reducescatter_async, remove_process_set,
+    shutdown, size,
+    start_timeline, stop_timeline, synchronize,
 )
-from pyddl.torch.optimizer import DistributedOptimizer
+from pyddl.torch.optimizer import DistributedOptimizer, PartialDistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
 from pyddl.torch import backend as _backend  # noqa: F401  (registers init_process_group("pyddl"))
 
+__version__ = _pyddl_version
+
+_ops.export_launch_environ()
+
 __all__ = [
-    "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
+    "__version__", "run", "init", "shutdown", "is_initialized", "size", "rank", "local_size", "local_rank", "cross_size",
     "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
-    "ProcessSet", "global_process_set",
+    "ProcessSet", "global_process_set", "add_process_set", "remove_process_set",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
     "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",
-    "alltoall_async", "reducescatter", "reducescatter_async", "synchronize", "poll", "join", "barrier",
+    "alltoall_async", "reducescatter", "reducescatter_async", "grouped_allgather", "grouped_allgather_async",
+    "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline", "is_homogeneous",
+    "synchronize", "poll", "join", "barrier", "PartialDistributedOptimizer",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
     "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError",
     "allreduce_hook", "fp16_allreduce_hook", "bf16_allreduce_hook", "noop_hook", "HookState",

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import pyddl
 from pyddl.comm.guard import OpInfo
 from pyddl.torch.ops import (
-    _check_process_set, _check_root, broadcast_async_, global_process_set, horovod_errors, rank, size, synchronize,
+    _check_root, _comm_of, broadcast_async_, global_process_set, horovod_errors, rank, synchronize,
 )
 
 __all__ = ["broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object"]
@@ -97,7 +97,8 @@ def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
 
     That is the per-parameter state (momentum buffers, Adam moments, step counts), the
     hyperparameters and the learning rate of every parameter group. It works before the first
-    step too, when the state holds only hyperparameters; unlike Horovod it never steps the
+    step too, when the state holds only hyperparameters: then, as in Horovod, every parameter
+    that trains and has no gradient yet gets a zero one; unlike Horovod it never steps the
     optimizer to create state, and it handles any optimizer (LBFGS too). The structure travels
     pickled, the tensors as one broadcast per dtype.
 
@@ -113,6 +114,13 @@ def broadcast_optimizer_state(optimizer, root_rank: int) -> None:
         >>> hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     """
     root = _check_root(root_rank)
+    if not optimizer.state_dict()["state"]:
+        # As Horovod: before the first step, parameters that train get zero gradients (Horovod
+        # then steps the optimizer with them to create its state; pyddl does not step).
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
     tensors: list = []
     sizes: dict = {}
     skeleton = _strip(optimizer.state_dict(), tensors, sizes) if rank() == root else None
@@ -140,22 +148,22 @@ def broadcast_object(obj, root_rank: int = 0, name: str | None = None, process_s
         obj: the object on the root; ignored on the other ranks.
         root_rank: the rank that sends.
         name: accepted for Horovod compatibility (a synchronous call cannot collide).
-        process_set: only hvd.global_process_set.
+        process_set: the ranks taking part (hvd.add_process_set); default: every rank.
 
     Raises:
-        ValueError: `root_rank` is out of range.
+        ValueError: `root_rank` is out of range or not in the process set.
         HorovodInternalError: a collective failed (a rank missing, say).
     """
-    _check_process_set(process_set)
-    root = _check_root(root_rank)
+    comm = _comm_of(process_set)
+    root = _check_root(root_rank, comm)
 
     def fn(seq: int):
         holder = [obj]
-        dist.broadcast_object_list(holder, src=root, group=pyddl.world().group)
+        dist.broadcast_object_list(holder, src=comm.ranks[root], group=comm.group)
         return holder[0]
 
     with horovod_errors():
-        return pyddl.world().run(OpInfo("broadcast_object", f"root={root}"), fn)
+        return comm.run(OpInfo("broadcast_object", f"root={root}"), fn)
 
 
 def allgather_object(obj, name: str | None = None, process_set=global_process_set) -> list:
@@ -164,14 +172,14 @@ def allgather_object(obj, name: str | None = None, process_set=global_process_se
     Args:
         obj: this rank's object.
         name: accepted for Horovod compatibility (a synchronous call cannot collide).
-        process_set: only hvd.global_process_set.
+        process_set: the ranks taking part (hvd.add_process_set); default: every rank.
     """
-    _check_process_set(process_set)
+    comm = _comm_of(process_set)
 
     def fn(seq: int):
-        out: list = [None] * size()
-        dist.all_gather_object(out, obj, group=pyddl.world().group)
+        out: list = [None] * comm.size
+        dist.all_gather_object(out, obj, group=comm.group)
         return out
 
     with horovod_errors():
-        return pyddl.world().run(OpInfo("allgather_object", ""), fn)
+        return comm.run(OpInfo("allgather_object", ""), fn)

@@ -16,13 +16,23 @@ import torch
 import pyddl
 from pyddl.torch.reducer import DEFAULT_BUCKET_BYTES, GradientReducer, ReducerOptions
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "PartialDistributedOptimizer"]
 
 
 def _core_op(op) -> str:
     from pyddl.torch.ops import reduce_op_name
 
     return reduce_op_name(op)
+
+
+class _LocalGradients:
+    """The reducer of a rank outside the optimizer's process set: nothing to reduce."""
+
+    def synchronize(self) -> None:
+        pass
+
+    def pending(self) -> bool:
+        return False
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -39,6 +49,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             (Average only), to control overflow as in Horovod.
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).
+        process_set: the ranks that average their gradients (hvd.add_process_set); default:
+            every rank. On a rank outside it, step() applies the local gradients, as in Horovod.
 
     Example:
         >>> opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1 * hvd.size()),
@@ -70,14 +82,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
         op_name = "average" if op is None else _core_op(op)
         if gradient_predivide_factor != 1.0 and op_name != "average":
             raise ValueError("gradient_predivide_factor applies to op=Average only")
-        named = self._named(optimizer, named_parameters)
+        from pyddl.torch.ops import _comm_of
+
+        named = self._named(optimizer, named_parameters)  # its errors come first, even before init
+        comm = _comm_of(process_set)
+        self._parameter_names = {p: n for n, p in named}  # Horovod's attribute: parameter -> name
         prescale, postscale = 1.0, 1.0
         if op_name == "average" and gradient_predivide_factor != 1.0:
-            size = pyddl.size()
-            prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / size
+            prescale, postscale = 1.0 / gradient_predivide_factor, gradient_predivide_factor / comm.size
         codec = getattr(compression, "codec", None) if compression is not None else None
         compressor = compression if compression is not None and codec is None else None
-        self._reducer = GradientReducer(
+        # As in Horovod, a rank outside the process set keeps its gradients local.
+        self._reducer = _LocalGradients() if not comm.is_member else GradientReducer(
             named,
             ReducerOptions(
                 op=op_name,
@@ -89,6 +105,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 prescale=prescale,
                 postscale=postscale,
             ),
+            comm,
         )
         self._synchronized = False
         self._should_synchronize = True
@@ -96,8 +113,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _named(optimizer, named_parameters) -> list:
         opt_params = [p for g in optimizer.param_groups for p in g["params"]]
-        if named_parameters is None:
-            return [(f"param.{i}", p) for i, p in enumerate(opt_params)]
+        if named_parameters is None:  # Horovod's names: group i, position j
+            return [(f"allreduce.noname.{i}.{j}", p)
+                    for i, g in enumerate(optimizer.param_groups) for j, p in enumerate(g["params"])]
         named = list(named_parameters)
         if any(not isinstance(x, tuple) or len(x) != 2 for x in named):
             raise TypeError("named_parameters must be (name, parameter) pairs, e.g. model.named_parameters()")
@@ -201,3 +219,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 "Call zero_grad() before backward() or after step()."
             )
         return self._optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def PartialDistributedOptimizer(*args, **kwargs):  # noqa: N802 (Horovod's name)
+    """Horovod's Keras wrapper that leaves some layers' gradients local; not in pyddl.torch."""
+    raise NotImplementedError(
+        "pyddl.torch has no PartialDistributedOptimizer (Horovod has it for Keras only): wrap an "
+        "optimizer over the shared parameters in hvd.DistributedOptimizer, and step a plain torch "
+        "optimizer over the local layers' parameters"
+    )

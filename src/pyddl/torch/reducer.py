@@ -65,11 +65,12 @@ class GradientReducer:
     Args:
         named_params: (name, parameter) pairs; parameters without requires_grad are skipped.
         options: how to reduce (op, codec, algorithm, bucket size, accumulation, scaling).
+        comm: the Communicator whose ranks reduce (default: the world).
     """
 
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], options: ReducerOptions):
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], options: ReducerOptions, comm=None):
         self.options = options
-        self._comm = pyddl.world()
+        self._comm = pyddl.world() if comm is None else comm
         self._comm.check_algorithm(options.algorithm)  # a bad name fails here; "auto" tunes here
         self.names = [n for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in named_params if p.requires_grad]
