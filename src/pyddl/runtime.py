@@ -84,7 +84,7 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> tuple[dist.Store, socket.sock
             ) from None
     try:
         store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=listener is not None,
-                              timeout=timeout, wait_for_workers=False, multi_tenant=not agent,
+                              timeout=timeout, wait_for_workers=False,
                               master_listen_fd=listener.fileno() if listener else None)
     except dist.DistNetworkError as err:
         raise CollectiveTimeoutError(
@@ -94,8 +94,14 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> tuple[dist.Store, socket.sock
             missing_ranks=() if agent else (0,),
         ) from None
 
-    def key(name) -> str:  # every attempt gets a new store (torch's agent makes one per round)
-        return f"pyddl/join/{name}"
+    # A process that joins again after shutdown() (Horovod's tests do, once per test) finds the
+    # same store, with the last job's keys in it: every rank counts its own joins there, and
+    # the n-th join of every rank uses keys of its own (torch's agent makes a new store per
+    # restart, where the count starts again at 1).
+    store = dist.PrefixStore(f"pyddl/{store.add(f'pyddl/joins/{job.rank}', 1)}", store)
+
+    def key(name) -> str:
+        return f"join/{name}"
 
     ranks = range(job.world_size)
 
