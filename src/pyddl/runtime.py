@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,8 +21,7 @@ import torch.distributed as dist
 
 from pyddl import env as _env
 from pyddl.comm.communicator import Communicator, world_communicator
-from pyddl.errors import CollectiveTimeoutError, NotInitializedError, PyddlError
-from pyddl.listen import listen_socket
+from pyddl.errors import CollectiveTimeoutError, NotInitializedError
 from pyddl.config import PYDDL_TIMELINE, Settings
 from pyddl.timeline import Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
@@ -36,7 +34,6 @@ class _State:
     job: _env.JobEnv
     world: Communicator
     owns_world: bool
-    listener: socket.socket | None  # the store rank 0 hosts listens here
 
 
 _state: _State | None = None
@@ -60,7 +57,7 @@ def _detect_topology(job: _env.JobEnv, spec: str | None, world) -> Topology:
 _JOIN_GRACE_S = 10.0  # how much later than rank 0 another rank may start waiting
 
 
-def _join(job: _env.JobEnv, timeout: timedelta) -> tuple[dist.Store, socket.socket | None]:
+def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
     """Reach the job's store and wait until every rank has, naming the ranks that never do.
 
     The store is where torch's env:// and tcp:// rendezvous would put it: the launcher's
@@ -72,20 +69,9 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> tuple[dist.Store, socket.sock
     where = f"{job.master_addr}:{job.master_port}"
     agent = job.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     serves = "the launcher's agent" if agent else "rank 0"
-    listener = None
-    if job.rank == 0 and not agent:
-        # Listen on MASTER_ADDR only: torch's own server would take every interface.
-        try:
-            listener = listen_socket(job.master_addr, job.master_port)
-        except OSError as err:
-            raise PyddlError(
-                f"pyddl.init: rank 0 cannot host the job's rendezvous on {where} ({job.source}): {err.strerror}. "
-                "MASTER_ADDR must be an address of rank 0's server and MASTER_PORT a free port."
-            ) from None
     try:
-        store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=listener is not None,
-                              timeout=timeout, wait_for_workers=False,
-                              master_listen_fd=listener.fileno() if listener else None)
+        store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=job.rank == 0 and not agent,
+                              timeout=timeout, wait_for_workers=False, multi_tenant=not agent)
     except dist.DistNetworkError as err:
         raise CollectiveTimeoutError(
             f"pyddl.init: rank {job.rank} could not reach the job's rendezvous at {where}, which "
@@ -145,7 +131,7 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> tuple[dist.Store, socket.sock
             f"to another job: check WORLD_SIZE and MASTER_ADDR:MASTER_PORT ({where}) on every rank.",
             missing_ranks=tuple(missing),
         )
-    return store, listener  # a TCPStore does not own the descriptor it was given: keep it
+    return store
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -190,13 +176,12 @@ def init(
         job = _env.read_job_env()
         timeout = timedelta(seconds=settings.timeout_s)
         owns_world = not dist.is_initialized()
-        listener = None
         if owns_world:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             if job.source == "single":
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             else:
-                store, listener = _join(job, timeout)
+                store = _join(job, timeout)
                 dist.init_process_group(backend, store=store, rank=job.rank, world_size=job.world_size, timeout=timeout)
         if dist.get_backend() == "nccl":
             torch.cuda.set_device(job.local_rank)
@@ -207,7 +192,7 @@ def init(
         store = dist.distributed_c10d._get_default_store() if dist.get_world_size() > 1 else None
         timeline = Timeline(os.environ.get(PYDDL_TIMELINE), dist.get_rank(), dist.get_world_size())
         _state = _State(job=job, world=world_communicator(topo, settings, device, store, timeline),
-                        owns_world=owns_world, listener=listener)
+                        owns_world=owns_world)
         # Leave the job before the interpreter tears down: torch's process groups destroyed at
         # exit with pyddl's threads still running aborted the process ("terminate called
         # without an active exception", SIGABRT) instead of returning the script's exit code.
@@ -236,8 +221,7 @@ def shutdown() -> None:
     state.world.close()
     if state.owns_world and dist.is_initialized():
         dist.destroy_process_group()
-    if state.listener is not None:
-        state.listener.close()
+
 
 
 def is_initialized() -> bool:

@@ -99,7 +99,7 @@ class Communicator:
         self._root = root or self
         self._store = store
         self._owned_groups = list(owned_groups)
-        self._children = itertools.count(1)
+        self._child_numbers = itertools.count(1)
         self._seq = 0
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
@@ -622,14 +622,15 @@ class Communicator:
             raise ValueError(f"ranks must be distinct job ranks in 0..{size - 1}, at least one, got {list(ranks)}")
         topo = (parse_topology(topology, len(members)) if topology
                 else sub_topology(root.topology, members))
-        name = f"{root.name}.{next(root._children)}"
+        name = f"{root.name}.{next(root._child_numbers)}"
         info = OpInfo("new_communicator", f"ranks={members} topology={topo.spec}")
         timeout = timedelta(seconds=root.settings.timeout_s)
         group, levels, owned = root.run(info, lambda seq: _create_groups(members, topo, root.job_rank, timeout))
-        return Communicator(name=name, ranks=members, job_rank=root.job_rank, topology=topo,
+        comm = Communicator(name=name, ranks=members, job_rank=root.job_rank, topology=topo,
                             settings=root.settings, backend=root.backend, device=root.device, group=group,
                             levels=levels, store=root._store, timeline=root.timeline, root=root,
                             owned_groups=owned)
+        return comm
 
     def split(self, color: int | None, topology: str | None = None) -> "Communicator | None":
         """Split this communicator's ranks by `color` (as MPI_Comm_split): one new communicator
@@ -686,6 +687,7 @@ class Communicator:
         for part in (self._engine, self._monitor, self._stage_threads):
             if part is not None:
                 part.close()
+
 
 
 def world_communicator(topology: Topology, settings: Settings, device: torch.device, store,
