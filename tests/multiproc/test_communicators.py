@@ -151,3 +151,23 @@ def test_bad_ranks_are_clear_errors_before_any_collective():
     for errors in run_ranks(_bad_ranks, 2, timeout=60):
         assert len(errors) == 4 and all("job ranks" in e for e in errors), errors
 
+
+
+def _join_again(rank, world):
+    import pyddl
+
+    out = []
+    for i in range(3):  # Horovod's own tests init and shut down once per test, in one process
+        pyddl.init(timeout_s=30)
+        sub = pyddl.new_communicator([0, 1])
+        out.append((pyddl.allreduce(torch.tensor([rank + i])).item(), sub.allreduce(torch.tensor([1])).item()))
+        sub.destroy()
+        pyddl.shutdown()
+    return out
+
+
+def test_a_process_joins_again_after_shutdown():
+    # The second init used to hang in new_group: rank 0's store (torch's, shared within the
+    # process) still held the last job's keys; each join now uses keys of its own.
+    for out in run_ranks(_join_again, 2, timeout=80):
+        assert out == [(1 + 2 * i, 2) for i in range(3)]
