@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+import pyddl
 from pyddl.tensorflow import bridge
 from pyddl.tensorflow.bridge import (
     cross_rank, cross_size, init, is_initialized, local_rank, local_size, rank, shutdown, size,
 )
 from pyddl.tensorflow.compression import Compression
 from pyddl.torch.ops import (
-    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, _check_process_set, _check_root,
+    Adasum, Average, HorovodInternalError, Max, Min, Product, ProcessSet, Sum, _check_root,
     global_process_set, reduce_op_name,
 )
 
@@ -27,6 +28,18 @@ __all__ = [
     "cross_size", "cross_rank", "allreduce", "grouped_allreduce", "allgather", "broadcast", "alltoall",
     "reducescatter", "join", "barrier", "size_op", "rank_op", "local_size_op", "local_rank_op",
 ]
+
+
+def _check_process_set(process_set) -> None:
+    """pyddl.tensorflow runs every collective on all ranks: only the global set (or a set of
+    every rank) is accepted."""
+    if process_set is None or process_set is global_process_set:
+        return
+    if isinstance(process_set, ProcessSet) and process_set.ranks == list(range(pyddl.size())):
+        return
+    raise ValueError(f"pyddl runs every collective on all ranks in pyddl.tensorflow, so process_set= takes only "
+                     f"hvd.global_process_set, got {process_set!r}; pyddl.torch has process sets")
+
 
 def size_op(process_set_id=0, name=None):
     """size() as a tf.int32 scalar (Horovod's graph-mode query)."""
