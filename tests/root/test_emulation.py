@@ -145,7 +145,7 @@ def test_without_root_the_error_says_what_to_do(monkeypatch, tmp_path):
             pass
     before = dict(os.environ)
     with pytest.raises(LaunchError, match=re.escape(NO_ROOT_MESSAGE)) as err:
-        launch(RunConfig(2, ("job.py",), emulate_nodes=2))
+        launch(RunConfig(2, ("python", "-c", "pass"), emulate_nodes=2))
     assert err.value.exit_code == 2
     assert dict(os.environ) == before  # the next launch from this process starts clean
 
@@ -153,7 +153,7 @@ def test_without_root_the_error_says_what_to_do(monkeypatch, tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="as root, needs setpriv to drop root")
 def test_without_root_the_cli_exits_2():
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-    proc = subprocess.run(drop + PYDDL + ["run", "-np", "2", "--emulate-nodes", "2", "job.py"], cwd="/",
+    proc = subprocess.run(drop + PYDDL + ["run", "-np", "2", "--emulate-nodes", "2", "python", "-c", "pass"], cwd="/",
                           capture_output=True, text=True, timeout=60, env=_env())
     assert proc.returncode == 2, proc.stderr
     assert NO_ROOT_MESSAGE in proc.stderr
