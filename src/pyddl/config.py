@@ -15,6 +15,7 @@ from typing import Mapping
 
 from pyddl import defaults
 from pyddl.comm.registry import ALGORITHM_CHOICES, CODECS
+from pyddl.topology.spec import parse_topology
 
 __all__ = [
     "Settings",
@@ -95,8 +96,6 @@ class Settings:
             raise ValueError(f"chunk_bytes must be a positive whole number of bytes, got {chunk!r} "
                              f"(--chunk-bytes, {PYDDL_CHUNK_BYTES})")
         if self.topology is not None:
-            from pyddl.topology.spec import parse_topology
-
             if not str(self.topology).strip():
                 raise ValueError(f"the topology is empty; give dims such as 2x2 or leave it out "
                                  f"(--topology, {PYDDL_TOPOLOGY})")

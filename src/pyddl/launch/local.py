@@ -309,14 +309,14 @@ def _exit_with_stdin() -> None:
 def check_command(command: tuple[str, ...]) -> None:
     """Fail before any worker starts when the command cannot start: a missing script, or an
     executable that is not on PATH (the workers would each die with a traceback)."""
-    first = command[0]
-    python = os.path.basename(first) in ("python", "python3") or first.endswith(".py")
-    script = first if first.endswith(".py") else (command[1] if python and len(command) > 1 else "")
-    if script.endswith(".py") and not os.path.isfile(script):
-        raise ValueError(f"script {script!r} not found (working directory {os.getcwd()}); give the path of an "
-                         "existing file")
-    if not python and shutil.which(first) is None:
-        raise ValueError(f"command {first!r} not found on PATH; give a script (train.py), `python -m module`, "
+    executable, args = worker_command(command)
+    if executable == sys.executable:  # args: -u, then a script or an interpreter option
+        script = args[1] if len(args) > 1 else ""
+        if script.endswith(".py") and not os.path.isfile(script):
+            raise ValueError(f"script {script!r} not found (working directory {os.getcwd()}); give the path of an "
+                             "existing file")
+    elif shutil.which(executable) is None:
+        raise ValueError(f"command {executable!r} not found on PATH; give a script (train.py), `python -m module`, "
                          "or an executable")
 
 
