@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
@@ -100,6 +101,7 @@ class Communicator:
         self._store = store
         self._owned_groups = list(owned_groups)
         self._child_numbers = itertools.count(1)
+        self._children: weakref.WeakSet[Communicator] = weakref.WeakSet()
         self._seq = 0
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
@@ -630,6 +632,7 @@ class Communicator:
                             settings=root.settings, backend=root.backend, device=root.device, group=group,
                             levels=levels, store=root._store, timeline=root.timeline, root=root,
                             owned_groups=owned)
+        root._children.add(comm)
         return comm
 
     def split(self, color: int | None, topology: str | None = None) -> "Communicator | None":
@@ -676,17 +679,27 @@ class Communicator:
                 self.barrier()  # no member still has a collective in flight on these groups
             except PyddlError:
                 pass  # a broken communicator is freed all the same
-        self.close()
         for group in self._owned_groups:
             dist.destroy_process_group(group)
-        self._owned_groups = []
+        self.close()
 
     def close(self) -> None:
-        """Stop the engine, heartbeat and pipeline threads (no collective)."""
+        """Stop the engine, heartbeat and pipeline threads and let go of the process groups (no
+        collective). Closing the world closes every communicator made from it.
+
+        torch stops a Gloo group's worker threads only when the last reference to the group
+        goes. A group still referenced when the interpreter finalized kept a worker that, on
+        dropping the last reference to a finished collective's tensor, took the GIL of a
+        finalizing interpreter and aborted the process ("terminate called without an active
+        exception", SIGABRT) after the script had succeeded.
+        """
         self._destroyed = True
         for part in (self._engine, self._monitor, self._stage_threads):
             if part is not None:
                 part.close()
+        self.group, self.levels, self._owned_groups = None, [], []
+        for child in list(self._children):
+            child.close()
 
 
 

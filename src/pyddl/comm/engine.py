@@ -75,23 +75,28 @@ class Engine:
             item = self._queue.get()
             if item is None:
                 return
-            fn, future = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            if self._broken is not None:
-                future.set_exception(
-                    CollectiveError(
-                        "pyddl: an earlier collective failed, so this job's process groups "
-                        f"cannot be trusted; restart the job. The first failure: {self._broken}"
-                    )
+            self._run_one(*item)
+            # Nothing of a finished job stays referenced here until the next one arrives: not
+            # its tensors, nor a result holding process groups (their threads stop with them).
+            del item
+
+    def _run_one(self, fn: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        if self._broken is not None:
+            future.set_exception(
+                CollectiveError(
+                    "pyddl: an earlier collective failed, so this job's process groups "
+                    f"cannot be trusted; restart the job. The first failure: {self._broken}"
                 )
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                if not isinstance(exc, CollectiveMismatchError):  # raised before data moved
-                    self._broken = exc
-                future.set_exception(exc)
+            )
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:
+            if not isinstance(exc, CollectiveMismatchError):  # raised before data moved
+                self._broken = exc
+            future.set_exception(exc)
 
     def close(self) -> None:
         self._queue.put(None)

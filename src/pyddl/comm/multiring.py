@@ -182,6 +182,7 @@ class StageThreads:
                 job()
             finally:
                 event.set()
+            del item, job  # the finished job's tensors are not kept until the next one
 
     def close(self) -> None:
         """Stop the threads once they finish their current job."""
