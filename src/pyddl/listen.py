@@ -1,8 +1,9 @@
 """A listening socket on one address only (pure: the standard library's sockets).
 
 torch's TCPStore server listens on every interface whatever host name it is given (torch 2.14:
-`ss -ltn` shows `*:PORT`), and the store authenticates nobody. The stores the launcher hosts
-(pyddl.launch.rendezvous) are created on a socket from here, handed over as `master_listen_fd`.
+`ss -ltn` shows `*:PORT`), and the store authenticates nobody. Every store pyddl hosts, the
+launcher's (pyddl.launch.rendezvous) and rank 0's under srun/mpirun (pyddl.runtime), is
+created on a socket from here and handed over as `master_listen_fd`.
 """
 
 from __future__ import annotations

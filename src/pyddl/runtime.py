@@ -10,6 +10,7 @@ communicator that pyddl's module-level functions (pyddl.api) use; nothing below 
 from __future__ import annotations
 
 import atexit
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch.distributed as dist
 
 from pyddl import env as _env
 from pyddl.comm.communicator import Communicator, world_communicator
-from pyddl.errors import CollectiveTimeoutError, NotInitializedError
+from pyddl.errors import CollectiveTimeoutError, NotInitializedError, PyddlError
+from pyddl.listen import listen_socket
 from pyddl.config import PYDDL_TIMELINE, Settings
 from pyddl.timeline import Timeline
 from pyddl.topology.spec import Topology, parse_topology, servers_from_keys
@@ -69,17 +71,34 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
     where = f"{job.master_addr}:{job.master_port}"
     agent = job.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     serves = "the launcher's agent" if agent else "rank 0"
+    hosts = job.rank == 0 and not agent
+    listener = None
+    if hosts:
+        # Listen on MASTER_ADDR only: torch's own server would take every interface. A port
+        # this process already serves (an earlier join: torch keeps one server per port, the
+        # multi-tenant store) is joined as it is.
+        try:
+            listener = listen_socket(job.master_addr, job.master_port)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise _cannot_host(job, where, err.strerror) from None
     try:
-        store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=job.rank == 0 and not agent,
-                              timeout=timeout, wait_for_workers=False, multi_tenant=not agent)
+        store = dist.TCPStore(job.master_addr, job.master_port, job.world_size, is_master=hosts, timeout=timeout,
+                              wait_for_workers=False, multi_tenant=not agent,
+                              master_listen_fd=listener.fileno() if listener else None)
     except dist.DistNetworkError as err:
+        if listener is not None:
+            listener.close()
+        if hosts:
+            raise _cannot_host(job, where, str(err).splitlines()[0]) from None
         raise CollectiveTimeoutError(
             f"pyddl.init: rank {job.rank} could not reach the job's rendezvous at {where}, which "
             f"{serves} serves ({job.source}): {str(err).splitlines()[0]}. It has not started, has "
             "failed (see its output), or the address is wrong: check MASTER_ADDR:MASTER_PORT on every rank.",
             missing_ranks=() if agent else (0,),
         ) from None
-
+    if listener is not None:
+        listener.detach()  # the store's server owns the socket now and closes it when it stops
     # A process that joins again after shutdown() (Horovod's tests do, once per test) finds the
     # same store, with the last job's keys in it: every rank counts its own joins there, and
     # the n-th join of every rank uses keys of its own (torch's agent makes a new store per
@@ -132,6 +151,13 @@ def _join(job: _env.JobEnv, timeout: timedelta) -> dist.Store:
             missing_ranks=tuple(missing),
         )
     return store
+
+
+def _cannot_host(job: _env.JobEnv, where: str, why: str) -> PyddlError:
+    return PyddlError(
+        f"pyddl.init: rank 0 cannot host the job's rendezvous on {where} ({job.source}): {why}. "
+        "MASTER_ADDR must be an address of rank 0's server and MASTER_PORT a port free on it."
+    )
 
 
 def _ranks(ranks: list[int]) -> str:

@@ -306,3 +306,59 @@ def test_a_restart_says_who_failed_and_where_training_went_on(tmp_path):
     assert restart["resumed_from"] == f"a/checkpoints/ckpt-{restart['epoch']:06d}.pt" and restart["epoch"] >= 1
     assert (f"[rank0] restart 1 after {reason}: resuming from {restart['resumed_from']} at epoch "
             f"{restart['epoch']}") in text, text
+
+
+# The watchdog that stands in for the parent-death signal where the kernel has none (not
+# Linux): a launcher stand-in starts it as the agent starts pdeath_exec, with `watch` called
+# directly, since main() takes the kernel's way on this machine.
+_LAUNCHER = """
+import os, subprocess, sys, time
+watchdog = subprocess.Popen([sys.executable, "-c", "import os, sys; from pyddl.launch.pdeath_exec import watch; "
+                             "sys.exit(watch(os.getppid(), sys.argv[1:]))", sys.executable, "-c", sys.argv[1]])
+open("watchdog", "w").write(str(watchdog.pid))
+print(watchdog.wait())  # the watchdog's exit status, as the agent sees it
+"""
+
+
+def _watched(tmp_path, program):
+    return subprocess.Popen([sys.executable, "-c", _LAUNCHER, program], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, seconds=30):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return int(path.read_text())
+
+
+@pytest.mark.timeout(60)
+def test_the_watchdog_ends_the_worker_when_the_launcher_dies(tmp_path):
+    import signal
+    import time
+
+    launcher = _watched(tmp_path, "import os, time; open('worker', 'w').write(str(os.getpid())); time.sleep(60)")
+    worker = _wait_for(tmp_path / "worker")
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 5
+    while not _gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not _gone(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its launcher")
+
+
+@pytest.mark.timeout(60)
+def test_the_watchdog_passes_on_signals_and_exits_as_the_worker_did(tmp_path):
+    import signal
+
+    assert _watched(tmp_path, "import sys; sys.exit(3)").communicate(timeout=30)[0] == "3\n"
+    launcher = _watched(tmp_path, "import os, time; open('worker', 'w').write(str(os.getpid())); time.sleep(60)")
+    _wait_for(tmp_path / "worker")
+    os.kill(_wait_for(tmp_path / "watchdog"), signal.SIGTERM)  # what the agent sends to stop a worker
+    # The worker ended by SIGTERM, and so did its watchdog: the launcher sees what the agent would.
+    out, err = launcher.communicate(timeout=30)
+    assert out == f"{-signal.SIGTERM}\n", err
