@@ -24,12 +24,12 @@ iters=(--iters 15 --warmup 2)  # small messages are noisy: 15 repetitions, fitte
 # runs, and each held-out row is the median of its 3 runs.
 for i in 1 2 3; do
     echo "== round $i: calibration rows, 2 ranks in one server"
-    $pyddl bench allreduce -np 2 --topology 2 --sizes $sizes --algorithms native,multiring "${iters[@]}" --json "$OUT/in$i.json"
+    $pyddl bench allreduce -np 2 --topology 2 --sizes $sizes --algorithms native,multiring --tensors reused "${iters[@]}" --json "$OUT/in$i.json"
     echo "== round $i: calibration rows, 1 rank on each of 2 emulated servers"
-    $pyddl bench allreduce -np 2 "${link[@]}" --sizes $sizes --algorithms native,multiring "${iters[@]}" --json "$OUT/across$i.json"
+    $pyddl bench allreduce -np 2 "${link[@]}" --sizes $sizes --algorithms native,multiring --tensors reused "${iters[@]}" --json "$OUT/across$i.json"
     echo "== round $i: held out, 2 emulated servers x 2 ranks"
     $pyddl bench allreduce -np 4 "${link[@]}" --sizes 1M,2M,4M,8M,16M,32M,64M --algorithms native,multiring,auto \
-        "${iters[@]}" --json "$OUT/2x2_$i.json"
+        --tensors reused "${iters[@]}" --json "$OUT/2x2_$i.json"
 done
 echo "== fit"
 $pyddl simulate --calibrate "$OUT/in1.json,$OUT/across1.json,$OUT/in2.json,$OUT/across2.json,$OUT/in3.json,$OUT/across3.json" \

@@ -184,8 +184,9 @@ def test_bench_allreduce_table_and_json(tmp_path):
     assert data["meta"]["world_size"] == 2
     assert data["meta"]["host"] == {"cpus": os.cpu_count(), "ranks": 2}  # both ranks on this machine
     rows = data["rows"]
-    assert [(r["bytes"], r["algorithm"]) for r in rows] == [
-        (65536, "native"), (65536, "multiring"), (1048576, "native"), (1048576, "multiring")
+    # Per size and algorithm: one buffer reused, a new one per call in place, and out of place.
+    assert [(r["bytes"], r["algorithm"], r["tensor"]) for r in rows] == [
+        (size, alg, kind) for size in (65536, 1048576) for alg in ("native", "multiring") for kind in ("reused", "fresh", "out")
     ]
     for r in rows:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"]
@@ -193,12 +194,13 @@ def test_bench_allreduce_table_and_json(tmp_path):
         assert r["algbw_gbps"] == pytest.approx(r["bytes"] * 8 / r["median_s"] / 1e9)
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * (2 - 1) / 2)
         assert r["bound_s"] is None  # one server: no inter-server link to bound by
+        assert r["spread"] >= 0 and r["unreliable"] == (r["spread"] > 0.25)
 
 
 def test_bench_allreduce_of_fp16_moves_half_the_elements_of_a_size(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(["bench", "allreduce", "-np", "2", "--sizes", "1M", "--algorithms", "native,multiring",
-                 "--iters", "2", "--dtype", "fp16", "--json", str(out)], tmp_path)
+                 "--iters", "2", "--dtype", "fp16", "--tensors", "reused", "--json", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "allreduce of float16 over 2 ranks" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
@@ -210,6 +212,8 @@ def test_bench_rejects_bad_sizes(tmp_path):
     assert proc.returncode == 2 and "not a number" in proc.stderr
     proc = _run(["bench", "allreduce", "--dtype", "int8"], tmp_path)
     assert proc.returncode == 2 and "dtype 'int8' is not one of float32, float16, bfloat16" in proc.stderr
+    proc = _run(["bench", "allreduce", "--tensors", "reused,new"], tmp_path)
+    assert proc.returncode == 2 and "tensors 'reused,new': choose from reused, fresh, out" in proc.stderr
 
 
 def test_bench_step_compares_systems(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_dtype, parse_size
+from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_dtype, parse_size, parse_tensors
 
 
 def test_sizes_are_binary_units():
@@ -28,12 +28,32 @@ def test_bound_is_2_m_minus_1_over_m_times_bytes_over_link_rate():
 
 
 def test_table_shows_the_bound_and_the_ratio_when_the_link_is_known():
-    row = {"algorithm": "multiring", "bytes": 64 * 2**20, "median_s": 0.6, "cpu_s": 0.25, "algbw_gbps": 0.89, "busbw_gbps": 1.34,
+    row = {"algorithm": "multiring", "tensor": "fresh", "bytes": 64 * 2**20, "median_s": 0.6, "cpu_s": 0.25,
+           "algbw_gbps": 0.89, "busbw_gbps": 1.34, "spread": 0.05, "unreliable": False,
            "bound_s": bound_s(64 * 2**20, 2, 1.0), "bound_ratio": bound_s(64 * 2**20, 2, 1.0) / 0.6}
     table = format_table([row, {**row, "algorithm": "native", "bound_s": None, "bound_ratio": None}])
     first, second = table.splitlines()[2:]
-    assert first.split() == ["64M", "multiring", "600.00", "250.00", "0.890", "1.340", "536.87", "0.89"]
-    assert second.split()[-2:] == ["-", "-"]
+    assert first.split() == ["64M", "multiring", "fresh", "600.00", "250.00", "0.890", "1.340", "536.87", "0.89", "0.05"]
+    assert second.split()[-3:] == ["-", "-", "0.05"]
+
+
+def test_rows_whose_repeats_disagree_or_that_beat_physics_are_marked_unreliable():
+    from pyddl.bench.allreduce import SPREAD_LIMIT, _row
+
+    steady = _row("multiring", 64 * 2**20, "float32", (0.6, 0.59, 0.2, 1, 0.05), 4, 2, 1.0)
+    noisy = _row("multiring", 64 * 2**20, "float32", (0.6, 0.4, 0.2, 1, SPREAD_LIMIT + 0.01), 4, 2, 1.0)
+    too_fast = _row("multiring", 64 * 2**20, "float32", (0.5, 0.5, 0.2, 1, 0.0), 4, 2, 1.0)  # bound: 537 ms
+    assert [r["unreliable"] for r in (steady, noisy, too_fast)] == [False, True, True]
+    lines = format_table([steady, noisy, too_fast]).splitlines()
+    assert [line.endswith(" !") for line in lines[2:5]] == [False, True, True]
+    assert lines[-1].startswith("! unreliable: the samples' interquartile range is over 25% of their median")
+    assert not format_table([steady]).splitlines()[-1].startswith("!")
+
+
+def test_tensor_kinds_by_name():
+    assert parse_tensors("fresh, out") == ["fresh", "out"]
+    with pytest.raises(ValueError, match="choose from reused, fresh, out"):
+        parse_tensors("new")
 
 
 def test_short_calls_are_timed_back_to_back_long_ones_alone():

@@ -20,13 +20,21 @@ import torch
 import pyddl
 from pyddl.config import PYDDL_LINK_GBPS
 
-__all__ = ["parse_size", "parse_dtype", "bound_s", "calls_per_sample", "bench_allreduce", "bench_backend", "format_table",
-           "DTYPES"]
+__all__ = ["parse_size", "parse_dtype", "parse_tensors", "bound_s", "calls_per_sample", "bench_allreduce", "bench_backend",
+           "format_table", "DTYPES", "TENSORS", "SPREAD_LIMIT"]
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 # The element types a row may move: the floating types gradients travel in (fp16 and bf16 are
 # what a compressed wire carries, so their rows show the cost of that traffic alone).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Where each call's tensor comes from: one buffer reused by every call (the best case, what
+# nccl-tests times), a new tensor per call reduced in place (`allreduce_`, as gradients are
+# new every step) or a new tensor per call reduced out of place (`allreduce`, the README's
+# first example). The new tensor is made inside the timed call, as a user's code makes it.
+TENSORS = ("reused", "fresh", "out")
+# A row whose samples' interquartile range exceeds this fraction of their median, or that
+# beats the physical bound, is marked unreliable: the machine was busy, not the allreduce slow.
+SPREAD_LIMIT = 0.25
 
 
 def parse_size(text: str) -> int:
@@ -48,6 +56,15 @@ def parse_dtype(text: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype {text!r} is not one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def parse_tensors(text: str) -> list[str]:
+    """Parse "reused,fresh,out" (any subset, in that order of appearance)."""
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in TENSORS]
+    if unknown or not kinds:
+        raise ValueError(f"tensors {text!r}: choose from {', '.join(TENSORS)}")
+    return kinds
 
 
 def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:
@@ -72,10 +89,10 @@ def calls_per_sample(call_s: float, sample_s: float = SAMPLE_S, max_calls: int =
 
 
 def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
-                    dtype: torch.dtype = torch.float32) -> list[dict]:
-    """Time each (size, algorithm) on this job; every rank returns the same rows (rank 0's
-    view of the slowest rank's median, since an allreduce ends when its last rank does).
-    A size is in bytes of `dtype` elements.
+                    dtype: torch.dtype = torch.float32, tensors: list[str] = TENSORS) -> list[dict]:
+    """Time each (size, algorithm, tensor kind) on this job; every rank returns the same rows
+    (rank 0's view of the slowest rank's median, since an allreduce ends when its last rank
+    does). A size is in bytes of `dtype` elements; `tensors` are kinds of TENSORS.
 
     Each of the `iters` samples starts at a barrier and times k calls back to back, as
     nccl-tests does; k (`calls_per_sample`, the same on every rank) is 1 for calls of 20 ms
@@ -83,18 +100,26 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
     n = pyddl.size()
     servers = pyddl.cross_size()
     name = str(dtype).removeprefix("torch.")
+    device = pyddl.device()
     rows = []
     for nbytes in sizes:
-        x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=pyddl.device())
+        numel = max(1, nbytes // dtype.itemsize)
+        x = torch.ones(numel, dtype=dtype, device=device)
         for alg in algorithms:
-            rows.append(_row(alg, nbytes, name, _measure(lambda: pyddl.allreduce_(x, algorithm=alg), iters, warmup),
-                             n, servers, link_gbps))
+            calls = {
+                "reused": lambda: pyddl.allreduce_(x, algorithm=alg),
+                "fresh": lambda: pyddl.allreduce_(torch.ones(numel, dtype=dtype, device=device), algorithm=alg),
+                "out": lambda: pyddl.allreduce(torch.ones(numel, dtype=dtype, device=device), algorithm=alg),
+            }
+            for kind in tensors:
+                row = _row(alg, nbytes, name, _measure(calls[kind], iters, warmup), n, servers, link_gbps)
+                rows.append({**row, "tensor": kind})
     return rows
 
 
-def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int]:
+def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int, float]:
     """Time `call` (a collective) as bench_allreduce describes: (median s, min s, CPU s per call,
-    calls per sample), each the slowest rank's."""
+    calls per sample, samples' interquartile range / median), each the slowest rank's."""
     for _ in range(warmup):
         call()
     pyddl.barrier()
@@ -110,17 +135,19 @@ def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int]:
             call()
         samples.append((time.perf_counter() - t0) / calls)
         cpu.append((time.process_time() - c0) / calls)
-    stats = [statistics.median(samples), min(samples), statistics.median(cpu)]
+    median = statistics.median(samples)
+    quartiles = statistics.quantiles(samples, n=4) if len(samples) > 1 else [median] * 3
+    stats = [median, min(samples), statistics.median(cpu), (quartiles[2] - quartiles[0]) / median]
     worst = pyddl.allreduce(torch.tensor(stats, dtype=torch.float64), op="max")
-    median_s, min_s, cpu_s = (float(v) for v in worst)
-    return median_s, min_s, cpu_s, calls
+    median_s, min_s, cpu_s, spread = (float(v) for v in worst)
+    return median_s, min_s, cpu_s, calls, spread
 
 
 def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: int, link_gbps: float | None,
          half: bool = False) -> dict:
     """One table row; `half`: a reduce-scatter, which moves half an allreduce's bytes (its bus
     bandwidth and bound are halved likewise)."""
-    median_s, min_s, cpu_s, calls = measured
+    median_s, min_s, cpu_s, calls, spread = measured
     algbw = nbytes / median_s / 1e9
     share = 0.5 if half else 1.0
     row = {
@@ -131,6 +158,7 @@ def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: in
         "min_s": min_s,
         "cpu_s": cpu_s,  # this process's CPU time (every thread), median, slowest rank
         "calls_per_sample": calls,
+        "spread": spread,
         "algbw_gbps": algbw * 8,
         "busbw_gbps": algbw * 8 * 2 * (n - 1) / n * share,
         "bound_s": None,
@@ -139,6 +167,7 @@ def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: in
     if link_gbps and servers > 1:  # one server has no inter-server link to bound by
         row["bound_s"] = bound_s(nbytes, servers, link_gbps) * share
         row["bound_ratio"] = row["bound_s"] / median_s
+    row["unreliable"] = spread > SPREAD_LIMIT or (row["bound_ratio"] or 0.0) > 1.0
     return row
 
 
@@ -182,27 +211,36 @@ def _fmt_bytes(n: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Render the rows as the aligned text table `pyddl bench allreduce` prints."""
-    head = (f"{'size':>6} {'algorithm':>10} {'median ms':>10} {'cpu ms':>8} {'algbw Gb/s':>11} {'busbw Gb/s':>11} "
-            f"{'bound ms':>9} {'bound/meas':>10}")
+    """Render the rows as the aligned text table `pyddl bench allreduce` prints; rows marked
+    unreliable get a `!` and a line below the table saying why."""
+    head = (f"{'size':>6} {'algorithm':>10} {'tensor':>6} {'median ms':>10} {'cpu ms':>8} {'algbw Gb/s':>11} "
+            f"{'busbw Gb/s':>11} {'bound ms':>9} {'bound/meas':>10} {'spread':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         cpu = f"{r['cpu_s'] * 1e3:8.2f}" if r.get("cpu_s") is not None else f"{'-':>8}"
         bound = f"{r['bound_s'] * 1e3:9.2f}" if r["bound_s"] else f"{'-':>9}"
         ratio = f"{r['bound_ratio']:10.2f}" if r["bound_ratio"] else f"{'-':>10}"
         lines.append(
-            f"{_fmt_bytes(r['bytes']):>6} {r['algorithm']:>10} {r['median_s'] * 1e3:10.2f} {cpu} "
-            f"{r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f} {bound} {ratio}"
+            f"{_fmt_bytes(r['bytes']):>6} {r['algorithm']:>10} {r.get('tensor', '-'):>6} {r['median_s'] * 1e3:10.2f} "
+            f"{cpu} {r['algbw_gbps']:11.3f} {r['busbw_gbps']:11.3f} {bound} {ratio} {r['spread']:6.2f}"
+            + (" !" if r["unreliable"] else "")
         )
+    if any(r["unreliable"] for r in rows):
+        lines.append(f"! unreliable: the samples' interquartile range is over {SPREAD_LIMIT:.0%} of their median, or "
+                     "the row beats the physical bound; the machine was busy. Rerun on a quiet machine, or with "
+                     "more --iters.")
     return "\n".join(lines)
 
 
 def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None,
-         dtype: torch.dtype = torch.float32, api: str = "pyddl") -> None:
+         dtype: torch.dtype = torch.float32, api: str = "pyddl", tensors: list[str] = TENSORS) -> None:
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
     link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
-    rows = (bench_backend if api == "backend" else bench_allreduce)(sizes, algorithms, iters, warmup, link, dtype)
+    if api == "backend":
+        rows = bench_backend(sizes, algorithms, iters, warmup, link, dtype)
+    else:
+        rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype, tensors)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.
     hosts: list = [None] * pyddl.size()

@@ -65,6 +65,7 @@ def _allreduce(args) -> int:
     try:
         sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
         dtype = bench.parse_dtype(args.dtype)
+        tensors = bench.parse_tensors(args.tensors) if args.tensors else list(bench.TENSORS)
     except ValueError as err:
         print(f"pyddl bench allreduce: {err}", file=sys.stderr)
         return 2
@@ -76,7 +77,7 @@ def _allreduce(args) -> int:
     if not _in_job():
         tail = ["allreduce", "--sizes", args.sizes, "--algorithms", args.algorithms,
                 "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype,
-                "--framework", args.framework, "--api", args.api]
+                "--framework", args.framework, "--api", args.api, "--tensors", ",".join(tensors)]
         if args.json:
             tail += ["--json", os.path.abspath(args.json)]
         if args.link_gbps:
@@ -87,7 +88,7 @@ def _allreduce(args) -> int:
 
         jax_allreduce.main(algorithms, args.iters, args.warmup, args.json, args.link_gbps)
         return 0
-    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype, args.api)
+    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype, args.api, tensors)
     return 0
 
 
@@ -289,6 +290,9 @@ def register(subparsers) -> None:
     ar.add_argument("--api", choices=("pyddl", "backend"), default="pyddl",
                     help="pyddl: pyddl.allreduce per algorithm; backend: dist.all_reduce and "
                     "dist.reduce_scatter_tensor on a group of backend pyddl per algorithm and on Gloo")
+    ar.add_argument("--tensors",
+                    help="where each call's tensor comes from: reused (one buffer, the best case), fresh (new "
+                    "per call, reduced in place) and out (new per call, out of place); default: all three")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
     ar.add_argument("--framework", choices=["torch", "jax"], default="torch",
                     help="jax: a ResNet-50 pytree through pyddl.jax against JAX's own psum (needs pyddl[jax])")

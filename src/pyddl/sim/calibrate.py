@@ -87,11 +87,13 @@ def load_bench(path: str) -> BenchRun:
             # element by element); the model's is fitted and predicted for float32.
             raise ValueError(f"bench file {path!r}: row {i} moved {row['dtype']}; calibrate on float32 rows "
                              "(pyddl bench allreduce without --dtype)")
+    # The fit is of the collective itself: the rows of a tensor made per call add its allocation.
+    rows = tuple(r for r in data["rows"] if r.get("tensor", "reused") == "reused")
     emulate = meta.get("emulate") or {}
     host = meta.get("host") or {}
     load = host.get("ranks", 1) / host.get("cpus", 1) if host.get("cpus", 0) > 0 else 1.0
     return BenchRun(path, world, dims, str(meta.get("backend", "gloo")),
-                    emulate.get("link_gbps"), tuple(data["rows"]), max(1.0, float(load)))
+                    emulate.get("link_gbps"), rows, max(1.0, float(load)))
 
 
 def median_of_runs(runs: list[BenchRun]) -> BenchRun:
