@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from pyddl.bench.step import SYSTEMS, default_systems, format_threads, summarize, thread_cpu_s
+from pyddl.bench.step import SYSTEMS, default_systems, format_table, format_threads, judge, summarize, thread_cpu_s
 
 
 def _row(system, rounds):
@@ -21,6 +21,23 @@ def test_each_family_against_its_own_noop_and_all_against_the_bare_model():
     assert ddp["plain_efficiency"] == pytest.approx(1.05 / 1.25)
     assert pyddl["plain_efficiency"] == pyddl["comm_efficiency"] == pytest.approx(1.05 / 1.20)
     assert rows["ddp-noop"]["plain_efficiency"] < 1 < rows["ddp-noop"]["comm_efficiency"] + 1e-9
+
+
+def test_rows_whose_rounds_disagree_or_that_beat_their_baseline_are_not_results():
+    # What a busy machine printed for `pyddl bench scaling`: one-worker rounds 3104/1120/3346 ms.
+    single = {**_row("single", [3.104, 1.120, 3.346]), "workers": 1, "images_per_s": 32 / 3.104}
+    rows = judge(summarize([single, _row("ddp", [1.50, 1.52, 1.49]), _row("ddp-noop", [1.40, 1.41, 1.40]),
+                            _row("pyddl-multiring", [1.30, 1.31, 1.30]), _row("pyddl-noop", [1.40, 1.41, 1.40])]))
+    by = {r["system"]: r for r in rows}
+    assert by["single"]["unreliable"] == ["its rounds disagree by 72%"]
+    assert by["ddp"]["unreliable"] == ["scaling efficiency 2.07 is above 1",
+                                       "the one-worker row it scales against is unreliable"]
+    assert "comm efficiency 1.08 is above 1" in by["pyddl-multiring"]["unreliable"]  # faster than no communication
+    table = format_table(rows).splitlines()
+    assert table[2].endswith(" !") and table[-1].startswith("!   pyddl-noop x2: ")
+    steady = judge(summarize([_row("ddp", [1.50, 1.52, 1.49]), _row("ddp-noop", [1.40, 1.41, 1.40])]))
+    assert [r["unreliable"] for r in steady] == [[], []]
+    assert not format_table(steady).splitlines()[-1].startswith("!")
 
 
 def test_thread_table_lists_busy_threads_and_the_idle_rest():

@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn as nn
 
-__all__ = ["SYSTEMS", "run_systems", "summarize", "format_table", "format_threads", "thread_cpu_s",
+__all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_threads", "thread_cpu_s",
            "default_systems", "plot"]
 
 # name -> (family, what it runs); the family's "-noop" member is its no-communication time.
@@ -300,6 +300,38 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+# A row is not a result when its rounds disagree by more than this fraction of their median
+# (the machine's load moved between rounds), or when an efficiency is above 1 by more than
+# the slack: no system runs faster than its own no-communication or one-worker baseline.
+ROUND_SPREAD_LIMIT = 0.15
+EFFICIENCY_SLACK = 0.02
+
+
+def judge(rows: list[dict]) -> list[dict]:
+    """Give each summarized row `unreliable`: the reasons not to read it as a result (empty
+    when there are none). A scaling efficiency rests on the one-worker row too."""
+    single = next((r for r in rows if r["system"] == "single"), None)
+    out = []
+    for r in rows:
+        reasons = []
+        spread = _round_spread(r)
+        if spread > ROUND_SPREAD_LIMIT:
+            reasons.append(f"its rounds disagree by {spread:.0%}")
+        for key in ("comm_efficiency", "plain_efficiency", "scaling_efficiency"):
+            if r.get(key, 0.0) > 1 + EFFICIENCY_SLACK:
+                reasons.append(f"{key.replace('_', ' ')} {r[key]:.2f} is above 1")
+        if r is not single and "scaling_efficiency" in r and _round_spread(single) > ROUND_SPREAD_LIMIT:
+            reasons.append("the one-worker row it scales against is unreliable")
+        out.append({**r, "unreliable": reasons})
+    return out
+
+
+def _round_spread(row: dict) -> float:
+    """(slowest - fastest round median) / their median; 0 for fewer than two rounds."""
+    rounds = row.get("round_medians_s", [])
+    return (max(rounds) - min(rounds)) / statistics.median(rounds) if len(rounds) > 1 else 0.0
+
+
 def _ratio(base: dict, row: dict) -> tuple[float, list[float]]:
     """base step / row step: the median of the per-round ratios when both ran the same rounds
     (the machine's drift between rounds cancels out), else the ratio of the medians."""
@@ -325,7 +357,12 @@ def format_table(rows: list[dict]) -> str:
                      f"{cell(r, 'comm_efficiency', 9, '.3f')} {cell(r, 'plain_efficiency', 8, '.3f')} "
                      f"{cell(r, 'exposed_comm_fraction', 8, '.3f')} "
                      f"{cell(r, 'scaling_efficiency', 11, '.3f')} {cell(comm_cpu, 'comm_cpu_ms', 11, '.1f')} "
-                     f"{cell(r, 'cpu_bound_comm_efficiency', 11, '.3f')}  {spread}")
+                     f"{cell(r, 'cpu_bound_comm_efficiency', 11, '.3f')}  {spread}"
+                     + (" !" if r.get("unreliable") else ""))
+    flagged = [r for r in rows if r.get("unreliable")]
+    if flagged:
+        lines.append("! unreliable, not a result (the machine was busy; rerun on a quiet one, or with more --rounds):")
+        lines += [f"!   {r['system']} x{r['workers']}: {'; '.join(r['unreliable'])}" for r in flagged]
     return "\n".join(lines)
 
 

@@ -166,7 +166,7 @@ def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
 
     from pyddl.bench import step as bench
 
-    rows = _bench_module(args).summarize(rows)
+    rows = bench.judge(_bench_module(args).summarize(rows))
     print(bench.format_table(rows))
     threads = bench.format_threads(rows)
     if threads:
