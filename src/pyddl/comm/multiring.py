@@ -117,27 +117,39 @@ def multiring_allreduce_(
     total = 1
     for lv in levels:
         total *= lv.size
-    stages = _stages(len(levels))
     chunks = plan_chunks(flat.numel(), flat.element_size(), chunk_bytes, total)
-    base_tag = (call_id % 4096) << 18
-
-    def run(stage: _Stage, chunk: int) -> None:
-        start, length = chunks[chunk]
-        view = flat[start : start + length]
-        tag = base_tag | (stage.index << 12) | (chunk % 4096)
-        _run_stage(stage, levels, view, op, tag)
-
-    if stage_threads is not None and len(chunks) > 1:
-        _pipelined(stages, len(chunks), run, stage_threads)
-    else:
-        for chunk in range(len(chunks)):
-            for stage in stages:
-                run(stage, chunk)
+    run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
+                stage_threads)
     if op == "average":
         if flat.is_floating_point() or flat.is_complex():
             flat.div_(total)
         else:
             flat.floor_divide_(total)
+
+
+def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id: int, which: str,
+                stage_threads: "StageThreads | None" = None) -> None:
+    """Run the multiring's stages on each of `bufs`, the pipeline's chunks (each a whole buffer
+    as the stages see it): "allreduce" all of them, "reduce_scatter" its first half (innermost
+    level first, leaving each rank its reduced block of every chunk) or "allgather" its second
+    half (outermost first). With `stage_threads` the chunks are pipelined through the stages;
+    without, they run one after another (NCCL matches p2p messages by order, not tag).
+    `call_id` must be the same on every rank for this call; `levels` all have size > 1.
+    """
+    n = len(levels)
+    stages = _stages(n)
+    stages = {"allreduce": stages, "reduce_scatter": stages[:n], "allgather": stages[n:]}[which]
+    base_tag = (call_id % 4096) << 18
+
+    def run(stage: _Stage, chunk: int) -> None:
+        _run_stage(stage, levels, bufs[chunk], op, base_tag | (stage.index << 12) | (chunk % 4096))
+
+    if stage_threads is not None and len(bufs) > 1 and len(stages) > 1:
+        _pipelined(stages, len(bufs), run, stage_threads)
+    else:
+        for chunk in range(len(bufs)):
+            for stage in stages:
+                run(stage, chunk)
 
 
 class StageThreads:

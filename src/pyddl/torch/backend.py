@@ -23,7 +23,7 @@ from pyddl import env as _env
 from pyddl.comm.communicator import DTYPES, Communicator
 from pyddl.comm.guard import OpInfo
 # The multiring's stages and pipeline, shared with its allreduce (private there: one user more).
-from pyddl.comm.multiring import Level, _pipelined, _run_stage, _stages
+from pyddl.comm.multiring import Level, run_stages_
 from pyddl.config import PYDDL_TIMEOUT, Settings
 from pyddl.errors import CollectiveTimeoutError
 from pyddl.timeline import Timeline
@@ -406,20 +406,8 @@ def _through_levels(comm: Communicator, bufs: list[torch.Tensor], op: str | None
     """Run the multiring's reduce-scatter half (innermost level first) or its allgather half
     (outermost first) on each chunk buffer, pipelined over the chunks (one after another on NCCL,
     which matches messages by order, not tag)."""
-    levels = comm.levels
-    stages = _stages(len(levels))
-    half = stages[: len(levels)] if reduce else stages[len(levels):]
-    base = (seq % 4096) << 18
-
-    def run(stage, chunk: int) -> None:
-        _run_stage(stage, levels, bufs[chunk], op or "sum", base | (stage.index << 12) | (chunk % 4096))
-
-    if comm.backend != "nccl" and len(bufs) > 1 and len(half) > 1:
-        _pipelined(half, len(bufs), run, comm.stage_threads)
-    else:
-        for chunk in range(len(bufs)):
-            for stage in half:
-                run(stage, chunk)
+    run_stages_(bufs, op or "sum", comm.levels, seq, "reduce_scatter" if reduce else "allgather",
+                None if comm.backend == "nccl" else comm.stage_threads)
 
 
 def _create(opts, backend_options) -> ProcessGroupPyddl:
