@@ -60,8 +60,18 @@ def _sets(rank, world):
             out["bad_root"] = "no error"
         except ValueError as err:
             out["bad_root"] = str(err)
+    # Horovod refuses a set with the ranks of a registered one, the global set's included.
+    out["duplicates"] = []
+    for ranks in ([2, 1], [0, 1, 2]):
+        try:
+            hvd.add_process_set(ranks)
+        except ValueError as err:
+            out["duplicates"].append(str(err))
     out["world"] = hvd.allreduce(x, op=hvd.Sum).item()  # the global set still works: 6
     out["removed"] = (hvd.remove_process_set(upper), hvd.remove_process_set(hvd.global_process_set))
+    again = hvd.add_process_set([1, 2])  # its ranks are free again
+    out["again"] = hvd.allreduce(x, op=hvd.Sum, process_set=again).item() if again.included() else None
+    hvd.remove_process_set(again)
     try:
         hvd.allreduce(x, process_set=upper)
         out["after_remove"] = "no error"
@@ -92,5 +102,11 @@ def test_process_sets():
             assert out["upper_bcast"] == 1
             assert out["bad_root"] == "broadcast root_rank 0 is not in the process set (ranks [1, 2])"
         assert out["world"] == 6.0
+        assert out["duplicates"] == [
+            "Attempted to add a duplicate process set: ProcessSet(process_set_id=None, ranks=[1, 2]) has the ranks "
+            "of one registered already; use that one",
+            "Attempted to add a duplicate process set: ProcessSet(process_set_id=None, ranks=[0, 1, 2]) has the "
+            "ranks of one registered already; use that one"]
+        assert out["again"] == (None if rank == 0 else 5.0)
         assert out["removed"] == (True, False)
         assert "is not registered" in out["after_remove"]

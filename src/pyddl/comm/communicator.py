@@ -102,6 +102,9 @@ class Communicator:
         self._owned_groups = list(owned_groups)
         self._child_numbers = itertools.count(1)
         self._children: weakref.WeakSet[Communicator] = weakref.WeakSet()
+        # What adapters keep per communicator (pyddl.torch: its process sets by ranks); it
+        # lives and dies with the communicator, so a job joined again starts without it.
+        self.adapter_state: dict[str, Any] = {}
         self._seq = 0
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()

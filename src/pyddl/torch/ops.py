@@ -153,16 +153,22 @@ def add_process_set(process_set) -> ProcessSet:
     members or not. Its collectives run on a new pyddl Communicator over those ranks.
 
     Raises:
-        ValueError: ranks empty, repeated or outside the job, or the set is registered already.
+        ValueError: ranks empty, repeated or outside the job, the set is registered already,
+            or a registered set (the global one included) has the same ranks, as in Horovod.
     """
     if not isinstance(process_set, ProcessSet):
         process_set = ProcessSet(process_set)
     if process_set.process_set_id is not None:
         raise ValueError(f"{process_set!r} is registered already")
+    registered = _registered()
+    if tuple(process_set.ranks) in registered or process_set.ranks == list(range(pyddl.size())):
+        raise ValueError(f"Attempted to add a duplicate process set: {process_set!r} has the ranks of one "
+                         "registered already; use that one")
     with horovod_errors():
         comm = pyddl.new_communicator(process_set.ranks)
     process_set._comm = comm
     process_set.process_set_id = int(comm.name.rsplit(".", 1)[1])  # "world.<n>": unique in the job
+    registered[tuple(process_set.ranks)] = process_set
     return process_set
 
 
@@ -174,9 +180,15 @@ def remove_process_set(process_set: ProcessSet) -> bool:
     """
     if process_set is global_process_set or process_set.process_set_id is None:
         return False
+    _registered().pop(tuple(process_set.ranks), None)
     process_set._comm.destroy()
     process_set._comm, process_set.process_set_id = None, None
     return True
+
+
+def _registered() -> dict:
+    """This job's registered process sets by their ranks (kept on the world communicator)."""
+    return pyddl.world().adapter_state.setdefault("horovod_process_sets", {})
 
 
 def _comm_of(process_set):
