@@ -323,7 +323,8 @@ class EmulatedCluster:
             _ip("netns", "add", server.netns)
             _ip("link", "add", server.host_link, "mtu", str(self.mtu), "type", "veth",
                 "peer", "name", NS_IFNAME, "mtu", str(self.mtu), "netns", server.netns)
-            _ip("link", "set", server.host_link, "master", self.racks[server.rack].bridge if self.racks else self.bridge)
+            switch = self.racks[server.rack].bridge if self.racks else self.bridge
+            _ip("link", "set", server.host_link, "master", switch)
             _ip("link", "set", server.host_link, "up")
             _ip("-n", server.netns, "link", "set", "lo", "up")
             _ip("-n", server.netns, "addr", "add", f"{server.address}/{net.prefixlen}", "dev", NS_IFNAME)
