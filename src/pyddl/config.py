@@ -33,6 +33,8 @@ __all__ = [
     "PYDDL_RESTART_REASON",
     "PYDDL_TIMELINE",
     "PYDDL_LINK_GBPS",
+    "PYDDL_RACKS",
+    "PYDDL_RACK_GBPS",
 ]
 
 # Settings (each also a keyword of pyddl.init and a flag of `pyddl run`, `train`, `bench`).
@@ -51,6 +53,8 @@ PYDDL_RESTART_COUNT = "PYDDL_RESTART_COUNT"
 PYDDL_RESTART_REASON = "PYDDL_RESTART_REASON"
 PYDDL_TIMELINE = "PYDDL_TIMELINE"  # a Chrome-trace file to record (pyddl.timeline)
 PYDDL_LINK_GBPS = "PYDDL_LINK_GBPS"  # the emulated servers' link rate, for the bench's bound
+PYDDL_RACKS = "PYDDL_RACKS"  # how many emulated racks the servers fill, consecutively (same bound)
+PYDDL_RACK_GBPS = "PYDDL_RACK_GBPS"  # the emulated racks' uplink rate (same bound)
 
 DEFAULT_TIMEOUT_S = 300.0
 _FALSE = ("0", "false", "off", "no")

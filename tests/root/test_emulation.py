@@ -22,6 +22,7 @@ from pyddl.launch import emulate
 from pyddl.launch.emulate import NO_ROOT_MESSAGE, EmulatedCluster, EmulationError, cpu_sets, tbf_params
 from pyddl.launch.config import LaunchError, RunConfig
 from pyddl.launch.local import launch
+from pyddl.bench.allreduce import bound_levels_s
 from pyddl.config import PYDDL_LINK_GBPS
 
 PYDDL = [sys.executable, "-m", "pyddl.cli.main"]
@@ -64,18 +65,22 @@ def _reports(stdout):
     return out
 
 
+# After `{prefix}{slot}`: the spine bridge, a server's namespace and link, a rack's bridge and uplink ends.
+_SUFFIX = r"(br|s\d+|v\d+|r\d+[us]?)"
+
+
 def _ours(prefix):
     """Names of namespaces and links with `prefix` that exist now."""
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     listing += subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    return {m.group(0) for m in re.finditer(rf"\b{prefix}\d+(br|s\d+|v\d+)\b", listing)}
+    return {m.group(0) for m in re.finditer(rf"\b{prefix}\d+{_SUFFIX}\b", listing)}
 
 
 def _assert_slot_clean(prefix, slot):
     """Hold the slot's lock (so no new cluster can take it) and check nothing of it is left."""
     with open(os.path.join(emulate._LOCK_DIR, f"{prefix}{slot}.lock")) as fh:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a cluster still holds it
-        assert not {n for n in _ours(prefix) if re.fullmatch(rf"{prefix}{slot}(br|s\d+|v\d+)", n)}
+        assert not {n for n in _ours(prefix) if re.fullmatch(rf"{prefix}{slot}{_SUFFIX}", n)}
 
 
 def _alive(pid):
@@ -138,6 +143,16 @@ def test_tbf_and_cpu_split():
     assert cpu_sets(3, [0, 1]) == [[0], [1], [0]]
 
 
+@pytest.mark.timeout(10)
+def test_bad_rack_numbers_are_named_before_anything_is_made():
+    with pytest.raises(ValueError, match="--emulate-nodes 3 servers do not split evenly over --emulate-racks 2 racks"):
+        EmulatedCluster(3, racks=2)
+    with pytest.raises(ValueError, match="--emulate-racks must be a positive number of racks, got 0"):
+        EmulatedCluster(2, racks=0)
+    with pytest.raises(ValueError, match="--emulate-rack-gbps must be a positive rate in Gbit/s, got -1"):
+        EmulatedCluster(2, racks=2, rack_gbps=-1)
+
+
 def test_without_root_the_error_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(EmulationError, match=re.escape(NO_ROOT_MESSAGE)):
@@ -190,6 +205,126 @@ def test_up_down_leaves_nothing_behind():
     assert _ours(prefix) == before
     assert not any(os.path.exists(os.path.join(emulate.NETNS_ETC, s.netns)) for s in cluster.servers)
     _assert_slot_clean(prefix, cluster.slot)
+
+
+def _master(dev):
+    """The bridge a link is on."""
+    out = subprocess.run(["ip", "-j", "link", "show", "dev", dev], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0].get("master")
+
+
+@pytest.mark.root
+@_skip_unless_root
+@pytest.mark.timeout(60)
+def test_racks_up_down_leaves_nothing_behind():
+    prefix = "pyddlt"
+    before = _ours(prefix)
+    with EmulatedCluster(4, 1.0, prefix=prefix, racks=2, rack_gbps=0.5) as cluster:
+        slot = cluster.slot
+        racks = [(r.bridge, r.uplink, r.spine_link) for r in cluster.racks]
+        assert racks == [(f"{prefix}{slot}r{j}", f"{prefix}{slot}r{j}u", f"{prefix}{slot}r{j}s") for j in (0, 1)]
+        names = {cluster.bridge, *(n for rack in racks for n in rack),
+                 *(s.netns for s in cluster.servers), *(s.host_link for s in cluster.servers)}
+        assert names <= _ours(prefix) and max(map(len, names)) <= 15  # IFNAMSIZ
+        # Servers fill the racks consecutively, each on its rack's bridge; each rack's uplink
+        # joins its bridge to the spine, which keeps the cluster's address.
+        assert [s.rack for s in cluster.servers] == [0, 0, 1, 1]
+        assert [_master(s.host_link) for s in cluster.servers] == [racks[0][0]] * 2 + [racks[1][0]] * 2
+        assert [(_master(up), _master(spine)) for bridge, up, spine in racks] == [
+            (bridge, cluster.bridge) for bridge, _, _ in racks]
+        addr = subprocess.run(["ip", "-j", "addr", "show", "dev", cluster.bridge], capture_output=True, text=True)
+        assert json.loads(addr.stdout)[0]["addr_info"][0]["local"] == cluster.bridge_address
+        # tbf at the uplink's rate on both ends (each shapes what it sends), the servers' links at theirs.
+        qdiscs = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+        for _, up, spine in racks:
+            for end in (up, spine):
+                assert re.search(rf"qdisc tbf \S+ dev {end} root .*rate 500Mbit", qdiscs), qdiscs
+        for s in cluster.servers:
+            assert re.search(rf"qdisc tbf \S+ dev {s.host_link} root .*rate 1Gbit", qdiscs), qdiscs
+    assert _ours(prefix) == before
+    _assert_slot_clean(prefix, slot)
+
+
+# An iperf-like transfer between two servers: the receiver acks once every byte arrived.
+_RECEIVE = """
+import socket, sys
+conn, _ = socket.create_server((sys.argv[1], 5201)).accept()
+got, want = 0, int(sys.argv[2])
+while got < want:
+    chunk = conn.recv(1 << 20)
+    if not chunk:
+        sys.exit("the sender went away")
+    got += len(chunk)
+conn.sendall(b"k")
+"""
+_SEND = """
+import socket, sys, time
+for _ in range(200):  # until the receiver listens
+    try:
+        sock = socket.create_connection((sys.argv[1], 5201), timeout=30)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.05)
+t0 = time.perf_counter()
+sock.sendall(bytes(int(sys.argv[2])))
+sock.recv(1)
+print(time.perf_counter() - t0)
+"""
+
+
+def _transfer_s(sender, receiver, nbytes):
+    """Seconds to move nbytes over TCP from one emulated server to another."""
+    def in_ns(server, code):
+        return ["ip", "netns", "exec", server.netns, sys.executable, "-c", code, receiver.address, str(nbytes)]
+
+    rx = subprocess.Popen(in_ns(receiver, _RECEIVE))
+    try:
+        tx = subprocess.run(in_ns(sender, _SEND), capture_output=True, text=True, timeout=30)
+        assert rx.wait(timeout=30) == 0 and tx.returncode == 0, tx.stderr
+    finally:
+        rx.kill()
+        rx.wait()
+    return float(tx.stdout)
+
+
+@pytest.mark.root
+@_skip_unless_root
+@pytest.mark.timeout(90)
+def test_a_slow_rack_uplink_is_the_bottleneck():
+    # 2 racks of 1 server, 1 Gbit/s links: the same transfer between the racks, with the
+    # uplinks unlimited and then at a tenth of the links' rate.
+    nbytes, link, uplink = 4 << 20, 1.0, 0.1
+    best = {}
+    for rack_gbps in (None, uplink):
+        with EmulatedCluster(2, link, prefix="pyddlt", racks=2, rack_gbps=rack_gbps) as cluster:
+            a, b = cluster.servers
+            assert (a.rack, b.rack) == (0, 1)
+            best[rack_gbps] = min(_transfer_s(a, b, nbytes) for _ in range(2))
+    uplink_gbps = nbytes * 8 / best[uplink] / 1e9
+    assert uplink_gbps <= uplink * 1.05, (uplink_gbps, best)  # tbf lets no more through (burst: 1.6%)
+    assert best[uplink] > 3 * best[None], best  # about 10x: the uplink, not the links, sets the time
+
+
+@pytest.mark.root
+@_skip_unless_root
+@pytest.mark.cli
+@pytest.mark.timeout(150)
+def test_bench_allreduce_under_racks_reports_the_level_bound(tmp_path):
+    out = tmp_path / "racks.json"
+    proc = subprocess.run(
+        PYDDL + ["bench", "allreduce", "-np", "4", "--emulate-nodes", "2", "--emulate-racks", "2",
+                 "--emulate-rack-gbps", "0.5", "--emulate-link-gbps", "1", "--sizes", "1M", "--iters", "2",
+                 "--algorithms", "multiring", "--tensors", "reused", "--json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=140, env=_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "(2 servers), backend gloo, link 1 Gbit/s, 2 racks, uplinks 0.5 Gbit/s" in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    assert data["meta"]["emulate"] == {"nodes": 2, "link_gbps": 1.0, "racks": 2, "rack_gbps": 0.5}
+    # Each rack's uplink carries 2(R-1)/R = 1 x S at 0.5 Gbit/s, each server's link 1 x S at 1.
+    bound = bound_levels_s(2**20, 2, 1.0, 2, 0.5)
+    assert bound == pytest.approx(2**20 * 8 / 0.5e9)
+    assert [(r["algorithm"], r["tensor"], r["bound_s"]) for r in data["rows"]] == [("multiring", "reused", bound)]
+    assert data["rows"][0]["bound_ratio"] == pytest.approx(bound / data["rows"][0]["median_s"])
 
 
 @pytest.mark.root
@@ -296,13 +431,15 @@ def test_rate_limited_link_is_slower_than_the_unlimited_one(tmp_path):
 @_skip_unless_root
 @pytest.mark.cli
 @pytest.mark.timeout(100)
-def test_a_killed_launcher_is_cleaned_up_by_the_next_start(tmp_path):
+@pytest.mark.parametrize("racks", [0, 2])
+def test_a_killed_launcher_is_cleaned_up_by_the_next_start(tmp_path, racks):
     script = _script(tmp_path, """
         pyddl.init()
         print("REPORT " + json.dumps(dict(netns=netns(), pid=os.getpid())), flush=True)
         time.sleep(90)
     """)
-    launcher = subprocess.Popen(PYDDL + ["run", "-np", "2", "--emulate-nodes", "2", script], cwd=tmp_path,
+    rack_flags = ["--emulate-racks", str(racks), "--emulate-rack-gbps", "1"] if racks else []
+    launcher = subprocess.Popen(PYDDL + ["run", "-np", "2", "--emulate-nodes", "2", *rack_flags, script], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
     try:
         seen = {}
@@ -315,8 +452,10 @@ def test_a_killed_launcher_is_cleaned_up_by_the_next_start(tmp_path):
         launcher.wait()
     slot = int(re.match(r"pyddl(\d+)s", seen[0]["netns"]).group(1))
     assert {seen[0]["netns"], seen[1]["netns"]} <= _ours("pyddl"), "nothing was left to clean: the test proves nothing"
+    # With racks, their bridges and both ends of their uplinks were left too.
+    assert {f"pyddl{slot}r{j}{end}" for j in range(racks) for end in ("", "u", "s")} <= _ours("pyddl")
     with EmulatedCluster(1) as fresh:  # the next start cleans every unlocked slot, then takes one
-        left = {n for n in _ours("pyddl") if re.fullmatch(rf"pyddl{slot}(br|s\d+|v\d+)", n)}
+        left = {n for n in _ours("pyddl") if re.fullmatch(rf"pyddl{slot}{_SUFFIX}", n)}
         mine = {fresh.bridge, fresh.servers[0].netns, fresh.servers[0].host_link} if fresh.slot == slot else set()
         assert left == mine
     _assert_slot_clean("pyddl", fresh.slot)

@@ -62,3 +62,40 @@ def test_short_calls_are_timed_back_to_back_long_ones_alone():
     assert calls_per_sample(0.007) == 3
     assert calls_per_sample(0.02) == calls_per_sample(0.5) == 1
     assert calls_per_sample(0.0) == 64  # a call too fast for the clock
+
+
+@pytest.mark.timeout(10)
+def test_bound_with_racks_is_the_largest_level_bound():
+    from pyddl.bench.allreduce import bound_levels_s
+
+    s, b = 64 * 2**20, 8 / 1e9  # S bytes; x b = seconds at 1 Gbit/s
+    # 8 ranks on 4 servers at 1 Gbit/s in 2 racks with 1 Gbit/s uplinks: the servers' links
+    # carry 2(M-1)/M = 1.5 S each, the uplinks 2(R-1)/R = 1 S: the links bound it.
+    assert bound_levels_s(s, 4, 1.0, 2, 1.0) == pytest.approx(max(2 * 3 / 4, 2 * 1 / 2) * s * b)
+    # An uplink of 0.25 Gbit/s (4:1 oversubscribed against its 2 servers' 1 Gbit/s) dominates.
+    assert bound_levels_s(s, 4, 1.0, 2, 0.25) == pytest.approx(1 * s * b / 0.25)
+    assert bound_levels_s(s, 8, 1.0, 4, 0.5) == pytest.approx(max(2 * 7 / 8, 2 * 3 / 4 / 0.5) * s * b)
+    # No racks, one rack or unlimited uplinks: the 2-level bound exactly.
+    for racks, rack_gbps in ((1, None), (1, 0.1), (2, None)):
+        assert bound_levels_s(s, 4, 1.0, racks, rack_gbps) == bound_s(s, 4, 1.0)
+    assert bound_levels_s(s, 4, 1.0) == bound_s(s, 4, 1.0)
+    # Unlimited server links: the uplinks alone; nothing limited: no bound.
+    assert bound_levels_s(s, 4, None, 2, 1.0) == pytest.approx(s * b)
+    assert bound_levels_s(s, 4, None) == 0.0 and bound_levels_s(s, 1, 1.0) == 0.0
+
+
+@pytest.mark.timeout(10)
+def test_rows_under_racks_carry_the_level_bound():
+    from pyddl.bench.allreduce import _row, bound_levels_s
+
+    s, measured = 64 * 2**20, (2.0, 2.0, 0.2, 1, 0.05)
+    row = _row("multiring", s, "float32", measured, 8, 4, 1.0, racks=2, rack_gbps=0.25)
+    assert row["bound_s"] == bound_levels_s(s, 4, 1.0, 2, 0.25) == pytest.approx(s * 8 / 0.25e9)
+    assert row["bound_ratio"] == pytest.approx(row["bound_s"] / 2.0)
+    # A reduce-scatter moves half the bytes on every level.
+    half = _row("rs/gloo", s, "float32", measured, 8, 4, 1.0, half=True, racks=2, rack_gbps=0.25)
+    assert half["bound_s"] == pytest.approx(row["bound_s"] / 2)
+    # Racks with unlimited server links still have a bound: the uplinks'.
+    assert _row("native", s, "float32", measured, 8, 4, None, racks=2, rack_gbps=1.0)["bound_s"] == pytest.approx(
+        s * 8 / 1e9)
+    assert _row("native", s, "float32", measured, 8, 4, None)["bound_s"] is None

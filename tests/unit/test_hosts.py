@@ -1,6 +1,7 @@
 """Multi-server launch, pure parts: host lists, rank placement, and the exact command per server."""
 
 import argparse
+import re
 import shlex
 
 import pytest
@@ -178,3 +179,45 @@ def test_network_interface_sets_the_data_path_only():
     env = RunConfig(nproc=2, command=("j.py",), network_interface="ib0").worker_env()
     assert env["GLOO_SOCKET_IFNAME"] == env["NCCL_SOCKET_IFNAME"] == "ib0"
     assert "MASTER_ADDR" not in env
+
+
+@pytest.mark.timeout(10)
+def test_rack_flags_reach_the_config_and_the_workers():
+    from pyddl.config import PYDDL_RACK_GBPS, PYDDL_RACKS
+
+    cfg = _args(["-np", "8", "--emulate-nodes", "4", "--emulate-racks", "2", "--emulate-rack-gbps", "0.5"])
+    assert (cfg.emulate_nodes, cfg.emulate_racks, cfg.emulate_rack_gbps) == (4, 2, 0.5)
+    env = cfg.worker_env()
+    assert (env[PYDDL_RACKS], float(env[PYDDL_RACK_GBPS])) == ("2", 0.5)
+    # Racks without a rate: unlimited uplinks, and the workers are told no rate.
+    env = _args(["-np", "8", "--emulate-nodes", "4", "--emulate-racks", "2"]).worker_env()
+    assert env[PYDDL_RACKS] == "2" and PYDDL_RACK_GBPS not in env
+    assert PYDDL_RACKS not in _args(["-np", "8", "--emulate-nodes", "4"]).worker_env()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv, text", [
+    (["--emulate-nodes", "2", "--emulate-rack-gbps", "1"],
+     "--emulate-rack-gbps limits the uplinks between racks; add --emulate-racks R (R divides --emulate-nodes 2)"),
+    (["--emulate-racks", "2"], "--emulate-racks and --emulate-rack-gbps describe an emulated cluster; add "
+                               "--emulate-nodes M"),
+    (["--emulate-rack-gbps", "1"], "add --emulate-nodes M"),
+    (["--emulate-nodes", "4", "--emulate-racks", "0"], "--emulate-racks must be a positive number of racks, got 0"),
+    (["--emulate-nodes", "3", "--emulate-racks", "2"],
+     "--emulate-nodes 3 servers do not split evenly over --emulate-racks 2 racks; pass a multiple of 2 to "
+     "--emulate-nodes or a divisor of 3 to --emulate-racks"),
+    (["--emulate-nodes", "2", "--emulate-racks", "4"], "--emulate-nodes 2 servers do not split evenly over "
+                                                        "--emulate-racks 4 racks"),
+    (["--emulate-nodes", "4", "--emulate-racks", "2", "--emulate-rack-gbps", "0"],
+     "--emulate-rack-gbps must be a positive rate in Gbit/s, got 0.0"),
+])
+def test_bad_rack_flags_are_one_line_and_exit_2(argv, text, capsys):
+    from pyddl.cli.main import main
+
+    # 12 workers split over 2, 3 and 4 servers: only the rack flags are wrong. The check runs
+    # before anything starts (no root, no worker, no namespace needed to see it).
+    assert main(["run", "-np", "12", *argv, "python", "-c", "pass"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyddl run: ") and err.count("\n") == 1 and text in err, err
+    with pytest.raises(ValueError, match=re.escape(text)):
+        _args(["-np", "12", *argv])

@@ -3,7 +3,9 @@
 Run inside a job (`pyddl run -np 4 pyddl bench allreduce`, or `pyddl bench allreduce -np 4`
 which launches itself). Bus bandwidth follows nccl-tests: busbw = algbw x 2(n-1)/n. When the
 servers' link rate B is known (the emulated cluster sets it), each row also gets the physical
-bound of DESIGN.md, T_min = 2(M-1)/M x S / B on M servers, and the ratio T_min / T_measured.
+bound of DESIGN.md, T_min = 2(M-1)/M x S / B on M servers, and the ratio T_min / T_measured;
+with the servers in R racks behind uplinks of B2 (emulated racks), the larger of that and the
+uplinks' own bound 2(R-1)/R x S / B2.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import time
 import torch
 
 import pyddl
-from pyddl.config import PYDDL_LINK_GBPS
+from pyddl.config import PYDDL_LINK_GBPS, PYDDL_RACK_GBPS, PYDDL_RACKS
 
-__all__ = ["parse_size", "parse_dtype", "parse_tensors", "bound_s", "calls_per_sample", "bench_allreduce", "bench_backend",
-           "format_table", "DTYPES", "TENSORS", "SPREAD_LIMIT"]
+__all__ = ["parse_size", "parse_dtype", "parse_tensors", "bound_s", "bound_levels_s", "calls_per_sample",
+           "bench_allreduce", "bench_backend", "format_table", "DTYPES", "TENSORS", "SPREAD_LIMIT"]
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
 # The element types a row may move: the floating types gradients travel in (fp16 and bf16 are
@@ -75,6 +77,27 @@ def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:
     return 2 * (servers - 1) / servers * nbytes * 8 / (link_gbps * 1e9)
 
 
+def bound_levels_s(nbytes: int, servers: int, link_gbps: float | None, racks: int = 1,
+                   rack_gbps: float | None = None) -> float:
+    """The fastest any allreduce of `nbytes` can be on `servers` NICs of `link_gbps` that fill
+    `racks` racks, each behind one uplink of `rack_gbps` (both each way): every level's links
+    must carry their share, so the larger of 2(M-1)/M x S / B and 2(R-1)/R x S / B2.
+
+    A level whose rate is None (unlimited) or that has one member (one server, one rack) bounds
+    nothing; with neither, the bound is 0. `bound_s` is the case of one rack.
+
+    Example:
+        >>> bound_levels_s(2**20, 4, 1.0, 2, 0.25) == bound_s(2**20, 2, 0.25)  # the uplink's
+        True
+    """
+    terms = [0.0]
+    if link_gbps:
+        terms.append(bound_s(nbytes, servers, link_gbps))
+    if rack_gbps:
+        terms.append(bound_s(nbytes, racks, rack_gbps))
+    return max(terms)
+
+
 SAMPLE_S = 0.02  # a timed sample lasts at least this long: back-to-back calls, averaged
 MAX_CALLS = 64   # ... of at most this many calls
 
@@ -89,14 +112,15 @@ def calls_per_sample(call_s: float, sample_s: float = SAMPLE_S, max_calls: int =
 
 
 def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
-                    dtype: torch.dtype = torch.float32, tensors: list[str] = TENSORS) -> list[dict]:
+                    dtype: torch.dtype = torch.float32, tensors: list[str] = TENSORS, racks: int = 1,
+                    rack_gbps: float | None = None) -> list[dict]:
     """Time each (size, algorithm, tensor kind) on this job; every rank returns the same rows
     (rank 0's view of the slowest rank's median, since an allreduce ends when its last rank
     does). A size is in bytes of `dtype` elements; `tensors` are kinds of TENSORS.
 
     Each of the `iters` samples starts at a barrier and times k calls back to back, as
     nccl-tests does; k (`calls_per_sample`, the same on every rank) is 1 for calls of 20 ms
-    and more. A row's times and CPU are per call."""
+    and more. A row's times and CPU are per call; its bound is bound_levels_s's."""
     n = pyddl.size()
     servers = pyddl.cross_size()
     name = str(dtype).removeprefix("torch.")
@@ -112,7 +136,8 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
                 "out": lambda: pyddl.allreduce(torch.ones(numel, dtype=dtype, device=device), algorithm=alg),
             }
             for kind in tensors:
-                row = _row(alg, nbytes, name, _measure(calls[kind], iters, warmup), n, servers, link_gbps)
+                row = _row(alg, nbytes, name, _measure(calls[kind], iters, warmup), n, servers, link_gbps,
+                           racks=racks, rack_gbps=rack_gbps)
                 rows.append({**row, "tensor": kind})
     return rows
 
@@ -144,9 +169,9 @@ def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int, f
 
 
 def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: int, link_gbps: float | None,
-         half: bool = False) -> dict:
+         half: bool = False, racks: int = 1, rack_gbps: float | None = None) -> dict:
     """One table row; `half`: a reduce-scatter, which moves half an allreduce's bytes (its bus
-    bandwidth and bound are halved likewise)."""
+    bandwidth and bound are halved likewise); `racks`, `rack_gbps`: see bound_levels_s."""
     median_s, min_s, cpu_s, calls, spread = measured
     algbw = nbytes / median_s / 1e9
     share = 0.5 if half else 1.0
@@ -164,15 +189,16 @@ def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: in
         "bound_s": None,
         "bound_ratio": None,
     }
-    if link_gbps and servers > 1:  # one server has no inter-server link to bound by
-        row["bound_s"] = bound_s(nbytes, servers, link_gbps) * share
+    bound = bound_levels_s(nbytes, servers, link_gbps, racks, rack_gbps)
+    if bound:  # 0: no level's rate is known, or one server has no inter-server link to bound by
+        row["bound_s"] = bound * share
         row["bound_ratio"] = row["bound_s"] / median_s
     row["unreliable"] = spread > SPREAD_LIMIT or (row["bound_ratio"] or 0.0) > 1.0
     return row
 
 
 def bench_backend(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
-                  dtype: torch.dtype = torch.float32) -> list[dict]:
+                  dtype: torch.dtype = torch.float32, racks: int = 1, rack_gbps: float | None = None) -> list[dict]:
     """Time dist.all_reduce ("ar/...") and dist.reduce_scatter_tensor ("rs/...") through a group
     of backend "pyddl" per algorithm and through a Gloo group of the same ranks, as a DDP or
     FSDP2 user would call them (docs/backend.md). Rows as bench_allreduce's."""
@@ -193,11 +219,12 @@ def bench_backend(sizes: list[int], algorithms: list[str], iters: int, warmup: i
         out = torch.empty(numel // n, dtype=dtype)
         for label, group in groups.items():
             rows.append(_row(f"ar/{label}", nbytes, name,
-                             _measure(lambda: dist.all_reduce(x, group=group), iters, warmup), n, servers, link_gbps))
+                             _measure(lambda: dist.all_reduce(x, group=group), iters, warmup), n, servers, link_gbps,
+                             racks=racks, rack_gbps=rack_gbps))
         for label, group in groups.items():
             rows.append(_row(f"rs/{label}", nbytes, name,
                              _measure(lambda: dist.reduce_scatter_tensor(out, x, group=group), iters, warmup),
-                             n, servers, link_gbps, half=True))
+                             n, servers, link_gbps, half=True, racks=racks, rack_gbps=rack_gbps))
     for group in groups.values():
         dist.destroy_process_group(group)
     return rows
@@ -237,10 +264,13 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
     link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
+    # Emulated racks (the launcher says how many, and their uplinks' rate): a bound per level.
+    racks = int(os.environ.get(PYDDL_RACKS) or 1)
+    rack_gbps = float(os.environ[PYDDL_RACK_GBPS]) if os.environ.get(PYDDL_RACK_GBPS) else None
     if api == "backend":
-        rows = bench_backend(sizes, algorithms, iters, warmup, link, dtype)
+        rows = bench_backend(sizes, algorithms, iters, warmup, link, dtype, racks, rack_gbps)
     else:
-        rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype, tensors)
+        rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype, tensors, racks, rack_gbps)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.
     hosts: list = [None] * pyddl.size()
@@ -251,14 +281,17 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
                 if api == "backend" else "allreduce ")
         print(f"{what}of {str(dtype).removeprefix('torch.')} over {pyddl.size()} ranks, topology {topo.spec} "
               f"({pyddl.cross_size()} servers), backend {torch.distributed.get_backend()}"
-              + (f", link {link:g} Gbit/s" if link else ""))
+              + (f", link {link:g} Gbit/s" if link else "")
+              + (f", {racks} racks, uplinks " + (f"{rack_gbps:g} Gbit/s" if rack_gbps else "unlimited")
+                 if racks > 1 else ""))
         print(format_table(rows))
         if json_path:
             meta = {
                 "world_size": pyddl.size(),
                 "dims": list(topo.dims),
                 "backend": torch.distributed.get_backend(),
-                "emulate": {"nodes": pyddl.cross_size(), "link_gbps": link} if link else None,
+                "emulate": ({"nodes": pyddl.cross_size(), "link_gbps": link, "racks": racks, "rack_gbps": rack_gbps}
+                            if link or racks > 1 else None),
                 "chunk_bytes": pyddl.settings().chunk_bytes,
                 "host": {"cpus": os.cpu_count() or 1, "ranks": hosts.count(hosts[0])},
                 "torch": torch.__version__.split("+")[0],

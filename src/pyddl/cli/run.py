@@ -72,6 +72,11 @@ def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None
                      help="emulated links' MTU: 1500 (default, commodity Ethernet) or 9000 (jumbo frames)")
     emu.add_argument("--emulate-pin", action="store_true",
                      help="pin each emulated server's ranks to its own CPU cores")
+    emu.add_argument("--emulate-racks", type=int, metavar="R",
+                     help="put the emulated servers in R racks, M/R consecutive servers each, joined by a spine "
+                          "(default: one switch for all)")
+    emu.add_argument("--emulate-rack-gbps", type=float, metavar="G2",
+                     help="limit each rack's uplink to the spine to G2 Gbit/s each way (default: unlimited)")
 
 
 def _hosts(args) -> tuple:
@@ -118,6 +123,8 @@ def config_from_args(args, command: tuple[str, ...]) -> RunConfig:
         emulate_link_gbps=args.emulate_link_gbps,
         emulate_pin=args.emulate_pin,
         emulate_mtu=args.emulate_mtu,
+        emulate_racks=args.emulate_racks,
+        emulate_rack_gbps=args.emulate_rack_gbps,
         nnodes=nnodes,
         max_nnodes=max_nnodes,
         node_rank=args.node_rank,
@@ -204,7 +211,8 @@ def register(subparsers) -> None:
         "  pyddl run -np 8 -H node1:4,node2:4 train.py            # over ssh\n"
         "  pyddl run -np 4 --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 train.py   # per server\n"
         "  srun -N 2 --ntasks-per-node 4 pyddl run train.py        # one process per rank\n"
-        "  pyddl run -np 4 --emulate-nodes 2 --emulate-link-gbps 1 train.py   # as root",
+        "  pyddl run -np 4 --emulate-nodes 2 --emulate-link-gbps 1 train.py   # as root\n"
+        "  pyddl run -np 8 --emulate-nodes 4 --emulate-racks 2 --emulate-rack-gbps 1 --emulate-link-gbps 1 train.py",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_job_flags(parser)

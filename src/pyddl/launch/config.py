@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyddl.launch.hosts import DEFAULT_LAUNCHER
-from pyddl.config import PYDDL_LINK_GBPS, PYDDL_TOPOLOGY, Settings
+from pyddl.config import PYDDL_LINK_GBPS, PYDDL_RACK_GBPS, PYDDL_RACKS, PYDDL_TOPOLOGY, Settings
 from pyddl.topology.spec import parse_topology
 
 __all__ = ["RunConfig", "LaunchError"]
@@ -41,6 +41,8 @@ class RunConfig:
     emulate_link_gbps: float | None = None
     emulate_pin: bool = False
     emulate_mtu: int = 1500
+    emulate_racks: int | None = None
+    emulate_rack_gbps: float | None = None
     nnodes: int = 1
     max_nnodes: int | None = None
     node_rank: int | None = None
@@ -118,10 +120,11 @@ class RunConfig:
 
     def _check_emulation(self) -> None:
         if self.emulate_nodes is None:
-            if self.emulate_link_gbps is not None or self.emulate_pin or self.emulate_mtu != 1500:
+            if (self.emulate_link_gbps is not None or self.emulate_pin or self.emulate_mtu != 1500
+                    or self.emulate_racks is not None or self.emulate_rack_gbps is not None):
                 raise ValueError(
-                    "--emulate-link-gbps, --emulate-mtu and --emulate-pin describe an emulated cluster; add "
-                    "--emulate-nodes M to create one"
+                    "--emulate-link-gbps, --emulate-mtu, --emulate-pin, --emulate-racks and --emulate-rack-gbps "
+                    "describe an emulated cluster; add --emulate-nodes M to create one"
                 )
             return
         m = self.emulate_nodes
@@ -134,11 +137,27 @@ class RunConfig:
             )
         if self.emulate_link_gbps is not None and not self.emulate_link_gbps > 0:
             raise ValueError(f"--emulate-link-gbps must be a positive rate in Gbit/s, got {self.emulate_link_gbps}")
+        self._check_racks()
         from pyddl.launch.emulate import NS_IFNAME
 
         if self.network_interface not in (None, NS_IFNAME):
             raise ValueError(f"--network-interface {self.network_interface}: every emulated server's link is "
                              f"{NS_IFNAME}, which the workers use already; drop the flag")
+
+    def _check_racks(self) -> None:
+        r, m = self.emulate_racks, self.emulate_nodes
+        if r is None:
+            if self.emulate_rack_gbps is not None:
+                raise ValueError("--emulate-rack-gbps limits the uplinks between racks; add --emulate-racks R "
+                                 f"(R divides --emulate-nodes {m}) to put the servers in racks")
+            return
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"--emulate-racks must be a positive number of racks, got {r!r}")
+        if m % r:
+            raise ValueError(f"--emulate-nodes {m} servers do not split evenly over --emulate-racks {r} racks; "
+                             f"pass a multiple of {r} to --emulate-nodes or a divisor of {m} to --emulate-racks")
+        if self.emulate_rack_gbps is not None and not self.emulate_rack_gbps > 0:
+            raise ValueError(f"--emulate-rack-gbps must be a positive rate in Gbit/s, got {self.emulate_rack_gbps}")
 
     def worker_env(self) -> dict[str, str]:
         """The PYDDL_* variables every worker gets (on top of torchrun's)."""
@@ -153,6 +172,10 @@ class RunConfig:
             out["GLOO_SOCKET_IFNAME"] = NS_IFNAME
             if self.emulate_link_gbps is not None:
                 out[PYDDL_LINK_GBPS] = repr(float(self.emulate_link_gbps))
+            if self.emulate_racks is not None:
+                out[PYDDL_RACKS] = str(self.emulate_racks)
+            if self.emulate_rack_gbps is not None:
+                out[PYDDL_RACK_GBPS] = repr(float(self.emulate_rack_gbps))
         if self.network_interface:
             # The data path only: Gloo and NCCL bind their connections to this interface.
             out["GLOO_SOCKET_IFNAME"] = out["NCCL_SOCKET_IFNAME"] = self.network_interface

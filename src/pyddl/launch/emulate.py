@@ -3,7 +3,9 @@
 Each server is a namespace holding one veth link (named `eth0` inside, so GLOO_SOCKET_IFNAME
 is the same for every rank) to a bridge in the root namespace; tc tbf limits that link to G
 Gbit/s each way (issue 4). Ranks of one server talk over its own address, which the kernel
-routes through `lo`, so only traffic between servers is limited. Needs root and iproute2.
+routes through `lo`, so only traffic between servers is limited. With R racks (issue 24) the
+servers of a rack share a rack bridge, whose uplink (a veth pair, tbf-limited to G2 Gbit/s each
+way) meets the others at the spine bridge. Needs root and iproute2.
 A live cluster holds a lock on its slot, so a later start cleans a killed run's leftovers
 (slot unlocked) and never a running neighbour's (slot locked).
 """
@@ -26,6 +28,7 @@ __all__ = [
     "EmulatedCluster",
     "EmulationError",
     "ServerSpec",
+    "RackSpec",
     "tbf_params",
     "cpu_sets",
     "NS_IFNAME",
@@ -45,6 +48,12 @@ _LOCK_DIR = "/run/pyddl-emulate"
 # cannot be retrieved. err=-3" on every rank, issue 23 point 15).
 NETNS_ETC = "/etc/netns"
 _MIN_MTU, _MAX_MTU = 576, 65535
+# What follows `{prefix}{slot}` in the name of everything a cluster makes in the root namespace
+# or as a namespace: the spine bridge (`br`), server i's namespace (`s<i>`) and its link's
+# bridge end (`v<i>`), rack j's bridge (`r<j>`) and its uplink's rack end (`r<j>u`) and spine
+# end (`r<j>s`). The bridges are deleted last, once no link is on them.
+_SUFFIX = r"(?:br|s\d+|v\d+|r\d+[us]?)"
+_BRIDGE_SUFFIX = r"(?:br|r\d+)"
 
 
 class EmulationError(RuntimeError):
@@ -53,12 +62,23 @@ class EmulationError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """One emulated server: its namespace, its link's bridge-side name and its address."""
+    """One emulated server: its namespace, its link's bridge-side name, its address and its rack."""
 
     index: int
     netns: str
     host_link: str
     address: str
+    rack: int = 0
+
+
+@dataclass(frozen=True)
+class RackSpec:
+    """One emulated rack: its bridge and the rack and spine ends of its uplink."""
+
+    index: int
+    bridge: str
+    uplink: str
+    spine_link: str
 
 
 def tbf_params(link_gbps: float) -> tuple[int, int]:
@@ -117,18 +137,26 @@ class EmulatedCluster:
         mtu: the links' MTU in bytes: 1500 as on commodity Ethernet (TCP payload is then at
             most 1448/1514 = 95.6% of the rate), 9000 for a jumbo-frame fabric (99.3%).
         prefix: names of namespaces and links start with it (letters/digits, at most 6).
+        racks: the number of racks R; R > 1 puts M/R consecutive servers behind each rack's
+            bridge, and the racks' uplinks into the spine bridge (`bridge`). R = 1: no racks,
+            every server on `bridge`.
+        rack_gbps: each rack uplink's rate in Gbit/s, both directions; None leaves it unlimited.
 
     Raises:
         EmulationError: not root, `ip`/`tc` missing, or every slot held by a live cluster.
-        ValueError: bad nodes, link_gbps, mtu or prefix.
+        ValueError: bad nodes, link_gbps, mtu, prefix, racks or rack_gbps.
 
     Example:
         >>> with EmulatedCluster(2, 1.0) as cluster:
         ...     cluster.servers[1].netns, cluster.bridge_address
         ('pyddl0s1', '10.213.0.1')
+        >>> with EmulatedCluster(4, 1.0, racks=2, rack_gbps=0.5) as cluster:
+        ...     cluster.servers[2].rack, cluster.racks[1].bridge, cluster.racks[1].uplink
+        (1, 'pyddl0r1', 'pyddl0r1u')
     """
 
-    def __init__(self, nodes: int, link_gbps: float | None = None, mtu: int = 1500, prefix: str = "pyddl"):
+    def __init__(self, nodes: int, link_gbps: float | None = None, mtu: int = 1500, prefix: str = "pyddl",
+                 racks: int = 1, rack_gbps: float | None = None):
         if not isinstance(nodes, int) or not 1 <= nodes <= _MAX_NODES:
             raise ValueError(f"--emulate-nodes must be a number of servers from 1 to {_MAX_NODES}, got {nodes!r}")
         if link_gbps is not None:
@@ -137,12 +165,23 @@ class EmulatedCluster:
             raise ValueError(f"--emulate-mtu must be {_MIN_MTU} to {_MAX_MTU} bytes, got {mtu!r}")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
             raise ValueError(f"emulation prefix must be 1-6 lower-case letters/digits starting with a letter, got {prefix!r}")
+        if isinstance(racks, bool) or not isinstance(racks, int) or racks < 1:
+            raise ValueError(f"--emulate-racks must be a positive number of racks, got {racks!r}")
+        if nodes % racks:
+            raise ValueError(f"--emulate-nodes {nodes} servers do not split evenly over --emulate-racks {racks} "
+                             f"racks; pass a multiple of {racks} to --emulate-nodes or a divisor of {nodes} to "
+                             "--emulate-racks")
+        if rack_gbps is not None and not rack_gbps > 0:
+            raise ValueError(f"--emulate-rack-gbps must be a positive rate in Gbit/s, got {rack_gbps}")
         self.nodes = nodes
         self.link_gbps = link_gbps
         self.mtu = mtu
         self.prefix = prefix
+        self.rack_count = racks
+        self.rack_gbps = rack_gbps
         self.slot: int | None = None
         self.servers: list[ServerSpec] = []
+        self.racks: list[RackSpec] = []
         self.bridge = ""
         self.bridge_address = ""
         self._lock_fd: int | None = None
@@ -152,7 +191,7 @@ class EmulatedCluster:
 
     def _leftovers(self) -> dict[int, tuple[list[str], list[str]]]:
         """slot -> (namespaces, root-namespace links) that exist under this prefix, live or stale."""
-        pattern = re.compile(rf"{self.prefix}(\d+)(?:br|s\d+|v\d+)")
+        pattern = re.compile(rf"{self.prefix}(\d+){_SUFFIX}")
         found: dict[int, tuple[list[str], list[str]]] = {}
         names = [(n["name"], 0) for n in _json_list(_ip("-j", "netns", "list"))]
         names += [(ln["ifname"], 1) for ln in _json_list(_ip("-j", "link", "show"))]
@@ -178,7 +217,7 @@ class EmulatedCluster:
         # Never shadow a network the machine really uses: skip a slot whose /24 overlaps a route
         # on a link that is not one of ours.
         net = ipaddress.ip_network(_NETWORK.format(slot=slot))
-        pattern = re.compile(rf"{self.prefix}\d+(br|s\d+|v\d+)")
+        pattern = re.compile(rf"{self.prefix}\d+{_SUFFIX}")
         for route in _json_list(_ip("-j", "-4", "route", "show", "table", "all")):
             dst = route.get("dst", "")
             if dst in ("default", "") or pattern.fullmatch(route.get("dev", "")):
@@ -200,7 +239,9 @@ class EmulatedCluster:
                     os.kill(int(pid), signal.SIGKILL)
                 except (ProcessLookupError, ValueError):
                     pass
-        for link in sorted(links, key=lambda name: name.endswith("br")):
+        # Deleting one end of a veth pair deletes the other, so a second `del` may find nothing.
+        bridge = re.compile(rf"{self.prefix}\d+{_BRIDGE_SUFFIX}")
+        for link in sorted(links, key=lambda name: bool(bridge.fullmatch(name))):
             _ip("link", "del", link, check=False)
         for ns in netns:
             _ip("netns", "del", ns, check=False)
@@ -239,9 +280,31 @@ class EmulatedCluster:
                 "`apt-get install iproute2`, or drop the flag"
             )
 
-    def _limit(self, *dev: str) -> None:
-        burst, limit = tbf_params(self.link_gbps)
-        _tc(*dev, "root", "tbf", "rate", f"{self.link_gbps * 1000:g}mbit", "burst", str(burst), "limit", str(limit))
+    def _limit(self, gbps: float, *dev: str) -> None:
+        burst, limit = tbf_params(gbps)
+        _tc(*dev, "root", "tbf", "rate", f"{gbps * 1000:g}mbit", "burst", str(burst), "limit", str(limit))
+
+    def _add_bridge(self, name: str) -> None:
+        _ip("link", "add", name, "mtu", str(self.mtu), "type", "bridge")
+        _ip("link", "set", name, "up")
+
+    def _add_racks(self, slot: int) -> None:
+        """Rack j: a bridge, and an uplink veth pair from it into the spine bridge."""
+        self.racks = []
+        if self.rack_count == 1:
+            return
+        for j in range(self.rack_count):
+            rack = RackSpec(j, f"{self.prefix}{slot}r{j}", f"{self.prefix}{slot}r{j}u", f"{self.prefix}{slot}r{j}s")
+            self.racks.append(rack)
+            self._add_bridge(rack.bridge)
+            _ip("link", "add", rack.uplink, "mtu", str(self.mtu), "type", "veth",
+                "peer", "name", rack.spine_link, "mtu", str(self.mtu))
+            for end, bridge in ((rack.uplink, rack.bridge), (rack.spine_link, self.bridge)):
+                _ip("link", "set", end, "master", bridge)
+                _ip("link", "set", end, "up")
+                if self.rack_gbps is not None:
+                    # Each end shapes what it sends: the rack end out of the rack, the spine end into it.
+                    self._limit(self.rack_gbps, "qdisc", "add", "dev", end)
 
     def _build(self, slot: int) -> None:
         net = ipaddress.ip_network(_NETWORK.format(slot=slot))
@@ -249,23 +312,26 @@ class EmulatedCluster:
         self.bridge = f"{self.prefix}{slot}br"
         self.bridge_address = str(hosts[0])
         self.servers = []
-        _ip("link", "add", self.bridge, "mtu", str(self.mtu), "type", "bridge")
+        self._add_bridge(self.bridge)
         _ip("addr", "add", f"{self.bridge_address}/{net.prefixlen}", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        self._add_racks(slot)
+        per_rack = self.nodes // self.rack_count
         for i in range(self.nodes):
-            server = ServerSpec(i, f"{self.prefix}{slot}s{i}", f"{self.prefix}{slot}v{i}", str(hosts[1 + i]))
+            server = ServerSpec(i, f"{self.prefix}{slot}s{i}", f"{self.prefix}{slot}v{i}", str(hosts[1 + i]),
+                                i // per_rack)
             self.servers.append(server)
             _ip("netns", "add", server.netns)
             _ip("link", "add", server.host_link, "mtu", str(self.mtu), "type", "veth",
                 "peer", "name", NS_IFNAME, "mtu", str(self.mtu), "netns", server.netns)
-            _ip("link", "set", server.host_link, "master", self.bridge)
+            switch = self.racks[server.rack].bridge if self.racks else self.bridge
+            _ip("link", "set", server.host_link, "master", switch)
             _ip("link", "set", server.host_link, "up")
             _ip("-n", server.netns, "link", "set", "lo", "up")
             _ip("-n", server.netns, "addr", "add", f"{server.address}/{net.prefixlen}", "dev", NS_IFNAME)
             _ip("-n", server.netns, "link", "set", NS_IFNAME, "up")
             if self.link_gbps is not None:
-                self._limit("qdisc", "add", "dev", server.host_link)  # into the server: download
-                self._limit("-n", server.netns, "qdisc", "add", "dev", NS_IFNAME)  # out of it: upload
+                self._limit(self.link_gbps, "qdisc", "add", "dev", server.host_link)  # into the server: download
+                self._limit(self.link_gbps, "-n", server.netns, "qdisc", "add", "dev", NS_IFNAME)  # out: upload
         self._write_hosts()
 
     def _write_hosts(self) -> None:

@@ -258,7 +258,8 @@ def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[s
     from pyddl.launch.emulate import EmulatedCluster, EmulationError, cpu_sets
 
     try:
-        with EmulatedCluster(cfg.emulate_nodes, cfg.emulate_link_gbps, cfg.emulate_mtu) as cluster:
+        with EmulatedCluster(cfg.emulate_nodes, cfg.emulate_link_gbps, cfg.emulate_mtu,
+                             racks=cfg.emulate_racks or 1, rack_gbps=cfg.emulate_rack_gbps) as cluster:
             # The agent's store is reached at local_addr (MASTER_ADDR): the bridge's address is
             # the one every namespace can route to.
             wrapper = ["-I", netns_exec.__file__, "--netns", cluster.netns_prefix,
