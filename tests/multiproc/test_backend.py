@@ -179,6 +179,13 @@ def _scatter_gather(rank, world):
             mine = (torch.arange(block).reshape(shape) % 5 + 10 * rank).to(dtype)
             dist.all_gather_into_tensor(gathered, mine, group=group)
             got["ag", str(dtype), shape] = gathered
+    # A group of one rank: nothing to move, the output is the input (chunked: 700 elements).
+    solo = [dist.new_group([r], backend="pyddl") for r in range(world)][rank]
+    out = torch.zeros(700, dtype=torch.int64)
+    dist.reduce_scatter_tensor(out, torch.arange(700) + rank, group=solo)
+    gathered = torch.zeros(700, dtype=torch.int64)
+    dist.all_gather_into_tensor(gathered, torch.arange(700) * rank, group=solo)
+    got["solo"] = (out.tolist() == list(range(rank, 700 + rank)), gathered.tolist() == [i * rank for i in range(700)])
     # Rooted collectives (what torch.distributed.checkpoint's object collectives run on)
     summed = torch.tensor([rank + 1])
     dist.reduce(summed, dst=1)
@@ -218,6 +225,7 @@ def test_reduce_scatter_all_gather_and_rooted_collectives_exact_for_every_dtype_
                 rows = [(torch.arange(block).reshape(shape) % 5 + 10 * r) for r in range(world)]
                 assert got["ag", str(dtype), shape].double().tolist() == torch.cat(rows).double().tolist()
     for rank, got in enumerate(results):
+        assert got["solo"] == (True, True)
         summed, pieces, part, objects, picked = got["rooted"]
         assert summed == (10 if rank == 1 else None)
         assert pieces == ([[r, 7 * r] for r in range(world)] if rank == 2 else None)

@@ -15,6 +15,7 @@ import functools
 import queue
 import threading
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -128,13 +129,17 @@ def multiring_allreduce_(
 
 
 def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id: int, which: str,
-                stage_threads: "StageThreads | None" = None) -> None:
+                stage_threads: "StageThreads | None" = None, fill: Callable[[int], None] | None = None,
+                drain: Callable[[int], None] | None = None) -> None:
     """Run the multiring's stages on each of `bufs`, the pipeline's chunks (each a whole buffer
     as the stages see it): "allreduce" all of them, "reduce_scatter" its first half (innermost
     level first, leaving each rank its reduced block of every chunk) or "allgather" its second
     half (outermost first). With `stage_threads` the chunks are pipelined through the stages;
     without, they run one after another (NCCL matches p2p messages by order, not tag).
     `call_id` must be the same on every rank for this call; `levels` all have size > 1.
+    `fill(chunk)`, if given, writes chunk buffer `chunk` just before its first stage and
+    `drain(chunk)` reads it just after its last, so that preparing and unpacking chunks overlap
+    the transfers of the others.
     """
     n = len(levels)
     stages = _stages(n)
@@ -142,9 +147,18 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
     base_tag = (call_id % 4096) << 18
 
     def run(stage: _Stage, chunk: int) -> None:
+        if fill is not None and stage is stages[0]:
+            fill(chunk)
         _run_stage(stage, levels, bufs[chunk], op, base_tag | (stage.index << 12) | (chunk % 4096))
+        if drain is not None and stage is stages[-1]:
+            drain(chunk)
 
-    if stage_threads is not None and len(bufs) > 1 and len(stages) > 1:
+    if not stages:  # one rank: nothing to move, the buffers as they were filled
+        for chunk in range(len(bufs)):
+            for step in (fill, drain):
+                if step is not None:
+                    step(chunk)
+    elif stage_threads is not None and len(bufs) > 1 and len(stages) > 1:
         _pipelined(stages, len(bufs), run, stage_threads)
     else:
         for chunk in range(len(bufs)):

@@ -246,17 +246,27 @@ class ProcessGroupPyddl(dist.ProcessGroup):
             width = max(1, comm.settings.chunk_bytes // (n * input.element_size()))
             spans = [(a, min(m, a + width)) for a in range(0, m, width)]
             if op is not None:
-                src = input.detach().reshape(n, m).to(comm.device)[blocks]  # a copy, in ring order
-                if factor is not None:
-                    src.mul_(factor)
-                bufs = [src[:, a:b].reshape(-1) for a, b in spans]
-                _through_levels(comm, bufs, op, seq, reduce=True)
+                # Each chunk buffer gets its slice of every block, in ring order, just before the
+                # pipeline takes it in: one copy of the input, overlapping the earlier transfers.
+                src, order = input.detach().reshape(n, m).to(comm.device), blocks.to(comm.device)
+                bufs = [torch.empty(n * (b - a), dtype=input.dtype, device=comm.device) for a, b in spans]
+
+                def fill(chunk: int) -> None:
+                    a, b = spans[chunk]
+                    torch.index_select(src[:, a:b], 0, order, out=bufs[chunk].view(n, b - a))
+                    if factor is not None:
+                        bufs[chunk].mul_(factor)
+
                 flat = output.view(-1)
-                for (a, b), buf in zip(spans, bufs):
-                    mine = buf.view(n, b - a)[at]
+
+                def drain(chunk: int) -> None:
+                    a, b = spans[chunk]
+                    mine = bufs[chunk].view(n, b - a)[at]
                     if op == "average":
                         mine = mine.div_(n) if mine.is_floating_point() else mine.floor_divide_(n)
                     flat[a:b] = mine
+
+                _through_levels(comm, bufs, op, seq, reduce=True, fill=fill, drain=drain)
             else:
                 mine = input.detach().reshape(-1).to(comm.device)
                 bufs = []
@@ -264,10 +274,13 @@ class ProcessGroupPyddl(dist.ProcessGroup):
                     buf = torch.empty(n, b - a, dtype=input.dtype, device=comm.device)
                     buf[at] = mine[a:b]
                     bufs.append(buf.view(-1))
-                _through_levels(comm, bufs, None, seq, reduce=False)
-                rows, inverse = output.view(n, m), _inverse(blocks)
-                for (a, b), buf in zip(spans, bufs):
-                    rows[:, a:b] = buf.view(n, b - a)[inverse]
+                rows, inverse = output.view(n, m), _inverse(blocks).to(comm.device)
+
+                def drain(chunk: int) -> None:
+                    a, b = spans[chunk]
+                    rows[:, a:b] = bufs[chunk].view(n, b - a).index_select(0, inverse)
+
+                _through_levels(comm, bufs, None, seq, reduce=False, drain=drain)
             if finish is not None:
                 finish()
 
@@ -402,12 +415,14 @@ def _inverse(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
-def _through_levels(comm: Communicator, bufs: list[torch.Tensor], op: str | None, seq: int, reduce: bool) -> None:
+def _through_levels(comm: Communicator, bufs: list[torch.Tensor], op: str | None, seq: int, reduce: bool,
+                    fill=None, drain=None) -> None:
     """Run the multiring's reduce-scatter half (innermost level first) or its allgather half
     (outermost first) on each chunk buffer, pipelined over the chunks (one after another on NCCL,
-    which matches messages by order, not tag)."""
+    which matches messages by order, not tag); `fill(chunk)` prepares a buffer just in time and
+    `drain(chunk)` unpacks it as soon as it is done."""
     run_stages_(bufs, op or "sum", comm.levels, seq, "reduce_scatter" if reduce else "allgather",
-                None if comm.backend == "nccl" else comm.stage_threads)
+                None if comm.backend == "nccl" else comm.stage_threads, fill, drain)
 
 
 def _create(opts, backend_options) -> ProcessGroupPyddl:
