@@ -24,6 +24,8 @@ def free_port() -> int:
 
 
 def _child(fn, rank, world, env, args, queue):
+    import torch
+
     os.environ.update(env)
     os.environ.update(
         RANK=str(rank),
@@ -31,6 +33,7 @@ def _child(fn, rank, world, env, args, queue):
         LOCAL_RANK=str(rank % int(env.get("LOCAL_WORLD_SIZE", world))),
         OMP_NUM_THREADS="1",
     )
+    torch.set_num_threads(1)  # torch was imported before OMP_NUM_THREADS was set (see _context)
     try:
         # Plain pickle: tensors sent through a multiprocessing queue would otherwise be shared-
         # memory handles that die with this process.
@@ -39,13 +42,21 @@ def _child(fn, rank, world, env, args, queue):
         queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
+def _context():
+    """Fresh processes forked from a server that imported torch once: each rank skips the 1.5 s
+    import a spawned one pays (most of a short multi-process test, and 5 minutes of the suite)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "harness"])
+    return ctx
+
+
 def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 90, expect_errors: bool = False):
     """Run fn(rank, world, *args) on `world` processes; return the list of results by rank.
 
     With expect_errors, a rank's exception text is returned in place of its result instead
     of failing the test.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     base.update(env or {})

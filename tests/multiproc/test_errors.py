@@ -55,7 +55,7 @@ def _missing_rank(rank, world):
     pyddl.init(timeout_s=3)
     pyddl.allreduce(torch.ones(1))  # collective #1: everyone
     if rank == 2:
-        time.sleep(20)  # never reaches collective #2 in time
+        time.sleep(10)  # never reaches collective #2 in time (the others give up after 3 s)
         return "slept"
     t0 = time.monotonic()
     try:
@@ -88,7 +88,7 @@ def _late_to_init(rank, world, late):
     import pyddl
 
     if rank in late:
-        time.sleep(15)  # never joins in time
+        time.sleep(9)  # never joins in time (the others give up after 4 s)
         return None
     t0 = time.monotonic()
     try:
