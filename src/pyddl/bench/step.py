@@ -311,6 +311,7 @@ def judge(rows: list[dict]) -> list[dict]:
     """Give each summarized row `unreliable`: the reasons not to read it as a result (empty
     when there are none). A scaling efficiency rests on the one-worker row too."""
     single = next((r for r in rows if r["system"] == "single"), None)
+    single_disagrees = single is not None and _round_spread(single) > ROUND_SPREAD_LIMIT
     out = []
     for r in rows:
         reasons = []
@@ -320,7 +321,7 @@ def judge(rows: list[dict]) -> list[dict]:
         for key in ("comm_efficiency", "plain_efficiency", "scaling_efficiency"):
             if r.get(key, 0.0) > 1 + EFFICIENCY_SLACK:
                 reasons.append(f"{key.replace('_', ' ')} {r[key]:.2f} is above 1")
-        if r is not single and "scaling_efficiency" in r and _round_spread(single) > ROUND_SPREAD_LIMIT:
+        if r is not single and "scaling_efficiency" in r and single_disagrees:
             reasons.append("the one-worker row it scales against is unreliable")
         out.append({**r, "unreliable": reasons})
     return out

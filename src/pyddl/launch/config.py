@@ -151,13 +151,9 @@ class RunConfig:
                 raise ValueError("--emulate-rack-gbps limits the uplinks between racks; add --emulate-racks R "
                                  f"(R divides --emulate-nodes {m}) to put the servers in racks")
             return
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"--emulate-racks must be a positive number of racks, got {r!r}")
-        if m % r:
-            raise ValueError(f"--emulate-nodes {m} servers do not split evenly over --emulate-racks {r} racks; "
-                             f"pass a multiple of {r} to --emulate-nodes or a divisor of {m} to --emulate-racks")
-        if self.emulate_rack_gbps is not None and not self.emulate_rack_gbps > 0:
-            raise ValueError(f"--emulate-rack-gbps must be a positive rate in Gbit/s, got {self.emulate_rack_gbps}")
+        from pyddl.launch.emulate import check_racks
+
+        check_racks(m, r, self.emulate_rack_gbps)
 
     def worker_env(self) -> dict[str, str]:
         """The PYDDL_* variables every worker gets (on top of torchrun's)."""

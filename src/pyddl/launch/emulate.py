@@ -29,6 +29,7 @@ __all__ = [
     "EmulationError",
     "ServerSpec",
     "RackSpec",
+    "check_racks",
     "tbf_params",
     "cpu_sets",
     "NS_IFNAME",
@@ -94,6 +95,21 @@ def tbf_params(link_gbps: float) -> tuple[int, int]:
     burst = max(64 * 1024, int(bytes_per_s * 0.002))
     limit = max(2 * burst, int(bytes_per_s * 0.020))
     return burst, limit
+
+
+def check_racks(nodes: int, racks: int, rack_gbps: float | None) -> None:
+    """Check a rack layout of `nodes` servers (the launcher's flags and the cluster alike).
+
+    Raises:
+        ValueError: racks not a positive int or not dividing nodes, or rack_gbps not positive.
+    """
+    if isinstance(racks, bool) or not isinstance(racks, int) or racks < 1:
+        raise ValueError(f"--emulate-racks must be a positive number of racks, got {racks!r}")
+    if nodes % racks:
+        raise ValueError(f"--emulate-nodes {nodes} servers do not split evenly over --emulate-racks {racks} racks; "
+                         f"pass a multiple of {racks} to --emulate-nodes or a divisor of {nodes} to --emulate-racks")
+    if rack_gbps is not None and not rack_gbps > 0:
+        raise ValueError(f"--emulate-rack-gbps must be a positive rate in Gbit/s, got {rack_gbps}")
 
 
 def cpu_sets(nodes: int, cpus: list[int]) -> list[list[int]]:
@@ -165,14 +181,7 @@ class EmulatedCluster:
             raise ValueError(f"--emulate-mtu must be {_MIN_MTU} to {_MAX_MTU} bytes, got {mtu!r}")
         if not re.fullmatch(r"[a-z][a-z0-9]{0,5}", prefix):
             raise ValueError(f"emulation prefix must be 1-6 lower-case letters/digits starting with a letter, got {prefix!r}")
-        if isinstance(racks, bool) or not isinstance(racks, int) or racks < 1:
-            raise ValueError(f"--emulate-racks must be a positive number of racks, got {racks!r}")
-        if nodes % racks:
-            raise ValueError(f"--emulate-nodes {nodes} servers do not split evenly over --emulate-racks {racks} "
-                             f"racks; pass a multiple of {racks} to --emulate-nodes or a divisor of {nodes} to "
-                             "--emulate-racks")
-        if rack_gbps is not None and not rack_gbps > 0:
-            raise ValueError(f"--emulate-rack-gbps must be a positive rate in Gbit/s, got {rack_gbps}")
+        check_racks(nodes, racks, rack_gbps)
         self.nodes = nodes
         self.link_gbps = link_gbps
         self.mtu = mtu
