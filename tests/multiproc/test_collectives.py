@@ -69,6 +69,15 @@ def _closed_forms(rank, world, spec, full):
         h = pyddl.allreduce_async_(z, algorithm=alg)
         if h.wait() is not z or not torch.all(z == expect_sum):
             failures.append(f"async in-place {alg}")
+        # Fused: one 56 KB bucket that the multiring packs chunk by chunk (4 chunks of 16 KiB,
+        # their edges inside tensors), an empty tensor among them, then averaged.
+        parts = [torch.full((n,), float(rank + 1 + k)) for k, n in enumerate([5000, 3, 0, 9000, 1])]
+        summed = pyddl.grouped_allreduce(parts, algorithm=alg, bucket_bytes=1 << 20)
+        if any(not torch.all(t == expect_sum + world * k) for k, t in enumerate(summed)):
+            failures.append(f"grouped sum {alg}: {[t[:2].tolist() for t in summed]}")
+        averaged = pyddl.grouped_allreduce(parts, op="average", algorithm=alg, bucket_bytes=1 << 20)
+        if any(not torch.all(t == (world + 1) / 2 + k) for k, t in enumerate(averaged)):
+            failures.append(f"grouped average {alg}: {[t[:2].tolist() for t in averaged]}")
     info = (pyddl.local_rank(), pyddl.local_size(), pyddl.cross_rank(), pyddl.cross_size())
     pyddl.shutdown()
     return failures, info

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pyddl.comm.codecs import get_codec
-from pyddl.comm.fusion import pack, unpack
+from pyddl.comm.fusion import Packing, pack, unpack
 from pyddl.comm.layout import plan_buckets
 from pyddl.comm.multiring import plan_chunks
 from pyddl.comm.ring import equal_parts
@@ -32,6 +32,30 @@ def test_every_tensor_in_exactly_one_bucket():
 def test_bad_bucket_size():
     with pytest.raises(ValueError, match="positive"):
         plan_buckets([(1, "float32", 4)], 0)
+
+
+@pytest.mark.parametrize("cuts", [[0, 40], [0, 1, 2, 3, 40], [0, 7, 8, 19, 33, 40], [0, 13, 26, 39, 40]])
+def test_packing_fills_any_cut_into_ranges_like_one_whole_pack(cuts):
+    # Leaves at spans with gaps (alignment) and an empty leaf; the multiring fills chunk by
+    # chunk, in any order its pipeline reaches them. Every cut must give the one-pass buffer.
+    sources = [torch.arange(1.0, 6.0), torch.zeros(0), torch.arange(10.0, 17.0), torch.arange(20.0, 29.0)]
+    spans = [(0, 5), (8, 0), (8, 7), (24, 9)]  # gaps at 5-8, 15-24 and after 33
+    expected = torch.zeros(40)
+    for (offset, n), source in zip(spans, sources):
+        expected[offset: offset + n] = source
+    packing = Packing(torch.full((40,), float("nan")), sources, spans)
+    ranges = list(zip(cuts, cuts[1:]))
+    for lo, hi in reversed(ranges):
+        packing.fill(lo, hi)
+    assert torch.equal(packing.flat, expected)
+
+
+def test_packing_back_to_back_has_no_gaps():
+    sources = [torch.randn(3), torch.randn(0), torch.randn(5)]
+    packing = Packing.back_to_back(sources, torch.device("cpu"))
+    packing.fill(0, 4)
+    packing.fill(4, 8)
+    assert torch.equal(packing.flat, torch.cat(sources))
 
 
 def test_pack_unpack_round_trip():

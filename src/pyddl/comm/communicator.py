@@ -22,7 +22,7 @@ import torch.distributed as dist
 from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle
-from pyddl.comm.fusion import pack, unpack
+from pyddl.comm.fusion import Packing, unpack
 from pyddl.comm.guard import Monitor, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
@@ -244,30 +244,37 @@ class Communicator:
 
                 self._tuned = tune(self)
 
-    def reduce_buffer_(self, work: torch.Tensor, op: str, algorithm: str, codec: Codec, seq: int) -> None:
+    def reduce_buffer_(self, work: torch.Tensor, op: str, algorithm: str, codec: Codec, seq: int,
+                       fill: Callable[[int, int], None] | None = None) -> None:
         """Allreduce `work` (contiguous, on `self.device`) in place, through `codec`.
 
         For adapters that pack their own buffers: call it only inside a `run` job (it is
-        collective #seq); `op` and `algorithm` must already be validated names.
+        collective #seq); `op` and `algorithm` must already be validated names. `fill(lo, hi)`,
+        if given, writes work.view(-1)[lo:hi]; the multiring calls it chunk by chunk inside its
+        pipeline (see `fusion.Packing`), other paths once for the whole buffer.
         """
         flat = work.view(-1)
         if codec.applies_to(flat):
+            if fill is not None:
+                fill(0, flat.numel())
             wire = codec.encode(flat, op, self.size)
             # The wire carries pre-divided values, so a sum of it is already an average.
             self._reduce_flat_(wire, "sum" if op == "average" else op, algorithm, seq)
             codec.decode_(wire, flat, op, self.size)
         else:
-            self._reduce_flat_(flat, op, algorithm, seq)
+            self._reduce_flat_(flat, op, algorithm, seq, fill)
 
-    def _reduce_flat_(self, flat: torch.Tensor, op: str, algorithm: str, seq: int) -> None:
+    def _reduce_flat_(self, flat: torch.Tensor, op: str, algorithm: str, seq: int, fill=None) -> None:
         if flat.numel() == 0 or self.size == 1:
+            if fill is not None:
+                fill(0, flat.numel())
             return  # nothing to move; one rank's sum, min, max or average is its own tensor
         if algorithm == registry.AUTO:
             algorithm = self._tuned.pick(flat.numel() * flat.element_size())  # tuned by check_algorithm
         run = self._algorithms.get(algorithm)
         if run is None:
             run = self._algorithms[algorithm] = registry.load_algorithm(algorithm)
-        run(self, flat, op, seq)
+        run(self, flat, op, seq, fill=fill)
 
     def _to_work(self, tensor: torch.Tensor, copy: bool) -> torch.Tensor:
         if copy or not tensor.is_contiguous() or tensor.device != self.device:
@@ -279,7 +286,7 @@ class Communicator:
 
     # Allreduce ----------------------------------------------------------------------------
 
-    def _allreduce(self, tensor, op, algorithm, compression, inplace: bool, asynchronous: bool):
+    def _allreduce(self, tensor, op, algorithm, compression, inplace: bool, asynchronous: bool, fill=None):
         self._require_member("allreduce")
         _check_tensor(tensor)
         op, alg, codec = check_op(op), self.check_algorithm(algorithm), self._codec(compression)
@@ -291,7 +298,7 @@ class Communicator:
         )
 
         def fn(seq: int) -> torch.Tensor:
-            self.reduce_buffer_(work, op, alg, codec, seq)
+            self.reduce_buffer_(work, op, alg, codec, seq, fill)
             if not inplace:
                 return work.to(tensor.device) if work.device != tensor.device else work
             if work.data_ptr() != tensor.data_ptr():
@@ -333,9 +340,17 @@ class Communicator:
         return self._allreduce(tensor, op, algorithm, compression, inplace=False, asynchronous=True)
 
     def allreduce_async_(self, tensor: torch.Tensor, op: str = "sum", algorithm: str | None = None,
-                         compression=None) -> Handle:
-        """Start an in-place allreduce in the background; `handle.wait()` returns `tensor`."""
-        return self._allreduce(tensor, op, algorithm, compression, inplace=True, asynchronous=True)
+                         compression=None, *, fill: Callable[[int, int], None] | None = None) -> Handle:
+        """Start an in-place allreduce in the background; `handle.wait()` returns `tensor`.
+
+        `fill(lo, hi)`, for adapters that pack their own buffers (see `fusion.Packing`): writes
+        tensor.view(-1)[lo:hi] when the allreduce is about to read it, so a contiguous `tensor`
+        may be handed over unwritten (e.g. `torch.empty`). The multiring packs chunk by chunk
+        inside its pipeline; the other paths fill the whole buffer first.
+        """
+        if fill is not None and not tensor.is_contiguous():
+            raise ValueError("allreduce_async_(fill=...) needs a contiguous tensor: it is filled in place")
+        return self._allreduce(tensor, op, algorithm, compression, inplace=True, asynchronous=True, fill=fill)
 
     def _grouped(self, tensors, op, algorithm, compression, bucket_bytes, inplace: bool, asynchronous: bool):
         self._require_member("grouped_allreduce")
@@ -356,9 +371,9 @@ class Communicator:
         def fn(seq: int) -> list[torch.Tensor]:
             for bucket in buckets:
                 members = [targets[i] for i in bucket]
-                flat = pack([m.detach().to(self.device) for m in members])
-                self.reduce_buffer_(flat, op, alg, codec, seq)
-                unpack(flat, [m.detach() for m in members])
+                packing = Packing.back_to_back([m.detach().to(self.device).reshape(-1) for m in members], self.device)
+                self.reduce_buffer_(packing.flat, op, alg, codec, seq, packing.fill)
+                unpack(packing.flat, [m.detach() for m in members])
             return targets
 
         return self.run(info, fn, asynchronous)

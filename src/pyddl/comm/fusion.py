@@ -6,11 +6,12 @@ the copies.
 
 from __future__ import annotations
 
+import bisect
 from typing import Sequence
 
 import torch
 
-__all__ = ["pack", "unpack"]
+__all__ = ["Packing", "pack", "unpack"]
 
 
 def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -40,3 +41,42 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+class Packing:
+    """1-D `sources` (one dtype) laid out in the flat buffer `flat` at `spans` (offset, numel),
+    in increasing offset order; whatever lies between or after the spans is zero.
+
+    `fill(lo, hi)` writes one range of `flat`. A pipelined allreduce calls it chunk by chunk
+    just before the chunk's first transfer, so the copies (and the page faults of a freshly
+    allocated buffer) overlap the transfers of the chunks ahead of it.
+    """
+
+    def __init__(self, flat: torch.Tensor, sources: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]):
+        self.flat, self.sources, self.spans = flat, list(sources), list(spans)
+        self._starts = [offset for offset, _ in self.spans]
+
+    @classmethod
+    def back_to_back(cls, sources: Sequence[torch.Tensor], device) -> "Packing":
+        """`sources` (1-D, one dtype) one after another in a new, not yet written buffer."""
+        spans, offset = [], 0
+        for source in sources:
+            spans.append((offset, source.numel()))
+            offset += source.numel()
+        return cls(torch.empty(offset, dtype=sources[0].dtype, device=device), sources, spans)
+
+    def fill(self, lo: int, hi: int) -> None:
+        i = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        at = lo
+        while at < hi:
+            offset, n = self.spans[i] if i < len(self.spans) else (hi, 0)
+            if at < offset:  # a gap before span i
+                end = min(offset, hi)
+                self.flat[at:end].zero_()
+            elif at < offset + n:
+                end = min(offset + n, hi)
+                self.flat[at:end].copy_(self.sources[i][at - offset : end - offset])
+            else:
+                i += 1
+                continue
+            at = end

@@ -91,10 +91,10 @@ def _run_stage(stage: _Stage, levels: list[Level], buf: torch.Tensor, op: str, t
         ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.send_group, tag, lv.recv_group)
 
 
-def allreduce_(comm, flat: torch.Tensor, op: str, seq: int) -> None:
+def allreduce_(comm, flat: torch.Tensor, op: str, seq: int, fill: Callable[[int, int], None] | None = None) -> None:
     """The registered `multiring` algorithm: `flat` over the communicator's topology levels."""
     multiring_allreduce_(flat, op, comm.levels, comm.settings.chunk_bytes, seq,
-                         stage_threads=comm.stage_threads if comm.backend != "nccl" else None)
+                         stage_threads=comm.stage_threads if comm.backend != "nccl" else None, fill=fill)
 
 
 def multiring_allreduce_(
@@ -104,23 +104,28 @@ def multiring_allreduce_(
     chunk_bytes: int,
     call_id: int,
     stage_threads: "StageThreads | None" = None,
+    fill: Callable[[int, int], None] | None = None,
 ) -> None:
     """Allreduce the 1-D contiguous tensor `flat` in place over `levels`, innermost first.
 
     `op` is sum/average/min/max/product; average divides the sum by the number of ranks
     (floor division for integers). `call_id` must be the same on every rank for this call.
     With `stage_threads` the chunks are pipelined through the stages; without, they run one
-    after another (NCCL matches p2p messages by order, not tag).
+    after another (NCCL matches p2p messages by order, not tag). `fill(lo, hi)`, if given,
+    writes flat[lo:hi] chunk by chunk just before the chunk's first stage.
     """
     levels = [lv for lv in levels if lv.size > 1]
     if not levels or flat.numel() == 0:
+        if fill is not None:
+            fill(0, flat.numel())
         return
     total = 1
     for lv in levels:
         total *= lv.size
     chunks = plan_chunks(flat.numel(), flat.element_size(), chunk_bytes, total)
+    fill_chunk = None if fill is None else (lambda k: fill(chunks[k][0], chunks[k][0] + chunks[k][1]))
     run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
-                stage_threads)
+                stage_threads, fill=fill_chunk)
     if op == "average":
         if flat.is_floating_point() or flat.is_complex():
             flat.div_(total)

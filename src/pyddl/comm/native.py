@@ -17,8 +17,10 @@ _OPS = {
 }
 
 
-def allreduce_(comm, flat: torch.Tensor, op: str, seq: int) -> None:
+def allreduce_(comm, flat: torch.Tensor, op: str, seq: int, fill=None) -> None:
     """Reduce the contiguous 1-D `flat` in place over `comm` (integer averages floor)."""
+    if fill is not None:
+        fill(0, flat.numel())
     dist.all_reduce(flat, op=_OPS[op], group=comm.group)
     if op == "average":
         if flat.is_floating_point():

@@ -2,8 +2,11 @@
 
 Pure (no torch), so settings, the CLI's choices and the simulator read the names without
 loading an engine. Adding an algorithm: write a module with
-`allreduce_(comm, flat, op, seq)` (reduce the contiguous 1-D tensor `flat` in place over the
-communicator `comm`; see pyddl.comm.native) and add one line to ALGORITHMS.
+`allreduce_(comm, flat, op, seq, fill=None)` (reduce the contiguous 1-D tensor `flat` in place
+over the communicator `comm`; `fill(lo, hi)`, if given, writes flat[lo:hi] and must be called
+for every element before the algorithm reads it: once for the whole buffer, or chunk by chunk
+as a pipelined algorithm reaches each chunk; see pyddl.comm.native) and add one line to
+ALGORITHMS.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ CODECS = ("none", "fp16", "bf16")
 
 
 def load_algorithm(name: str) -> Callable:
-    """The `allreduce_(comm, flat, op, seq)` function of a registered algorithm."""
+    """The `allreduce_(comm, flat, op, seq, fill=None)` function of a registered algorithm."""
     if name not in ALGORITHMS:
         raise ValueError(f"unknown allreduce algorithm {name!r}; choose one of {', '.join(ALGORITHM_CHOICES)}")
     return importlib.import_module(ALGORITHMS[name]).allreduce_

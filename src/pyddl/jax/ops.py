@@ -130,9 +130,10 @@ def allreduce(tree, op: str = Average, compression=None, algorithm: str | None =
         outs = list(values)  # an empty leaf is its own result
         pending = []
         for indices in _tree.buckets(leaves).values():
-            buf, spans = _tree.pack(values, indices)
-            handle = comm.allreduce_async_(buf, op=op, algorithm=algorithm, compression=codec)
-            pending.append((handle, buf, spans, indices))
+            packing = _tree.pack(values, indices)  # filled chunk by chunk inside the allreduce
+            handle = comm.allreduce_async_(packing.flat, op=op, algorithm=algorithm, compression=codec,
+                                           fill=packing.fill)
+            pending.append((handle, packing.flat, packing.spans, indices))
         for handle, buf, spans, indices in pending:
             handle.wait()
             for (off, n), i in zip(spans, indices):
@@ -155,7 +156,9 @@ def broadcast(tree, root_rank: int = 0):
         _tree.agree("broadcast", leaves)
         outs = list(values)  # an empty leaf is its own result
         for indices in _tree.buckets(leaves).values():
-            buf, spans = _tree.pack(values, indices)
+            packing = _tree.pack(values, indices)
+            packing.fill(0, packing.flat.numel())
+            buf, spans = packing.flat, packing.spans
             comm.broadcast_(buf, root_rank)
             for (off, n), i in zip(spans, indices):
                 outs[i] = _tree.to_jax(buf[off: off + n], values[i])

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from pyddl.comm.fusion import Packing
 from pyddl.errors import CollectiveMismatchError
 from pyddl.jax._core import core
 
@@ -142,11 +143,12 @@ def as_torch(value) -> torch.Tensor:
     return torch.from_numpy(np.array(value))
 
 
-def pack(values, indices: list[int]):
-    """Copy the leaves `indices` of `values` (one dtype) into one new 1-D buffer.
+def pack(values, indices: list[int]) -> Packing:
+    """Lay the leaves `indices` of `values` (one dtype) out in one new 1-D buffer, unwritten.
 
-    Returns (buffer, [(offset, numel)]): each leaf at a 64-byte-aligned offset. Only the
-    alignment gaps are zeroed (they travel through the reduction too).
+    Each leaf sits at a 64-byte-aligned offset (the spans of the returned Packing); its
+    `fill(lo, hi)` copies the leaves in range by range (the alignment gaps are zeroed: they
+    travel through the reduction too), which the core's allreduce does inside its pipeline.
     """
     dtype = getattr(torch, str(values[indices[0]].dtype))
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -155,12 +157,8 @@ def pack(values, indices: list[int]):
         n = int(values[i].size)
         spans.append((width, n))
         width += _aligned(n, itemsize)
-    buf = torch.empty(width, dtype=dtype, device=core().device)
-    for k, ((off, n), i) in enumerate(zip(spans, indices)):
-        end = spans[k + 1][0] if k + 1 < len(spans) else width
-        buf[off: off + n].copy_(as_torch(values[i]).reshape(-1))
-        buf[off + n: end].zero_()
-    return buf, spans
+    sources = [as_torch(values[i]).reshape(-1) for i in indices]
+    return Packing(torch.empty(width, dtype=dtype, device=core().device), sources, spans)
 
 
 def to_jax(tensor: torch.Tensor, like) -> jax.Array:
