@@ -4,7 +4,8 @@ import threading
 
 import pytest
 
-from pyddl.bench.step import SYSTEMS, default_systems, format_table, format_threads, judge, summarize, thread_cpu_s
+from pyddl.bench.step import (SYSTEMS, default_systems, format_exposed, format_table, format_threads, judge, summarize,
+                              thread_cpu_s)
 
 
 def _row(system, rounds):
@@ -21,6 +22,24 @@ def test_each_family_against_its_own_noop_and_all_against_the_bare_model():
     assert ddp["plain_efficiency"] == pytest.approx(1.05 / 1.25)
     assert pyddl["plain_efficiency"] == pyddl["comm_efficiency"] == pytest.approx(1.05 / 1.20)
     assert rows["ddp-noop"]["plain_efficiency"] < 1 < rows["ddp-noop"]["comm_efficiency"] + 1e-9
+
+
+def test_exposed_communication_against_the_bare_model_and_ddp_at_the_same_wire_precision():
+    rows = judge(summarize([
+        _row("ddp", [2.90, 3.00, 2.95]), _row("ddp-fp16", [2.60, 2.55, 2.58]), _row("ddp-noop", [2.40, 2.45, 2.42]),
+        _row("pyddl-multiring", [2.70, 2.74, 2.72]), _row("pyddl-multiring-fp16", [2.52, 2.50, 2.51]),
+        _row("pyddl-noop", [2.30, 2.35, 2.32])]))
+    by = {r["system"]: r for r in rows}
+    # Per round: ddp 0.60/0.65/0.63 s over the bare model, the multiring 0.40/0.39/0.40.
+    assert by["ddp"]["exposed_s"] == pytest.approx(0.63)
+    assert by["pyddl-multiring"]["exposed_s"] == pytest.approx(0.40)
+    assert by["pyddl-multiring"]["exposed_vs_ddp"] == pytest.approx(0.40 / 0.63)
+    assert by["pyddl-multiring-fp16"]["exposed_vs_ddp"] == pytest.approx(0.19 / 0.26)  # against ddp-fp16
+    assert "exposed_s" not in by["ddp-noop"] and "exposed_vs_ddp" not in by["ddp"]
+    text = format_exposed(rows)
+    assert "pyddl-multiring            x2       400 ms  0.63x ddp's" in text
+    assert "pyddl-multiring-fp16       x2       190 ms  0.73x ddp-fp16's" in text
+    assert format_exposed(summarize([_row("ddp", [1.0]), _row("ddp-noop", [0.9])])) == ""
 
 
 def test_rows_whose_rounds_disagree_or_that_beat_their_baseline_are_not_results():

@@ -37,7 +37,7 @@ import time
 import torch
 import torch.nn as nn
 
-__all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_threads", "thread_cpu_s",
+__all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads", "thread_cpu_s",
            "default_systems", "plot"]
 
 # name -> (family, what it runs); the family's "-noop" member is its no-communication time.
@@ -294,10 +294,31 @@ def summarize(rows: list[dict]) -> list[dict]:
             # no-communication run still pays its reducer's bucket copies (about 5% of a
             # ResNet-18 step on the emulated bed), which its comm efficiency leaves out.
             r["plain_efficiency"] = _ratio(plain, r)[0]
+            if not r["system"].endswith("noop"):
+                r["exposed_s"] = _difference(plain, r)
         if single is not None:
             r["scaling_efficiency"] = r["images_per_s"] / (r["workers"] * single["images_per_s"])
         out.append(r)
+    by = {(r["system"], r["workers"]): r for r in out}
+    for r in out:
+        peer = by.get((_ddp_peer(r["system"]), r["workers"]))
+        if peer is not None and peer is not r and "exposed_s" in r and peer.get("exposed_s", 0.0) > 0:
+            r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
     return out
+
+
+def _ddp_peer(system: str) -> str:
+    """DDP at the same wire precision: what a pyddl system's exposed communication is held to."""
+    return "ddp-fp16" if system.endswith("-fp16") else "ddp"
+
+
+def _difference(base: dict, row: dict) -> float:
+    """row step - base step: the median of the per-round differences when both ran the same
+    rounds, else the difference of the medians (as `_ratio`)."""
+    mine, theirs = row.get("round_medians_s", []), base.get("round_medians_s", [])
+    if len(mine) > 1 and len(mine) == len(theirs):
+        return statistics.median(m - t for m, t in zip(mine, theirs))
+    return row["median_step_s"] - base["median_step_s"]
 
 
 # A row is not a result when its rounds disagree by more than this fraction of their median
@@ -364,6 +385,21 @@ def format_table(rows: list[dict]) -> str:
     if flagged:
         lines.append("! unreliable, not a result (the machine was busy; rerun on a quiet one, or with more --rounds):")
         lines += [f"!   {r['system']} x{r['workers']}: {'; '.join(r['unreliable'])}" for r in flagged]
+    return "\n".join(lines)
+
+
+def format_exposed(rows: list[dict]) -> str:
+    """Each system's exposed communication (its step minus the bare model's, pyddl-noop) and,
+    for pyddl's, the ratio to DDP's at the same wire precision. Empty without pyddl-noop."""
+    shown = [r for r in rows if "exposed_s" in r]
+    if not shown:
+        return ""
+    lines = ["exposed communication (step - pyddl-noop step, median over rounds), against DDP's at the same "
+             "wire precision:"]
+    for r in shown:
+        versus = (f"  {r['exposed_vs_ddp']:.2f}x {_ddp_peer(r['system'])}'s" if "exposed_vs_ddp" in r else "")
+        lines.append(f"  {r['system']:<26} x{r['workers']:<3} {r['exposed_s'] * 1e3:7.0f} ms{versus}"
+                     + (" !" if r.get("unreliable") else ""))
     return "\n".join(lines)
 
 

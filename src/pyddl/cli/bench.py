@@ -168,9 +168,9 @@ def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
 
     rows = bench.judge(_bench_module(args).summarize(rows))
     print(bench.format_table(rows))
-    threads = bench.format_threads(rows)
-    if threads:
-        print(threads)
+    for block in (bench.format_exposed(rows), bench.format_threads(rows)):
+        if block:
+            print(block)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"model": args.model, "batch_per_worker": args.batch, "image_size": args.image_size,
