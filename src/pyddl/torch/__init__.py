@@ -30,6 +30,8 @@ from pyddl.torch.ops import (
 from pyddl.torch.optimizer import DistributedOptimizer, PartialDistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
 from pyddl.torch import backend as _backend  # noqa: F401  (registers init_process_group("pyddl"))
+from pyddl.torch import elastic
+from pyddl.torch.elastic import HostsUpdatedInterrupt
 
 __version__ = _pyddl_version
 
@@ -46,7 +48,7 @@ __all__ = [
     "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline", "is_homogeneous",
     "synchronize", "poll", "join", "barrier", "PartialDistributedOptimizer",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
-    "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError",
+    "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError", "HostsUpdatedInterrupt", "elastic",
     "allreduce_hook", "fp16_allreduce_hook", "bf16_allreduce_hook", "noop_hook", "HookState",
     "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built",
     "ddl_built", "ccl_built", "cuda_built", "rocm_built",
