@@ -74,7 +74,7 @@ def _resume(state: State) -> None:
     state.commits = newest
     if newest:
         if rank() == root:
-            made = f" (made by {found['size']} workers)" if found else ""
+            made = f" (made at size {found['size']})" if found else ""
             print(f"pyddl.torch.elastic: {len(counts)} workers resume from commit {newest}{made}, held by rank {root}",
                   file=sys.stderr, flush=True)
         state.on_reset()
