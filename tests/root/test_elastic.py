@@ -116,7 +116,7 @@ def test_a_server_killed_mid_epoch_the_job_ends_on_two_as_a_two_worker_run_from_
         agents = [_agent(cluster, s, tmp_path) for s in cluster.servers]
         try:
             seen = []
-            _wait_for(agents[0], seen, lambda r: r.get("size") == 3 and r.get("commit", 0) >= 3)
+            _wait_for(agents[0], seen, lambda r: r.get("size") == 3 and r.get("commit", 0) >= 2)
             os.killpg(agents[2].pid, signal.SIGKILL)
             killed = time.monotonic()
             _wait_for(agents[0], seen, lambda r: r.get("size") == 2 and "resumed" in r)
@@ -136,7 +136,7 @@ def test_a_server_killed_mid_epoch_the_job_ends_on_two_as_a_two_worker_run_from_
     newest = max(made)
     assert {r["resumed"] for r in resumed} == {newest}
     assert all(r["w"] == made[newest] for r in resumed)
-    assert 0 < resumed[0]["processed"] < 48 or resumed[0]["epoch"] > 0
+    assert resumed[0]["epoch"] == 0 and 0 < resumed[0]["processed"] < 48  # mid-epoch: the sampler re-shards
     finals = [r["final"] for r in reports if "final" in r]
     assert len(finals) == 2 and finals[0] == finals[1]
     # The reference: what 2 workers compute from the state they resumed from, by hand.
