@@ -31,6 +31,7 @@ __all__ = [
     "PYDDL_STALL_WARN",
     "PYDDL_RESTART_COUNT",
     "PYDDL_RESTART_REASON",
+    "PYDDL_COMMIT_DIR",
     "PYDDL_TIMELINE",
     "PYDDL_LINK_GBPS",
     "PYDDL_RACKS",
@@ -51,6 +52,10 @@ PYDDL_STALL_WARN = "PYDDL_STALL_WARN"  # seconds before a waiting collective war
 PYDDL_RESTART_COUNT = "PYDDL_RESTART_COUNT"
 # What failed before the last restart, in one line (`pyddl train` records it in its summary).
 PYDDL_RESTART_REASON = "PYDDL_RESTART_REASON"
+# A private folder of this server that outlives its workers' restarts: pyddl.torch.elastic's
+# state.commit() keeps the newest commit there (`pyddl run` sets it inside its own temporary
+# folder, removed when the launcher exits).
+PYDDL_COMMIT_DIR = "PYDDL_COMMIT_DIR"
 PYDDL_TIMELINE = "PYDDL_TIMELINE"  # a Chrome-trace file to record (pyddl.timeline)
 PYDDL_LINK_GBPS = "PYDDL_LINK_GBPS"  # the emulated servers' link rate, for the bench's bound
 PYDDL_RACKS = "PYDDL_RACKS"  # how many emulated racks the servers fill, consecutively (same bound)

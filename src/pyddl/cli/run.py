@@ -16,7 +16,7 @@ import sys
 from typing import Mapping
 
 from pyddl.launch.hosts import DEFAULT_LAUNCHER, parse_hostfile, parse_hosts
-from pyddl.launch.config import LaunchError, RunConfig
+from pyddl.launch.config import LaunchError, RunConfig, parse_rdzv_conf
 from pyddl.launch.local import launch, worker_command
 from pyddl.config import ALGORITHM_CHOICES, Settings
 
@@ -29,6 +29,13 @@ def _nnodes(text: str) -> tuple[int, int | None]:
         return (int(lo), int(hi) if sep else None)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N or MIN:MAX (e.g. 2 or 1:4), got {text!r}") from None
+
+
+def _rdzv_conf(text: str) -> tuple:
+    try:
+        return parse_rdzv_conf(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None) -> None:
@@ -59,6 +66,10 @@ def add_job_flags(parser: argparse.ArgumentParser, default_np: int | None = None
     srv.add_argument("--master-addr", metavar="ADDR",
                      help="node 0's address; its rendezvous store listens there only")
     srv.add_argument("--master-port", type=int, metavar="PORT", help="the rendezvous port (default 29500)")
+    srv.add_argument("--rdzv-conf", type=_rdzv_conf, default=(), metavar="K=N,...",
+                     help="c10d rendezvous options of --nnodes MIN:MAX, as torchrun's (seconds): "
+                          "last_call_timeout (30), keep_alive_interval (5), keep_alive_max_attempt (3), "
+                          "join_timeout (600), ...")
     srv.add_argument("--network-interface", metavar="IFACE",
                      help="interface of the data path (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)")
     srv.add_argument("--exit-with-stdin", action="store_true",
@@ -130,6 +141,7 @@ def config_from_args(args, command: tuple[str, ...]) -> RunConfig:
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
+        rdzv_conf=args.rdzv_conf,
         network_interface=args.network_interface,
         hosts=hosts,
         launcher=args.launcher,

@@ -9,7 +9,30 @@ from pyddl.launch.hosts import DEFAULT_LAUNCHER
 from pyddl.config import PYDDL_LINK_GBPS, PYDDL_RACK_GBPS, PYDDL_RACKS, PYDDL_TOPOLOGY, Settings
 from pyddl.topology.spec import parse_topology
 
-__all__ = ["RunConfig", "LaunchError"]
+__all__ = ["RunConfig", "LaunchError", "RDZV_CONF_KEYS", "parse_rdzv_conf"]
+
+# What `--rdzv-conf` may set for an elastic job: seconds, and a count for keep_alive_max_attempt
+# (torchrun's names). A dead server leaves the rendezvous after keep_alive_interval x
+# keep_alive_max_attempt (5 x 3 s), then the survivors wait last_call_timeout (30 s) for more.
+RDZV_CONF_KEYS = ("join_timeout", "last_call_timeout", "close_timeout", "heartbeat", "read_timeout",
+                  "keep_alive_interval", "keep_alive_max_attempt")
+
+
+def parse_rdzv_conf(text: str) -> tuple[tuple[str, int], ...]:
+    """Parse torchrun's `key=value,key=value` rendezvous options (positive integers).
+
+    Example:
+        >>> parse_rdzv_conf("last_call_timeout=2,keep_alive_interval=1")
+        (('last_call_timeout', 2), ('keep_alive_interval', 1))
+    """
+    out = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in RDZV_CONF_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--rdzv-conf {item!r}: expected KEY=N with N a positive integer and KEY one of "
+                             f"{', '.join(RDZV_CONF_KEYS)} (e.g. last_call_timeout=2)")
+        out.append((key, int(value)))
+    return tuple(out)
 
 
 class LaunchError(RuntimeError):
@@ -48,6 +71,7 @@ class RunConfig:
     node_rank: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
+    rdzv_conf: tuple = ()  # (key, seconds) pairs for the c10d rendezvous: RDZV_CONF_KEYS
     network_interface: str | None = None
     hosts: tuple = ()
     launcher: str = DEFAULT_LAUNCHER
@@ -82,6 +106,8 @@ class RunConfig:
         return self.nnodes > 1 or self.elastic
 
     def _check_nodes(self) -> None:
+        if self.rdzv_conf and not self.elastic:
+            raise ValueError("--rdzv-conf tunes the c10d rendezvous of an elastic job; add --nnodes MIN:MAX")
         if self.hosts:
             if self.multi_node or self.node_rank is not None or self.master_addr:
                 raise ValueError("-H/--hostfile starts every server itself; drop --nnodes, --node-rank "

@@ -25,7 +25,7 @@ import threading
 import uuid
 
 from pyddl import env as _env
-from pyddl.config import PYDDL_RESTART_REASON
+from pyddl.config import PYDDL_COMMIT_DIR, PYDDL_RESTART_REASON
 from pyddl.launch.config import LaunchError, RunConfig
 
 __all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
@@ -62,7 +62,7 @@ def _rendezvous(cfg: RunConfig, local_addr: str) -> dict:
         # the others must reach: the interface's, else the one this server uses towards node 0.
         local = _interface_address(cfg.network_interface) or _route_address(cfg.master_addr)
         return dict(min_nodes=cfg.nnodes, max_nodes=cfg.max_nnodes, rdzv_backend=rendezvous.C10D,
-                    rdzv_endpoint=endpoint, local_addr=local)
+                    rdzv_endpoint=endpoint, rdzv_configs=dict(cfg.rdzv_conf), local_addr=local)
     return dict(min_nodes=cfg.nnodes, max_nodes=cfg.nnodes, rdzv_backend=rendezvous.STATIC,
                 rdzv_endpoint=endpoint, rdzv_configs={"rank": cfg.node_rank}, local_addr=cfg.master_addr)
 
@@ -274,11 +274,13 @@ def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[s
 
 
 @contextlib.contextmanager
-def _worker_environ(cfg: RunConfig):
+def _worker_environ(cfg: RunConfig, log_dir: str):
     # The agent hands its own environment to the workers. Undo the change afterwards, so
     # that a program launching several jobs (bench scaling) does not pass one job's
     # settings (topology, threads) on to the next.
     wanted = cfg.worker_env()
+    # Private (mkdtemp's 0700), outlives the workers' restarts, removed with the launcher's folder.
+    wanted.setdefault(PYDDL_COMMIT_DIR, os.path.join(log_dir, "commits"))
     if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in wanted:
         # As torchrun does: N workers each using every core would oversubscribe the machine.
         wanted["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
@@ -351,7 +353,7 @@ def launch(cfg: RunConfig) -> None:
     executable, args = worker_command(cfg.command)
     if cfg.exit_with_stdin:
         _exit_with_stdin()
-    with _worker_environ(cfg), tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir, \
+    with tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir, _worker_environ(cfg, log_dir), \
             _AgentEvents(cfg, log_dir):
         try:
             if cfg.emulate_nodes:

@@ -144,9 +144,13 @@ def _create_c10d(params: RendezvousParameters) -> DynamicRendezvousHandler:
     timeout = RendezvousTimeout(
         _seconds(params, "join_timeout"), _seconds(params, "last_call_timeout"),
         _seconds(params, "close_timeout"), _seconds(params, "heartbeat"))
+    # torch's own c10d handler reads these two as well; a dead server leaves the rendezvous
+    # after interval x attempts (5 x 3 s by default), and the survivors wait that long.
     handler = _BoundDynamicHandler.from_backend(
         params.run_id, store, C10dRendezvousBackend(store, params.run_id), params.min_nodes,
-        params.max_nodes, params.local_addr, timeout)
+        params.max_nodes, params.local_addr, timeout,
+        keep_alive_interval=params.get_as_int("keep_alive_interval", 5),
+        keep_alive_max_attempt=params.get_as_int("keep_alive_max_attempt", 3))
     handler._rdzv_listener = listener
     return handler
 

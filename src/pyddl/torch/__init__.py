@@ -1,7 +1,8 @@
 """pyddl.torch: Horovod's PyTorch API on pyddl — change `import horovod.torch as hvd` to
 `import pyddl.torch as hvd` and the script runs under `pyddl run` (or torchrun, srun, mpirun).
 
-Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNorm on CPU
+Horovod's elastic API is `pyddl.torch.elastic` (hvd.elastic.run, TorchState, ...), on the
+restarts of `pyddl run --nnodes MIN:MAX`. Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNorm on CPU
 and GPU, join() for uneven data, and the torch.distributed backend "pyddl" (registered on
 import). See docs/horovod.md, docs/torch.md and docs/backend.md.
 """
@@ -30,6 +31,8 @@ from pyddl.torch.ops import (
 from pyddl.torch.optimizer import DistributedOptimizer, PartialDistributedOptimizer
 from pyddl.torch.sync_batch_norm import SyncBatchNorm
 from pyddl.torch import backend as _backend  # noqa: F401  (registers init_process_group("pyddl"))
+from pyddl.torch import elastic
+from pyddl.torch.elastic import HostsUpdatedInterrupt
 
 __version__ = _pyddl_version
 
@@ -46,7 +49,7 @@ __all__ = [
     "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline", "is_homogeneous",
     "synchronize", "poll", "join", "barrier", "PartialDistributedOptimizer",
     "broadcast_parameters", "broadcast_optimizer_state", "broadcast_object", "allgather_object",
-    "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError",
+    "DistributedOptimizer", "SyncBatchNorm", "HorovodInternalError", "HostsUpdatedInterrupt", "elastic",
     "allreduce_hook", "fp16_allreduce_hook", "bf16_allreduce_hook", "noop_hook", "HookState",
     "mpi_threads_supported", "mpi_enabled", "mpi_built", "gloo_enabled", "gloo_built", "nccl_built",
     "ddl_built", "ccl_built", "cuda_built", "rocm_built",

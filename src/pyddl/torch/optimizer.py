@@ -177,8 +177,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Wait until every gradient is reduced (e.g. before clipping); step() then skips it
         inside `skip_synchronize()`."""
-        self._reducer.synchronize()
+        self._wait_reduced()
         self._synchronized = True
+
+    def _wait_reduced(self) -> None:
+        # A failed bucket is Horovod's HorovodInternalError, which hvd.elastic.run acts on.
+        from pyddl.torch.ops import horovod_errors
+
+        with horovod_errors():
+            self._reducer.synchronize()
 
     @contextlib.contextmanager
     def skip_synchronize(self):
@@ -202,7 +209,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             else:
                 # Also when no gradient arrived here (a loss that used no parameter on this
                 # rank): the other ranks' bucket collectives need this rank's zeros.
-                self._reducer.synchronize()
+                self._wait_reduced()
         self._synchronized = False
         timeline = pyddl.world().timeline
         start = timeline.now_us() if timeline.enabled else 0.0
