@@ -1,24 +1,28 @@
-"""The background communication engine: one thread runs every collective, in call order.
+"""The background communication engine: one thread runs every collective of a communicator.
 
 Synchronous calls are submitted and waited on, so collectives issued from any thread (the
-training loop, gradient hooks) reach the process groups in one global order on every rank,
-which is what keeps ranks from mismatching. A CollectiveMismatchError is found by the
-cross-rank check before any data moves and raised alike on every rank, so the groups stay
-in step and the next collective runs. After any other failure (a timeout, a backend error,
-a rank that died mid-transfer) the groups are in an unknown state, so every later call
-fails at once with the original error.
+training loop, gradient hooks) reach the process groups in one order on every rank, which is
+what keeps ranks from mismatching. Unnamed jobs run in submission order. A named job (Horovod's
+`name=`) may run before the named jobs submitted ahead of it, up to the first unnamed one: when
+the cross-rank check finds the ranks at different names, they agree on one (comm/names.py) and
+the job raises `Reorder`, which moves the agreed job to the front on every rank.
+
+A CollectiveMismatchError is found by the cross-rank check before any data moves and raised
+alike on every rank, so the groups stay in step and the next collective runs. After any other
+failure (a timeout, a backend error, a rank that died mid-transfer) the groups are in an
+unknown state, so every later call fails at once with the original error.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-__all__ = ["Engine", "Handle"]
+__all__ = ["Engine", "Handle", "Reorder"]
 
 
 class Handle:
@@ -50,39 +54,106 @@ class Handle:
             ) from None
 
 
+class Reorder(Exception):
+    """Raised by a job before it moved any data: run the queued job named `key` first."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class _Job:
+    __slots__ = ("fn", "future", "key")
+
+    def __init__(self, fn: Callable[[int], Any], future: Future, key: str | None):
+        self.fn, self.future, self.key = fn, future, key
+
+
 class Engine:
-    """A FIFO executor on one daemon thread with a per-call sequence number."""
+    """An executor on one daemon thread; each job gets its collective number when it runs.
+
+    Jobs are numbered in the order they run, not the order they were submitted, so a job
+    that every rank agreed to run early has the same number on every rank.
+    """
 
     def __init__(self, wait_limit_s: float, name: str = "pyddl-engine"):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: collections.deque = collections.deque()  # the running job stays at [0]
+        self._cond = threading.Condition()
+        self._names: set[str] = set()  # the keys of the named jobs queued or running
+        self.submitted = 0  # jobs ever submitted: negotiation waits for it to change
+        self.seq = 0  # the number of the job running or last run
         self._wait_limit_s = wait_limit_s
         self._broken: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[], Any], describe: str) -> Handle:
+    def submit(self, fn: Callable[[int], Any], describe: str, key: str | None = None) -> Handle:
+        """Queue `fn(seq)`; `key` names it for matching by name (None: matched by order).
+
+        Raises:
+            ValueError: a job of that name is still queued or running (Horovod's rule: the
+                ranks could not tell the two apart).
+        """
         future: Future = Future()
-        self._queue.put((fn, future))
+        with self._cond:
+            if key is not None:
+                if key in self._names:
+                    raise ValueError(f"a collective named {key!r} is still in flight on this rank; names must "
+                                     "be unique until their collective ends: wait for it, or pick another name")
+                self._names.add(key)
+            self._jobs.append(_Job(fn, future, key))
+            self.submitted += 1
+            self._cond.notify_all()
         return Handle(future, describe, self._wait_limit_s)
 
-    def run(self, fn: Callable[[], Any], describe: str) -> Any:
+    def run(self, fn: Callable[[int], Any], describe: str, key: str | None = None) -> Any:
+        """Submit `fn(seq)` and wait for it; run it at once from a job on the engine thread."""
         if threading.current_thread() is self._thread:
-            return fn()  # a job that itself issues collectives (e.g. the auto tuner)
-        return self.submit(fn, describe).wait()
+            self.seq += 1  # a job that itself issues collectives (e.g. the auto tuner)
+            return fn(self.seq)
+        return self.submit(fn, describe, key).wait()
+
+    def ready_names(self) -> tuple[list[str], bool]:
+        """(Engine thread.) The names of the named jobs at the front of the queue, the running
+        one first, up to the first unnamed job; and whether one follows them (no later name
+        can join this list: unnamed jobs are matched by order, so none is overtaken)."""
+        names = []
+        with self._cond:
+            for job in self._jobs:
+                if job is None or job.key is None:
+                    return names, True
+                names.append(job.key)
+        return names, False
+
+    def wait_for_submission(self, seen: int, timeout_s: float) -> None:
+        """(Engine thread.) Wait until a job is submitted after the count `seen`, or timeout_s."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.submitted != seen, timeout_s)
+
+    def skip_to(self, seq: int) -> None:
+        """(Engine thread.) Continue numbering after `seq` (join(): ranks left at different numbers)."""
+        self.seq = max(self.seq, seq)
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs)
+                job = self._jobs[0]
+            if job is None:
                 return
-            self._run_one(*item)
+            if self._run_one(job):
+                with self._cond:
+                    self._jobs.popleft()
+                    self._names.discard(job.key)
             # Nothing of a finished job stays referenced here until the next one arrives: not
             # its tensors, nor a result holding process groups (their threads stop with them).
-            del item
+            del job
 
-    def _run_one(self, fn: Callable[[], Any], future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
+    def _run_one(self, job: _Job) -> bool:
+        """Run the job at the front; False when it raised Reorder and stays queued."""
+        future = job.future
+        if not future.running() and not future.set_running_or_notify_cancel():
+            return True
         if self._broken is not None:
             future.set_exception(
                 CollectiveError(
@@ -90,15 +161,29 @@ class Engine:
                     f"cannot be trusted; restart the job. The first failure: {self._broken}"
                 )
             )
-            return
+            return True
+        self.seq += 1
         try:
-            future.set_result(fn())
+            future.set_result(job.fn(self.seq))
+        except Reorder as order:
+            self.seq -= 1
+            self._promote(order.key)
+            return False
         except BaseException as exc:
             if not isinstance(exc, CollectiveMismatchError):  # raised before data moved
                 self._broken = exc
             future.set_exception(exc)
+        return True
+
+    def _promote(self, key: str) -> None:
+        with self._cond:  # the key came from this rank's own ready_names(), so it is queued
+            job = next(j for j in self._jobs if j is not None and j.key == key)
+            self._jobs.remove(job)
+            self._jobs.appendleft(job)
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._cond:
+            self._jobs.append(None)
+            self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
