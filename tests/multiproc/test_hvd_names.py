@@ -38,13 +38,16 @@ def _opposite_orders(rank, world, steps):
 @pytest.mark.timeout(90)
 def test_same_named_async_ops_in_opposite_orders():
     """Horovod: a named allreduce completes once every rank submitted that name, whatever the
-    order; two ranks submitting a, b, c and c, b, a each get the right sum for every name."""
-    steps = 4
+    order; two ranks submitting a, b, c and c, b, a each get the right sum for every name.
+    And a steady loop stops negotiating (Horovod's response cache): here from its third step,
+    once the engine has seen which name follows which, across the loop's turn too."""
+    steps = 5
     for sums, counts in run_ranks(_opposite_orders, 2, steps):
         for i, n in enumerate("abc"):
             want = [3.0 * 10 ** i] * (i + 2)  # ranks contribute 1 and 2 times 10^i
             assert [s for name, s in sums if name == n] == [want] * steps
         assert counts[0] >= 1  # the orders differed, so the ranks negotiated
+        assert counts[-1] == counts[1], counts
 
 
 def _mixed(rank, world):
@@ -239,6 +242,25 @@ def test_named_ops_in_different_orders_while_a_rank_has_joined():
     for out in outs:
         assert out == {"a": [3.0, 3.0], "b": [30.0, 30.0]}
     assert last in (0, 1, 2)
+
+
+def _same_order(rank, world):
+    import pyddl
+    import pyddl.torch as hvd
+
+    hvd.init()
+    for step in range(3):
+        handles = [hvd.allreduce_async(torch.ones(3), name=f"g{i}") for i in range(8)]
+        for h in handles[::-1]:
+            hvd.synchronize(h)
+    return pyddl.world().negotiations
+
+
+@pytest.mark.timeout(90)
+def test_ranks_submitting_names_in_one_order_never_negotiate():
+    """Horovod negotiates every name once, then serves it from its cache; pyddl's ranks agree
+    on the order they already share without negotiating at all."""
+    assert run_ranks(_same_order, 2) == [0, 0]
 
 
 def _check_off(rank, world):

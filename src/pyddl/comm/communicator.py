@@ -125,6 +125,8 @@ class Communicator:
         self._thread_suffix = "" if root is None else f"[{name}]"
         self._engine = (Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-engine{self._thread_suffix}")
                         if member else None)
+        if self._engine is not None:
+            self._engine.by_name = settings.check and len(self.ranks) > 1
         self._monitor = (Monitor(store, job_rank, self.ranks, settings.timeout_s, settings.stall_warn, prefix=name)
                          if member and store is not None and len(self.ranks) > 1 else None)
 
@@ -603,6 +605,7 @@ class Communicator:
             if self.size > 1:
                 self._match(info, seq)
             self.settings = self.settings.replace(check=enabled)
+            self._engine.by_name = enabled and self.size > 1
 
         self.run(info, fn, checked=False)
 

@@ -5,7 +5,10 @@ training loop, gradient hooks) reach the process groups in one order on every ra
 what keeps ranks from mismatching. Unnamed jobs run in submission order. A named job (Horovod's
 `name=`) may run before the named jobs submitted ahead of it, up to the first unnamed one: when
 the cross-rank check finds the ranks at different names, they agree on one (comm/names.py) and
-the job raises `Reorder`, which moves the agreed job to the front on every rank.
+the job raises `Reorder`, which moves the agreed job to the front on every rank. The engine
+then remembers which name ran after which (Horovod's response cache, by another route) and
+next time runs that one first where it can, so a loop whose ranks submit in different but
+steady orders stops negotiating.
 
 A CollectiveMismatchError is found by the cross-rank check before any data moves and raised
 alike on every rank, so the groups stay in step and the next collective runs. After any other
@@ -17,12 +20,19 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
 __all__ = ["Engine", "Handle", "Reorder"]
+
+# How long a rank waits for the name that ran next last time before running the name at the
+# front instead: what a change in a loop's order costs, once.
+PREDICT_WAIT_S = 0.05
+# Names remembered (by the name before them); a loop of fresh names clears it now and then.
+_MAX_REMEMBERED = 4096
 
 
 class Handle:
@@ -80,6 +90,12 @@ class Engine:
         self._jobs: collections.deque = collections.deque()  # the running job stays at [0]
         self._cond = threading.Condition()
         self._names: set[str] = set()  # the keys of the named jobs queued or running
+        # Speculating on names needs the check that catches a wrong guess: the communicator
+        # keeps this equal to "check on and more than one rank".
+        self.by_name = False
+        self._after: dict[str, str] = {}  # name -> the name that ran next, identical on every rank
+        self._last: str | None = None  # the last name that ran
+        self._agreed = False  # the job at the front is the one the ranks agreed on: keep it there
         self.submitted = 0  # jobs ever submitted: negotiation waits for it to change
         self.seq = 0  # the number of the job running or last run
         self._wait_limit_s = wait_limit_s
@@ -138,6 +154,8 @@ class Engine:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs)
+                if self.by_name and not self._agreed:
+                    self._predict()
                 job = self._jobs[0]
             if job is None:
                 return
@@ -148,6 +166,40 @@ class Engine:
             # Nothing of a finished job stays referenced here until the next one arrives: not
             # its tensors, nor a result holding process groups (their threads stop with them).
             del job
+
+    def _predict(self) -> None:
+        """(Under the lock.) Move the name that ran after the last one last time to the front,
+        waiting up to PREDICT_WAIT_S for it to be submitted. Only a guess: the cross-rank check
+        catches a wrong one, so it need not hold on every rank, only usually."""
+        want = self._after.get(self._last) if self._last is not None else None
+        if want is None or self._jobs[0] is None or self._jobs[0].key in (None, want):
+            return
+        deadline = time.monotonic() + PREDICT_WAIT_S
+        while True:
+            for i, job in enumerate(self._jobs):
+                if job is None or job.key is None:
+                    return  # the name would overtake an unnamed job: never
+                if job.key == want:
+                    del self._jobs[i]
+                    self._jobs.appendleft(job)
+                    return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+
+    def _ran(self, key: str | None, ok: bool) -> None:
+        """Remember the order names ran in. Every rank runs the same jobs in the same order and
+        fails the same ones, so every rank remembers the same."""
+        self._agreed = False
+        if not ok:
+            self._last = None
+        elif key is not None:
+            if self._last is not None:
+                if len(self._after) >= _MAX_REMEMBERED:
+                    self._after.clear()
+                self._after[self._last] = key
+            self._last = key
 
     def _run_one(self, job: _Job) -> bool:
         """Run the job at the front; False when it raised Reorder and stays queued."""
@@ -164,15 +216,20 @@ class Engine:
             return True
         self.seq += 1
         try:
-            future.set_result(job.fn(self.seq))
+            result = job.fn(self.seq)
         except Reorder as order:
             self.seq -= 1
             self._promote(order.key)
+            self._agreed = True
             return False
         except BaseException as exc:
             if not isinstance(exc, CollectiveMismatchError):  # raised before data moved
                 self._broken = exc
+            self._ran(job.key, False)
             future.set_exception(exc)
+            return True
+        self._ran(job.key, True)
+        future.set_result(result)
         return True
 
     def _promote(self, key: str) -> None:
