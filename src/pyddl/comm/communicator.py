@@ -24,9 +24,9 @@ from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import pack, unpack
 from pyddl.comm.guard import Monitor, NamesDiffer, OpInfo, exchange
-from pyddl.comm.names import negotiate
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
+from pyddl.comm.names import negotiate
 from pyddl.comm.ring import equal_parts, ring_reduce_scatter_
 from pyddl.errors import CollectiveError, NotMemberError, PyddlError
 from pyddl.config import Settings
@@ -591,11 +591,11 @@ class Communicator:
         of a 1.3 s ResNet-18 step with 17 gradient buckets: docs/emulation.md). A script whose
         collectives have proven to match (say, after its first steps) can turn it off. Without
         it, mismatched calls across ranks are no longer a CollectiveMismatchError: they may fail
-        in the backend, time out or, with equal sizes, return a wrong result; and join() is not
-        available. Every rank must call it at the same point: it is itself a collective, always
-        checked, so a rank that asks for the other setting gets a CollectiveMismatchError on
-        every rank. It takes effect from the next collective on every rank alike.
-        `PYDDL_CHECK=0` sets the job's start value.
+        in the backend, time out or, with equal sizes, return a wrong result; join() is not
+        available; and named calls are matched by order, like the others. Every rank must call
+        it at the same point: it is itself a collective, always checked, so a rank that asks for
+        the other setting gets a CollectiveMismatchError on every rank. It takes effect from the
+        next collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
         """
         enabled = bool(enabled)
         info = OpInfo("set_check", f"enabled={enabled}")
