@@ -2,10 +2,12 @@
 
     git worktree add /tmp/pyddl-base HEAD~1
     .venv/bin/python scripts/compare_call_cost.py --base /tmp/pyddl-base/src --rounds 5
+    .venv/bin/python scripts/compare_call_cost.py --base /tmp/pyddl-base/src --rounds 5 --named
 
 Runs a 2-rank job (torch's own launcher, loopback Gloo) with each checkout in turn, `--rounds`
 times, interleaved so the machine's drift falls on both alike. Each job times `--calls`
-calls of `pyddl.allreduce_` on a 1 KiB tensor through the public API and reports,
+calls of `pyddl.allreduce_` on a 1 KiB tensor through the public API (with `--named`,
+Horovod's `hvd.allreduce_(x, name="small", op=hvd.Sum)`: what matching by name costs) and reports,
 per call, the wall time and the process CPU time (all threads: the engine, Gloo's, the
 heartbeat), the slower rank's. Prints the median per checkout, the ratio this/base, and says
 when a checkout's own rounds spread by more than 20%.
@@ -27,16 +29,21 @@ PROBE = textwrap.dedent("""
     import json, os, sys, time
     import torch
     import pyddl
+    import pyddl.torch as hvd
 
     pyddl.init(allreduce=sys.argv[2])
     x = torch.ones(256)  # 1 KiB of float32
+    if sys.argv[3] == "named":
+        call = lambda: hvd.allreduce_(x, name="small", op=hvd.Sum)
+    else:
+        call = lambda: pyddl.allreduce_(x)
     for _ in range(50):
-        pyddl.allreduce_(x)  # warm-up: connections, buffers
+        call()  # warm-up: connections, buffers
     pyddl.barrier()
     calls = int(sys.argv[1])
     wall0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(calls):
-        pyddl.allreduce_(x)
+        call()
     wall, cpu = (time.perf_counter() - wall0) / calls, (time.process_time() - cpu0) / calls
     worst = pyddl.allreduce(torch.tensor([wall, cpu], dtype=torch.float64), op="max").tolist()
     if pyddl.rank() == 0:
@@ -45,10 +52,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def _run(src: str, probe: str, calls: int, algorithm: str, port: int) -> dict:
+def _run(src: str, probe: str, calls: int, algorithm: str, named: bool, port: int) -> dict:
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           probe, str(calls), algorithm]
+           probe, str(calls), algorithm, "named" if named else "plain"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if done.returncode or line is None:
@@ -64,6 +71,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--algorithm", default="native", choices=("native", "multiring"))
+    parser.add_argument("--named", action="store_true", help="time Horovod's named allreduce_ instead")
     args = parser.parse_args()
     rows: dict[str, list[dict]] = {"base": [], "this": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,10 +79,11 @@ def main() -> int:
         Path(probe).write_text(PROBE)
         for r in range(args.rounds):
             for name in ("base", "this") if r % 2 == 0 else ("this", "base"):
-                rows[name].append(_run(getattr(args, name), probe, args.calls, args.algorithm, 29700 + r))
+                rows[name].append(_run(getattr(args, name), probe, args.calls, args.algorithm, args.named, 29700 + r))
                 print(f"round {r + 1} {name}: {rows[name][-1]['wall_us']:.0f} us wall, "
                       f"{rows[name][-1]['cpu_us']:.0f} us CPU per call", flush=True)
-    print(f"\n1 KiB allreduce_ ({args.algorithm}), 2 ranks, {args.calls} calls x {args.rounds} rounds, median per call:")
+    what = "named hvd.allreduce_" if args.named else "allreduce_"
+    print(f"\n1 KiB {what} ({args.algorithm}), 2 ranks, {args.calls} calls x {args.rounds} rounds, median per call:")
     for metric in ("wall_us", "cpu_us"):
         base = statistics.median(x[metric] for x in rows["base"])
         this = statistics.median(x[metric] for x in rows["this"])

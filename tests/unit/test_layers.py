@@ -18,6 +18,7 @@ PURE = [
     "pyddl.topology",
     "pyddl.comm.registry",
     "pyddl.comm.layout",
+    "pyddl.comm.names",
     "pyddl.sim",
     "pyddl.sim.cost",
     "pyddl.sim.step",

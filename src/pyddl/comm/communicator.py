@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
-from pyddl.comm.engine import Engine, Handle
+from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import Packing, unpack
-from pyddl.comm.guard import Monitor, OpInfo, exchange
+from pyddl.comm.guard import Monitor, NamesDiffer, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
+from pyddl.comm.names import negotiate
 from pyddl.comm.ring import equal_parts, ring_reduce_scatter_
 from pyddl.errors import CollectiveError, NotMemberError, PyddlError
 from pyddl.config import Settings
@@ -68,6 +69,11 @@ def _describe(tensor: torch.Tensor, shape=None) -> str:
     return f"{str(tensor.dtype).replace('torch.', '')}[{dims}]"
 
 
+def _key(kind: str, name) -> str | None:
+    """What ranks match a named call by: its name with its kind, as Horovod's names are per kind."""
+    return None if name is None else f"{kind}.{name}"
+
+
 def _ranks_text(ranks: Sequence[int]) -> str:
     text = ",".join(map(str, ranks[:16]))
     return text + (f" and {len(ranks) - 16} more" if len(ranks) > 16 else "")
@@ -105,7 +111,7 @@ class Communicator:
         # What adapters keep per communicator (pyddl.torch: its process sets by ranks); it
         # lives and dies with the communicator, so a job joined again starts without it.
         self.adapter_state: dict[str, Any] = {}
-        self._seq = 0
+        self.negotiations = 0  # how often ranks at different names negotiated (comm/names.py)
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
         self._tuned = None
@@ -119,6 +125,8 @@ class Communicator:
         self._thread_suffix = "" if root is None else f"[{name}]"
         self._engine = (Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-engine{self._thread_suffix}")
                         if member else None)
+        if self._engine is not None:
+            self._engine.by_name = settings.check and len(self.ranks) > 1
         self._monitor = (Monitor(store, job_rank, self.ranks, settings.timeout_s, settings.stall_warn, prefix=name)
                          if member and store is not None and len(self.ranks) > 1 else None)
 
@@ -186,21 +194,19 @@ class Communicator:
         """Run `fn(seq)` on the engine as this communicator's collective #seq, checked and guarded.
 
         For adapters that issue their own collectives over `self.group`: returns fn's result,
-        or a Handle when `asynchronous`. `checked=False` skips the cross-rank comparison.
+        or a Handle when `asynchronous`. `checked=False` skips the cross-rank comparison (and
+        with it matching by `info.key`: the call is matched by order).
         """
         self._require_member(info.name)
-        with self._lock:
-            self._seq += 1
-            seq = self._seq
         timeline, monitor = self.timeline, self._monitor
 
-        def job():
+        def job(seq: int):
             if monitor is not None:
                 monitor.enter(seq, info)
             start = timeline.now_us() if timeline.enabled else 0.0
             try:
                 if checked and self.settings.check and self.size > 1:
-                    exchange(info, seq, self.group, self.ranks, self.device, self._rank)
+                    self._match(info, seq)
                 result = fn(seq)
                 if monitor is not None:
                     monitor.leave()
@@ -215,10 +221,24 @@ class Communicator:
                     raise CollectiveError(f"pyddl: {info} (collective #{seq}) failed: {exc}") from exc
                 raise monitor.diagnose(seq, info, list(self.ranks), exc) from exc
 
-        describe = f"{info} (collective #{seq} of communicator {self.name!r})"
+        describe = f"{info} (a collective of communicator {self.name!r})"
+        key = info.key if checked else None
         if asynchronous:
-            return self._engine.submit(job, describe)
-        return self._engine.run(job, describe)
+            return self._engine.submit(job, describe, key)
+        return self._engine.run(job, describe, key)
+
+    def _match(self, info: OpInfo, seq: int) -> None:
+        """The cross-rank check (engine thread). Where the ranks are at different names, they
+        agree on a name and raise Reorder, which runs its job first on every rank."""
+        try:
+            exchange(info, seq, self.group, self.ranks, self.device, self._rank)
+        except NamesDiffer as differ:
+            raise Reorder(self._negotiate(seq, differ.listing)) from None
+
+    def _negotiate(self, seq: int, listing: str, joined: bool = False) -> str:
+        self.negotiations += 1
+        return negotiate(lambda obj: _gather_objects(self, obj), self._engine, self.ranks,
+                         self.settings.timeout_s, seq, listing, joined)
 
     def check_algorithm(self, algorithm: str | None) -> str:
         """Validate an algorithm name (None: the settings'); tune `auto` here if not yet.
@@ -286,7 +306,8 @@ class Communicator:
 
     # Allreduce ----------------------------------------------------------------------------
 
-    def _allreduce(self, tensor, op, algorithm, compression, inplace: bool, asynchronous: bool, fill=None):
+    def _allreduce(self, tensor, op, algorithm, compression, inplace: bool, asynchronous: bool, name=None,
+                   fill=None):
         self._require_member("allreduce")
         _check_tensor(tensor)
         op, alg, codec = check_op(op), self.check_algorithm(algorithm), self._codec(compression)
@@ -295,6 +316,7 @@ class Communicator:
             "allreduce",
             f"{_describe(tensor)} op={op} algorithm={alg} compression={codec.name}",
             join_spec=(((work.numel(), str(work.dtype)),), op, alg, codec.name),
+            key=_key("allreduce", name),
         )
 
         def fn(seq: int) -> torch.Tensor:
@@ -335,12 +357,19 @@ class Communicator:
         return self._allreduce(tensor, op, algorithm, compression, inplace=True, asynchronous=False)
 
     def allreduce_async(self, tensor: torch.Tensor, op: str = "sum", algorithm: str | None = None,
-                        compression=None) -> Handle:
-        """Start `allreduce` in the background; `handle.wait()` returns the new tensor."""
-        return self._allreduce(tensor, op, algorithm, compression, inplace=False, asynchronous=True)
+                        compression=None, name: str | None = None) -> Handle:
+        """Start `allreduce` in the background; `handle.wait()` returns the new tensor.
+
+        With `name`, the ranks match this call by its name, as Horovod does, rather than by its
+        place in their order: named calls may be submitted in a different order on each rank,
+        but not past an unnamed call, and a name must be unique among calls in flight
+        (docs/horovod.md). The async calls below take `name` alike.
+        """
+        return self._allreduce(tensor, op, algorithm, compression, inplace=False, asynchronous=True, name=name)
 
     def allreduce_async_(self, tensor: torch.Tensor, op: str = "sum", algorithm: str | None = None,
-                         compression=None, *, fill: Callable[[int, int], None] | None = None) -> Handle:
+                         compression=None, name: str | None = None, *,
+                         fill: Callable[[int, int], None] | None = None) -> Handle:
         """Start an in-place allreduce in the background; `handle.wait()` returns `tensor`.
 
         `fill(lo, hi)`, for adapters that pack their own buffers (see `fusion.Packing`): writes
@@ -350,9 +379,11 @@ class Communicator:
         """
         if fill is not None and not tensor.is_contiguous():
             raise ValueError("allreduce_async_(fill=...) needs a contiguous tensor: it is filled in place")
-        return self._allreduce(tensor, op, algorithm, compression, inplace=True, asynchronous=True, fill=fill)
+        return self._allreduce(tensor, op, algorithm, compression, inplace=True, asynchronous=True, name=name,
+                               fill=fill)
 
-    def _grouped(self, tensors, op, algorithm, compression, bucket_bytes, inplace: bool, asynchronous: bool):
+    def _grouped(self, tensors, op, algorithm, compression, bucket_bytes, inplace: bool, asynchronous: bool,
+                 name=None):
         self._require_member("grouped_allreduce")
         tensors = list(tensors)
         for i, t in enumerate(tensors):
@@ -365,6 +396,7 @@ class Communicator:
             "grouped_allreduce",
             f"[{shapes}] op={op} algorithm={alg} compression={codec.name}",
             join_spec=(flats, op, alg, codec.name),
+            key=_key("grouped_allreduce", name),
         )
         targets = tensors if inplace else [t.detach().clone() for t in tensors]
 
@@ -391,9 +423,10 @@ class Communicator:
 
     def grouped_allreduce_async_(self, tensors: Sequence[torch.Tensor], op: str = "sum",
                                  algorithm: str | None = None, compression=None,
-                                 bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Handle:
+                                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, name: str | None = None) -> Handle:
         """Start `grouped_allreduce_` in the background; `handle.wait()` returns the tensors."""
-        return self._grouped(tensors, op, algorithm, compression, bucket_bytes, inplace=True, asynchronous=True)
+        return self._grouped(tensors, op, algorithm, compression, bucket_bytes, inplace=True, asynchronous=True,
+                             name=name)
 
     # Broadcast, allgather, reduce-scatter, alltoall ----------------------------------------
 
@@ -403,12 +436,12 @@ class Communicator:
             raise ValueError(f"broadcast root {root!r} is out of range: {whose} has ranks 0..{self.size - 1}")
         return root
 
-    def _broadcast(self, tensor: torch.Tensor, root: int, inplace: bool, asynchronous: bool):
+    def _broadcast(self, tensor: torch.Tensor, root: int, inplace: bool, asynchronous: bool, name=None):
         self._require_member("broadcast")
         _check_tensor(tensor)
         root = self._check_root(root)
         work = self._to_work(tensor, copy=not inplace)
-        info = OpInfo("broadcast", f"{_describe(tensor)} root={root}")
+        info = OpInfo("broadcast", f"{_describe(tensor)} root={root}", key=_key("broadcast", name))
 
         def fn(seq: int) -> torch.Tensor:
             if work.numel() and self.size > 1:
@@ -433,18 +466,18 @@ class Communicator:
         """Overwrite `tensor` on every rank with rank `root`'s; return it."""
         return self._broadcast(tensor, root, inplace=True, asynchronous=False)
 
-    def broadcast_async_(self, tensor: torch.Tensor, root: int = 0) -> Handle:
+    def broadcast_async_(self, tensor: torch.Tensor, root: int = 0, name: str | None = None) -> Handle:
         """Start `broadcast_` in the background; `handle.wait()` returns `tensor`."""
-        return self._broadcast(tensor, root, inplace=True, asynchronous=True)
+        return self._broadcast(tensor, root, inplace=True, asynchronous=True, name=name)
 
-    def _allgather(self, tensor: torch.Tensor, asynchronous: bool):
+    def _allgather(self, tensor: torch.Tensor, asynchronous: bool, name=None):
         self._require_member("allgather")
         _check_tensor(tensor)
         if tensor.dim() == 0:
             raise ValueError("allgather needs a tensor with at least one axis; use tensor.reshape(1)")
         work = self._to_work(tensor, copy=True)
         rest = tuple(tensor.shape[1:])
-        info = OpInfo("allgather", _describe(tensor, ("*",) + rest))
+        info = OpInfo("allgather", _describe(tensor, ("*",) + rest), key=_key("allgather", name))
 
         def fn(seq: int) -> torch.Tensor:
             n = self.size
@@ -472,18 +505,18 @@ class Communicator:
         """
         return self._allgather(tensor, asynchronous=False)
 
-    def allgather_async(self, tensor: torch.Tensor) -> Handle:
+    def allgather_async(self, tensor: torch.Tensor, name: str | None = None) -> Handle:
         """Start `allgather` in the background; `handle.wait()` returns the result."""
-        return self._allgather(tensor, asynchronous=True)
+        return self._allgather(tensor, asynchronous=True, name=name)
 
-    def _reduce_scatter(self, tensor: torch.Tensor, op: str, asynchronous: bool):
+    def _reduce_scatter(self, tensor: torch.Tensor, op: str, asynchronous: bool, name=None):
         self._require_member("reduce_scatter")
         _check_tensor(tensor)
         if tensor.dim() == 0:
             raise ValueError("reduce_scatter needs a tensor with at least one axis")
         op = check_op(op)
         work = self._to_work(tensor, copy=True)
-        info = OpInfo("reduce_scatter", f"{_describe(tensor)} op={op}")
+        info = OpInfo("reduce_scatter", f"{_describe(tensor)} op={op}", key=_key("reduce_scatter", name))
 
         def fn(seq: int) -> torch.Tensor:
             n, me = self.size, self.rank
@@ -511,11 +544,11 @@ class Communicator:
         """
         return self._reduce_scatter(tensor, op, asynchronous=False)
 
-    def reduce_scatter_async(self, tensor: torch.Tensor, op: str = "sum") -> Handle:
+    def reduce_scatter_async(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None) -> Handle:
         """Start `reduce_scatter` in the background; `handle.wait()` returns this rank's rows."""
-        return self._reduce_scatter(tensor, op, asynchronous=True)
+        return self._reduce_scatter(tensor, op, asynchronous=True, name=name)
 
-    def _alltoall(self, tensor: torch.Tensor, splits, asynchronous: bool):
+    def _alltoall(self, tensor: torch.Tensor, splits, asynchronous: bool, name=None):
         self._require_member("alltoall")
         _check_tensor(tensor)
         n = self.size
@@ -534,7 +567,7 @@ class Communicator:
         work = self._to_work(tensor, copy=True)
         rest = tuple(tensor.shape[1:])
         # Ranks send different row counts: the check compares the rest of the call.
-        info = OpInfo("alltoall", _describe(tensor, ("*",) + rest))
+        info = OpInfo("alltoall", _describe(tensor, ("*",) + rest), key=_key("alltoall", name))
 
         def fn(seq: int) -> tuple[torch.Tensor, list[int]]:
             recv = torch.empty(n, dtype=torch.int64, device=self.device)
@@ -559,9 +592,10 @@ class Communicator:
         """
         return self._alltoall(tensor, splits, asynchronous=False)
 
-    def alltoall_async(self, tensor: torch.Tensor, splits: Sequence[int] | None = None) -> Handle:
+    def alltoall_async(self, tensor: torch.Tensor, splits: Sequence[int] | None = None,
+                       name: str | None = None) -> Handle:
         """Start `alltoall` in the background; `handle.wait()` returns (rows, received splits)."""
-        return self._alltoall(tensor, splits, asynchronous=True)
+        return self._alltoall(tensor, splits, asynchronous=True, name=name)
 
     def barrier(self) -> None:
         """Wait until every rank has called barrier (names the missing ranks on timeout)."""
@@ -575,11 +609,11 @@ class Communicator:
         of a 1.3 s ResNet-18 step with 17 gradient buckets: docs/emulation.md). A script whose
         collectives have proven to match (say, after its first steps) can turn it off. Without
         it, mismatched calls across ranks are no longer a CollectiveMismatchError: they may fail
-        in the backend, time out or, with equal sizes, return a wrong result; and join() is not
-        available. Every rank must call it at the same point: it is itself a collective, always
-        checked, so a rank that asks for the other setting gets a CollectiveMismatchError on
-        every rank. It takes effect from the next collective on every rank alike.
-        `PYDDL_CHECK=0` sets the job's start value.
+        in the backend, time out or, with equal sizes, return a wrong result; join() is not
+        available; and named calls are matched by order, like the others. Every rank must call
+        it at the same point: it is itself a collective, always checked, so a rank that asks for
+        the other setting gets a CollectiveMismatchError on every rank. It takes effect from the
+        next collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
         """
         enabled = bool(enabled)
         info = OpInfo("set_check", f"enabled={enabled}")
@@ -587,8 +621,9 @@ class Communicator:
         def fn(seq: int) -> None:
             # On the engine thread, between two collectives: every rank switches at the same one.
             if self.size > 1:
-                exchange(info, seq, self.group, self.ranks, self.device, self.rank)
+                self._match(info, seq)
             self.settings = self.settings.replace(check=enabled)
+            self._engine.by_name = enabled and self.size > 1
 
         self.run(info, fn, checked=False)
 
@@ -610,10 +645,12 @@ class Communicator:
             return 0
         if not self.settings.check:
             raise PyddlError("join() needs the per-collective exchange, which PYDDL_CHECK=0 turned off")
-        rnd = self.run(OpInfo("join", ""), lambda seq: serve_until_all_joined(self, seq), checked=False)
-        with self._lock:  # the ranks left their counters at different numbers
-            self._seq = max(self._seq, rnd.max_seq)
-        return rnd.last_joined
+        def fn(seq: int):
+            rnd = serve_until_all_joined(self, seq)
+            self._engine.skip_to(rnd.max_seq)  # the ranks left their numbers at different values
+            return rnd
+
+        return self.run(OpInfo("join", ""), fn, checked=False).last_joined
 
     # More communicators --------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-__all__ = ["Monitor", "OpInfo", "Round", "exchange", "fingerprint"]
+__all__ = ["Monitor", "NamesDiffer", "OpInfo", "Round", "exchange", "fingerprint"]
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,13 @@ class OpInfo:
     # How a rank that has called join() takes part: the flat buffers (numel, dtype name) this
     # collective reduces, in order, with (op, algorithm, codec). None: not joinable.
     join_spec: tuple | None = None
+    # Horovod's name= with its kind ("allreduce.grad.w"): ranks match the call by it, not by
+    # its place in their order (comm/names.py). None: matched by order.
+    key: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.name}({self.detail})"
+        named = "" if self.key is None else f" name={self.key!r}"
+        return f"{self.name}({self.detail}{named})"
 
 
 def fingerprint(info: OpInfo) -> int:
@@ -58,6 +62,16 @@ class Round:
 # torch 2.14 renamed all_gather_into_tensor (and warns on the old name); 2.4 has only that.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+
+class NamesDiffer(Exception):
+    """The ranks are at different named calls (or named against unnamed): not an error yet,
+    since named calls may come in any order; the ranks negotiate (comm/names.py)."""
+
+    def __init__(self, listing: str):
+        super().__init__(listing)
+        self.listing = listing
+
+
 _JOINED_FP = -1
 _NO_FP = -(1 << 62)
 
@@ -72,7 +86,8 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     allgather: Gloo's allgather of a few bytes costs about a third of its allreduce (0.5 vs
     1.7 ms on loopback, most of it CPU), and this check runs before every collective.
     A difference gathers the descriptions to name who called what, and raises
-    CollectiveMismatchError on every rank.
+    CollectiveMismatchError on every rank; or NamesDiffer on every rank where the ranks are
+    at different names (the fingerprint covers the name), so that they negotiate instead.
     """
     if info is None:
         mine = torch.tensor([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank], dtype=torch.int64, device=device)
@@ -87,13 +102,15 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     if high == -neg_low and not some_joined:
         return Round(False, False, -1, -1)
     described: list = [None] * len(group_ranks)
-    mine = None if info is None else (str(info), info.join_spec, seq)
+    mine = None if info is None else (str(info), info.join_spec, seq, info.key)
     dist.all_gather_object(described, mine, group=group)
     if high != -neg_low:
         calls: dict[str, list[int]] = {}
         for r, entry in zip(group_ranks, described):
             calls.setdefault("join()" if entry is None else entry[0], []).append(r)
         listing = "; ".join(f"ranks {_ranks(rs)}: {text}" for text, rs in calls.items())
+        if len({entry[3] for entry in described if entry is not None}) > 1:
+            raise NamesDiffer(listing)  # different names (or a name and none): negotiate
         raise CollectiveMismatchError(
             f"pyddl: collective #{seq} differs across ranks — {listing}. Every rank must call the "
             "same collectives in the same order with the same shapes and dtypes."

@@ -7,7 +7,7 @@ import torch
 
 from pyddl.comm import registry
 from pyddl.comm.codecs import get_codec
-from pyddl.comm.guard import Round, exchange
+from pyddl.comm.guard import NamesDiffer, Round, exchange
 from pyddl.errors import PyddlError
 
 __all__ = ["serve_until_all_joined", "identity"]
@@ -25,9 +25,15 @@ def identity(op: str, dtype: torch.dtype, numel: int, device) -> torch.Tensor:
 
 
 def serve_until_all_joined(comm, seq: int) -> Round:
-    """The join collective's body (engine thread): one exchange per collective the others run."""
+    """The join collective's body (engine thread): one exchange per collective the others run.
+    Where they are at different names, this rank takes part in their negotiation, offering
+    none: it serves whichever they agree on."""
     while True:
-        rnd = exchange(None, seq, comm.group, comm.ranks, comm.device, comm.rank)
+        try:
+            rnd = exchange(None, seq, comm.group, comm.ranks, comm.device, comm.rank)
+        except NamesDiffer as differ:
+            comm._negotiate(seq, differ.listing, joined=True)
+            continue
         if rnd.all_joined:
             return rnd
         (buffers, op, alg, codec), op_seq = rnd.serve

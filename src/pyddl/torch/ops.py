@@ -380,8 +380,8 @@ def _allreduce_async(comm, tensor, inplace: bool, op: str, name, pre: float, pos
     def start():
         work = _wire(_scaled(src, pre))
         if work is src and not inplace:
-            return comm.allreduce_async(src, op=op, compression=codec)
-        return comm.allreduce_async_(work, op=op, compression=codec)
+            return comm.allreduce_async(src, op=op, compression=codec, name=name)
+        return comm.allreduce_async_(work, op=op, compression=codec, name=name)
 
     return _submit("allreduce", name, start, lambda out: _result(out, tensor.dtype, post, tensor if inplace else None))
 
@@ -473,7 +473,7 @@ def _grouped_async(comm, tensors, inplace: bool, op: str, name, pre: float, post
         work = [_wire(_scaled(s, pre)) for s in srcs]
         if not inplace:
             work = [w.clone() if w is s else w for w, s in zip(work, srcs)]
-        return comm.grouped_allreduce_async_(work, op=op, compression=codec)
+        return comm.grouped_allreduce_async_(work, op=op, compression=codec, name=name)
 
     def finish(outs):
         # Horovod's synchronize() gives a grouped op's outputs as a tuple.
@@ -535,7 +535,7 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
 def allgather_async(tensor, name=None, process_set=global_process_set) -> int:
     """Start an allgather: concatenation along axis 0, whose length may differ across ranks."""
     comm = _comm_of(process_set)
-    return _submit("allgather", name, lambda: comm.allgather_async(_wire(tensor.detach())),
+    return _submit("allgather", name, lambda: comm.allgather_async(_wire(tensor.detach()), name=name),
                    lambda out: out.to(tensor.dtype))
 
 
@@ -588,7 +588,8 @@ def broadcast_async(tensor, root_rank, name=None, process_set=global_process_set
     """
     comm = _comm_of(process_set)
     root = _check_root(root_rank, comm)
-    return _submit("broadcast", name, lambda: comm.broadcast_async_(_wire(tensor.detach()).clone(), root=root),
+    return _submit("broadcast", name,
+                   lambda: comm.broadcast_async_(_wire(tensor.detach()).clone(), root=root, name=name),
                    lambda out: out.to(tensor.dtype))
 
 
@@ -596,7 +597,7 @@ def broadcast_async_(tensor, root_rank, name=None, process_set=global_process_se
     """Start overwriting `tensor` with rank `root_rank`'s; synchronize() returns `tensor`."""
     comm = _comm_of(process_set)
     root = _check_root(root_rank, comm)
-    return _submit("broadcast", name, lambda: comm.broadcast_async_(_wire(tensor.detach()), root=root),
+    return _submit("broadcast", name, lambda: comm.broadcast_async_(_wire(tensor.detach()), root=root, name=name),
                    lambda out: _result(out, tensor.dtype, 1.0, tensor))
 
 
@@ -650,7 +651,7 @@ def alltoall_async(tensor, splits=None, name=None, process_set=global_process_se
     and how many came from each.
     """
     comm = _comm_of(process_set)
-    return _submit("alltoall", name, lambda: comm.alltoall_async(_wire(tensor.detach()), splits),
+    return _submit("alltoall", name, lambda: comm.alltoall_async(_wire(tensor.detach()), splits, name=name),
                    _received_like(splits, tensor.dtype))
 
 
@@ -688,7 +689,7 @@ def _reducescatter_async(comm, tensor, op: str, name, pre: float, post: float) -
     op, post = _average_as_postscale([tensor], op, post, comm.size)
 
     def start():
-        return comm.reduce_scatter_async(_wire(_scaled(tensor.detach(), pre)), op=op)
+        return comm.reduce_scatter_async(_wire(_scaled(tensor.detach(), pre)), op=op, name=name)
 
     return _submit("reducescatter", name, start, lambda out: _result(out, tensor.dtype, post))
 
@@ -747,6 +748,11 @@ class _Together:
         return [h.wait() for h in self._handles]
 
 
+def _part(name, i: int):
+    """The name of a grouped op's i-th collective: ranks match each by it."""
+    return None if name is None else f"{name}[{i}]"
+
+
 def grouped_allgather_async(tensors, name=None, process_set=global_process_set) -> int:
     """Start an allgather of each tensor of the list; synchronize() returns the list of results."""
     comm = _comm_of(process_set)
@@ -754,7 +760,8 @@ def grouped_allgather_async(tensors, name=None, process_set=global_process_set) 
     if not tensors:
         raise ValueError("grouped_allgather needs a non-empty list of tensors")
     return _submit("grouped_allgather", name,
-                   lambda: _Together([comm.allgather_async(_wire(t.detach())) for t in tensors]),
+                   lambda: _Together([comm.allgather_async(_wire(t.detach()), name=_part(name, i))
+                                      for i, t in enumerate(tensors)]),
                    lambda outs: [o.to(t.dtype) for o, t in zip(outs, tensors)])
 
 
@@ -778,8 +785,9 @@ def grouped_reducescatter_async(tensors, name=None, op=Average, process_set=glob
     plans = [_average_as_postscale([t], op_name, postscale_factor, comm.size) for t in tensors]
     return _submit(
         "grouped_reducescatter", name,
-        lambda: _Together([comm.reduce_scatter_async(_wire(_scaled(t.detach(), prescale_factor)), op=o)
-                           for t, (o, _) in zip(tensors, plans)]),
+        lambda: _Together([comm.reduce_scatter_async(_wire(_scaled(t.detach(), prescale_factor)), op=o,
+                                                     name=_part(name, i))
+                           for i, (t, (o, _)) in enumerate(zip(tensors, plans))]),
         lambda outs: [_result(out, t.dtype, post) for out, t, (_, post) in zip(outs, tensors, plans)])
 
 
