@@ -118,11 +118,11 @@ def test_a_frozen_worker_ends_the_job_within_the_timeout_and_is_named_as_silent(
         open(f"pid{pyddl.rank()}", "w").write(str(os.getpid()))
         for i in range(100000):
             pyddl.allreduce(torch.ones(1000))
-            if pyddl.rank() == 1 and i == 3000:
+            if pyddl.rank() == 1 and i == 300:
                 open("frozen", "w").write(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGSTOP)
     """)
-    launcher = subprocess.Popen(PYDDL + ["run", "-np", "3", "--timeout", "10", script], cwd=tmp_path,
+    launcher = subprocess.Popen(PYDDL + ["run", "-np", "3", "--timeout", "5", script], cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         _, err = launcher.communicate(timeout=80)
@@ -137,10 +137,10 @@ def test_a_frozen_worker_ends_the_job_within_the_timeout_and_is_named_as_silent(
                 pytest.fail(f"rank {r} outlived its launcher")
     took = ended - float((tmp_path / "frozen").read_text())
     assert launcher.returncode == 1, err
-    # 16 s measured (10 s timeout, 2.5 s reading heartbeats, the exits); torch's own stop
+    # 16 s measured with a 10 s timeout (2.5 s reading heartbeats, the exits); torch's own stop
     # would add 30 s. The margin is for a loaded machine.
-    assert took < 10 + 12, f"the launcher exited {took:.1f} s after the freeze:\n{err}"
-    assert "timed out after 10 s" in err and "rank 1 was last heard at collective #" in err, err
+    assert took < 5 + 12, f"the launcher exited {took:.1f} s after the freeze:\n{err}"
+    assert "timed out after 5 s" in err and "rank 1 was last heard at collective #" in err, err
     assert "no heartbeat from ranks 1 for about" in err, err
     assert "collective(s) behind" not in err, err  # a frozen rank's number is stale, not a lag
 
