@@ -19,7 +19,8 @@ Modes (`--mode`):
         (Horovod: `horovodrun -np 2 --gloo pytest -v test_torch.py`).
   each  every test in its own 2-rank job, to tell "fails alone" from "fails after an
         earlier failure left the job broken".
-  both  job, then each, then the tests whose outcome differs.
+  both  job, then each for the tests that did not pass in the job (one that passes after
+        the others passes alone), then the tests whose outcome differs.
 
 Deselected (the CPU subset; Horovod's tests skip GPU ones themselves without CUDA, these are
 deselected by name so the counts are of what pyddl is meant to run):
@@ -262,16 +263,17 @@ def main(argv: list[str] | None = None) -> int:
             print(summaries[-1], flush=True)
         if args.mode in ("each", "both"):
             t0 = time.monotonic()
+            alone = tests if args.mode == "each" else [t for t in tests if results["job"][t]["outcome"] != "passed"]
             results["each"] = {}
-            for i, test in enumerate(tests):
+            for i, test in enumerate(alone):
                 report_dir = dest / "each" / test
                 run_job(dest, [test], report_dir, args, args.job_timeout or 300, log)
                 results["each"].update(read_outcomes(report_dir, [test], args.np))
-                print(f"  [{i + 1}/{len(tests)}] {results['each'][test]['outcome']:7} {test}", flush=True)
+                print(f"  [{i + 1}/{len(alone)}] {results['each'][test]['outcome']:7} {test}", flush=True)
             summaries.append(summarize("each", results["each"], time.monotonic() - t0))
             print(summaries[-1], flush=True)
     if len(results) == 2:
-        differ = [t for t in tests if results["job"][t]["outcome"] != results["each"][t]["outcome"]]
+        differ = [t for t in results["each"] if results["job"][t]["outcome"] != results["each"][t]["outcome"]]
         print(f"== outcome differs between modes ({len(differ)}): job -> each")
         for t in differ:
             print(f"  {t}: {results['job'][t]['outcome']} -> {results['each'][t]['outcome']}")
