@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="pyddl run --timeout: a collective waiting this long fails (default 60 s)")
     parser.add_argument("--job-timeout", type=float, default=None,
                         help="kill a job after this many s (default: 3600 for mode job, 300 per test for each)")
-    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs, reports); default: a temp dir")
+    parser.add_argument("--keep", type=Path,
+                        help="work in this folder (emptied first); default: a new temp dir, left in place for its log")
     parser.add_argument("--json", type=Path, help="also write every outcome to this JSON file")
     args = parser.parse_args(argv)
 
