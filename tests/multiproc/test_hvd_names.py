@@ -279,3 +279,27 @@ def test_without_the_check_named_ops_run_in_submission_order():
     in each rank's submission order, so every rank must submit them in one order."""
     for sums, negotiations in run_ranks(_check_off, 2, env={"PYDDL_CHECK": "0"}):
         assert sums == [3.0, 30.0, 300.0] and negotiations == 0
+
+
+def _across_a_barrier(rank, world):
+    import pyddl.torch as hvd
+
+    hvd.init()
+    x = torch.full((2, 3), float(rank))
+    # Horovod's test_horovod_allgather_duplicate_name_error: rank 0 submits the name before
+    # the barrier, rank 1 after it.
+    if rank == 0:
+        h = hvd.allgather_async(x, name="dup")
+    hvd.barrier()
+    if rank > 0:
+        h = hvd.allgather_async(x, name="dup")
+    hvd.barrier()
+    return hvd.synchronize(h)[:, 0].tolist()
+
+
+@pytest.mark.timeout(90)
+def test_a_named_op_pairs_up_across_a_barrier():
+    """Horovod's barrier is itself matched by name (BARRIER_TENSOR_NAME, "barrier.noname"), so
+    a named op rank 0 submits before a barrier and rank 1 after it still pairs up."""
+    for rows in run_ranks(_across_a_barrier, 2):
+        assert rows == [0.0, 0.0, 1.0, 1.0]

@@ -597,10 +597,16 @@ class Communicator:
         """Start `alltoall` in the background; `handle.wait()` returns (rows, received splits)."""
         return self._alltoall(tensor, splits, asynchronous=True, name=name)
 
-    def barrier(self) -> None:
-        """Wait until every rank has called barrier (names the missing ranks on timeout)."""
+    def barrier(self, name: str | None = None) -> None:
+        """Wait until every rank has called barrier (names the missing ranks on timeout).
+
+        Unnamed, it is matched by order, so it also waits for every collective submitted
+        before it. `name=` matches it by name, as Horovod's ("barrier.noname"): named calls
+        submitted before it on some rank may then run after it.
+        """
         self._require_member("barrier")
-        self.run(OpInfo("barrier", ""), lambda seq: dist.barrier(group=self.group) if self.size > 1 else None)
+        self.run(OpInfo("barrier", "", key=_key("barrier", name)),
+                 lambda seq: dist.barrier(group=self.group) if self.size > 1 else None)
 
     def set_check(self, enabled: bool) -> None:
         """Turn the cross-rank check before every collective on or off, on every rank at once.

@@ -50,9 +50,17 @@ def gloo_enabled() -> bool:
     return gloo_built() and _backend() == "gloo"
 
 
-def nccl_built() -> bool:
-    """Whether the installed torch has the NCCL backend (a CUDA build; no GPU needed)."""
-    return dist.is_nccl_available()
+def nccl_built() -> int:
+    """The NCCL_VERSION_CODE of the installed torch's NCCL (2.30.7 gives 23007), 0 without it.
+
+    As Horovod's: an int, not a bool, since its tests compare it (`nccl_built() < 2700`). A CUDA
+    build of torch has NCCL with or without a GPU.
+    """
+    if not dist.is_nccl_available():
+        return 0
+    major, minor, patch = torch.cuda.nccl.version()[:3]
+    # NCCL's own NCCL_VERSION(X, Y, Z) macro (nccl.h): the code grew a digit at 2.9.
+    return major * 1000 + minor * 100 + patch if major <= 2 and minor <= 8 else major * 10000 + minor * 100 + patch
 
 
 def ddl_built() -> bool:

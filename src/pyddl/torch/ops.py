@@ -849,7 +849,11 @@ def join(device: int = -1) -> int:
 
 
 def barrier(process_set=global_process_set) -> None:
-    """Wait until every rank of the set has called barrier (a rank that never comes is named)."""
+    """Wait until every rank of the set has called barrier (a rank that never comes is named).
+
+    Matched by name, as Horovod's (its BARRIER_TENSOR_NAME, "barrier.noname"): a named async
+    op one rank submitted before the barrier and another after it still pairs up.
+    """
     comm = _comm_of(process_set)
     with horovod_errors():
-        comm.barrier()
+        comm.barrier(name="noname")
