@@ -118,7 +118,9 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     active = next(entry for entry in described if entry is not None)
     if active[1] is None:
         joined = [r for r, entry in zip(group_ranks, described) if entry is None]
-        raise CollectiveError(
+        # Found before any data moved: the ranks that called it raise, the joined ones go on
+        # serving (Horovod's meaning), and the job stays usable.
+        raise CollectiveMismatchError(
             f"pyddl: ranks {_ranks(joined)} have called join(), and {active[0]} cannot run while "
             "ranks are joined (only allreduce-type collectives can: joined ranks contribute "
             "zeros). Call it before join(), or join later."

@@ -8,7 +8,7 @@ import torch
 from pyddl.comm import registry
 from pyddl.comm.codecs import get_codec
 from pyddl.comm.guard import NamesDiffer, Round, exchange
-from pyddl.errors import PyddlError
+from pyddl.errors import CollectiveMismatchError, PyddlError
 
 __all__ = ["serve_until_all_joined", "identity"]
 
@@ -27,13 +27,16 @@ def identity(op: str, dtype: torch.dtype, numel: int, device) -> torch.Tensor:
 def serve_until_all_joined(comm, seq: int) -> Round:
     """The join collective's body (engine thread): one exchange per collective the others run.
     Where they are at different names, this rank takes part in their negotiation, offering
-    none: it serves whichever they agree on."""
+    none: it serves whichever they agree on. A call of theirs that cannot run (a mismatch, or
+    one that joined ranks cannot serve) raises on them only, as in Horovod: this rank goes on."""
     while True:
         try:
             rnd = exchange(None, seq, comm.group, comm.ranks, comm.device, comm.rank)
         except NamesDiffer as differ:
             comm._negotiate(seq, differ.listing, joined=True)
             continue
+        except CollectiveMismatchError:
+            continue  # the others' call failed before moving data; they raise it, this rank serves on
         if rnd.all_joined:
             return rnd
         (buffers, op, alg, codec), op_seq = rnd.serve
