@@ -37,8 +37,8 @@ import time
 import torch
 import torch.nn as nn
 
-__all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads", "thread_cpu_s",
-           "default_systems", "plot"]
+__all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads",
+           "thread_cpu_s", "default_systems", "plot"]
 
 # name -> (family, what it runs); the family's "-noop" member is its no-communication time.
 SYSTEMS = {

@@ -2,9 +2,10 @@
 `import pyddl.torch as hvd` and the script runs under `pyddl run` (or torchrun, srun, mpirun).
 
 Horovod's elastic API is `pyddl.torch.elastic` (hvd.elastic.run, TorchState, ...), on the
-restarts of `pyddl run --nnodes MIN:MAX`. Also: the overlapped DistributedOptimizer, DDP communication hooks, SyncBatchNorm on CPU
-and GPU, join() for uneven data, and the torch.distributed backend "pyddl" (registered on
-import). See docs/horovod.md, docs/torch.md and docs/backend.md.
+restarts of `pyddl run --nnodes MIN:MAX`. Also: the overlapped DistributedOptimizer, DDP
+communication hooks, SyncBatchNorm on CPU and GPU, join() for uneven data, and the
+torch.distributed backend "pyddl" (registered on import). See docs/horovod.md, docs/torch.md
+and docs/backend.md.
 """
 
 from pyddl import __version__ as _pyddl_version
