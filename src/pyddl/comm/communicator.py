@@ -23,7 +23,7 @@ from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import Packing, unpack
-from pyddl.comm.guard import Monitor, NamesDiffer, OpInfo, exchange
+from pyddl.comm.guard import AHEAD, Monitor, NamesDiffer, OpInfo, exchange, fingerprint
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
 from pyddl.comm.names import negotiate
@@ -112,6 +112,7 @@ class Communicator:
         # lives and dies with the communicator, so a job joined again starts without it.
         self.adapter_state: dict[str, Any] = {}
         self.negotiations = 0  # how often ranks at different names negotiated (comm/names.py)
+        self.exchanges = 0  # cross-rank checks run (one may cover the calls queued behind it)
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
         self._tuned = None
@@ -198,15 +199,15 @@ class Communicator:
         with it matching by `info.key`: the call is matched by order).
         """
         self._require_member(info.name)
-        timeline, monitor = self.timeline, self._monitor
+        timeline, monitor, engine = self.timeline, self._monitor, self._engine
 
         def job(seq: int):
             if monitor is not None:
                 monitor.enter(seq, info)
             start = timeline.now_us() if timeline.enabled else 0.0
             try:
-                if checked and self.settings.check and self.size > 1:
-                    self._match(info, seq)
+                if checked and self.settings.check and self.size > 1 and not engine.running_verified:
+                    self._match(info, seq, engine.ahead(AHEAD))
                 result = fn(seq)
                 if monitor is not None:
                     monitor.leave()
@@ -223,17 +224,23 @@ class Communicator:
 
         describe = f"{info} (a collective of communicator {self.name!r})"
         key = info.key if checked else None
+        # An unnamed checked call can be vouched for by the check of a call ahead of it.
+        fp = fingerprint(info) if checked and key is None else None
         if asynchronous:
-            return self._engine.submit(job, describe, key)
-        return self._engine.run(job, describe, key)
+            return engine.submit(job, describe, key, fp)
+        return engine.run(job, describe, key, fp)
 
-    def _match(self, info: OpInfo, seq: int) -> None:
+    def _match(self, info: OpInfo, seq: int, ahead: Sequence[int] = ()) -> None:
         """The cross-rank check (engine thread). Where the ranks are at different names, they
-        agree on a name and raise Reorder, which runs its job first on every rank."""
+        agree on a name and raise Reorder, which runs its job first on every rank. The calls
+        queued behind it that every rank has alike (`ahead`: their fingerprints) are marked
+        checked."""
+        self.exchanges += 1
         try:
-            exchange(info, seq, self.group, self.ranks, self.device, self._rank)
+            rnd = exchange(info, seq, self.group, self.ranks, self.device, self._rank, ahead)
         except NamesDiffer as differ:
             raise Reorder(self._negotiate(seq, differ.listing)) from None
+        self._engine.verify_ahead(rnd.ahead_verified)
 
     def _negotiate(self, seq: int, listing: str, joined: bool = False) -> str:
         self.negotiations += 1
@@ -611,15 +618,17 @@ class Communicator:
     def set_check(self, enabled: bool) -> None:
         """Turn the cross-rank check before every collective on or off, on every rank at once.
 
-        The check costs a small allgather per collective (on the emulated 1 Gbit/s bed, 15-18 ms
-        of a 1.3 s ResNet-18 step with 17 gradient buckets: docs/emulation.md). A script whose
-        collectives have proven to match (say, after its first steps) can turn it off. Without
-        it, mismatched calls across ranks are no longer a CollectiveMismatchError: they may fail
-        in the backend, time out or, with equal sizes, return a wrong result; join() is not
-        available; and named calls are matched by order, like the others. Every rank must call
-        it at the same point: it is itself a collective, always checked, so a rank that asks for
-        the other setting gets a CollectiveMismatchError on every rank. It takes effect from the
-        next collective on every rank alike. `PYDDL_CHECK=0` sets the job's start value.
+        The check costs a small allgather, which also covers the calls queued behind the one
+        about to run (docs/architecture.md): a few per training step where gradient buckets
+        queue up, each about 30 ms of exposed time on the emulated 0.5 Gbit/s bed of 2 servers
+        x 2 ranks (docs/emulation.md). A script whose collectives have proven to match (say,
+        after its first steps) can turn it off. Without it, mismatched calls across ranks are no
+        longer a CollectiveMismatchError: they may fail in the backend, time out or, with equal
+        sizes, return a wrong result; join() is not available; and named calls are matched by
+        order, like the others. Every rank must call it at the same point: it is itself a
+        collective, always checked, so a rank that asks for the other setting gets a
+        CollectiveMismatchError on every rank. It takes effect from the next collective on every
+        rank alike. `PYDDL_CHECK=0` sets the job's start value.
         """
         enabled = bool(enabled)
         info = OpInfo("set_check", f"enabled={enabled}")

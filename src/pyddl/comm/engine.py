@@ -73,10 +73,11 @@ class Reorder(Exception):
 
 
 class _Job:
-    __slots__ = ("fn", "future", "key")
+    __slots__ = ("fn", "future", "key", "fp", "verified")
 
-    def __init__(self, fn: Callable[[int], Any], future: Future, key: str | None):
-        self.fn, self.future, self.key = fn, future, key
+    def __init__(self, fn: Callable[[int], Any], future: Future, key: str | None, fp: int | None):
+        self.fn, self.future, self.key, self.fp = fn, future, key, fp
+        self.verified = False  # compared across ranks by the check of a job ahead of it
 
 
 class Engine:
@@ -100,11 +101,15 @@ class Engine:
         self.seq = 0  # the number of the job running or last run
         self._wait_limit_s = wait_limit_s
         self._broken: BaseException | None = None
+        # Whether the running job was compared across ranks ahead of time (see ahead()).
+        self.running_verified = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, fn: Callable[[int], Any], describe: str, key: str | None = None) -> Handle:
+    def submit(self, fn: Callable[[int], Any], describe: str, key: str | None = None,
+               fp: int | None = None) -> Handle:
         """Queue `fn(seq)`; `key` names it for matching by name (None: matched by order).
+        `fp`: the fingerprint of an unnamed checked call, which a check ahead of it may cover.
 
         Raises:
             ValueError: a job of that name is still queued or running (Horovod's rule: the
@@ -117,17 +122,41 @@ class Engine:
                     raise ValueError(f"a collective named {key!r} is still in flight on this rank; names must "
                                      "be unique until their collective ends: wait for it, or pick another name")
                 self._names.add(key)
-            self._jobs.append(_Job(fn, future, key))
+            self._jobs.append(_Job(fn, future, key, None if key is not None else fp))
             self.submitted += 1
             self._cond.notify_all()
         return Handle(future, describe, self._wait_limit_s)
 
-    def run(self, fn: Callable[[int], Any], describe: str, key: str | None = None) -> Any:
+    def run(self, fn: Callable[[int], Any], describe: str, key: str | None = None, fp: int | None = None) -> Any:
         """Submit `fn(seq)` and wait for it; run it at once from a job on the engine thread."""
         if threading.current_thread() is self._thread:
             self.seq += 1  # a job that itself issues collectives (e.g. the auto tuner)
+            self.running_verified = False
             return fn(self.seq)
-        return self.submit(fn, describe, key).wait()
+        return self.submit(fn, describe, key, fp).wait()
+
+    def ahead(self, limit: int) -> list[int]:
+        """(Engine thread.) The fingerprints of the jobs queued right behind the running one,
+        up to `limit`, stopping at the first without one (named, unchecked, or the end).
+
+        These jobs run next, in this order, on this rank: unnamed jobs are never overtaken, and
+        jobs are only appended behind them. So a check that finds every rank with the same
+        jobs ahead can vouch for them (verify_ahead), and each skips its own exchange.
+        """
+        fps = []
+        with self._cond:
+            for i in range(1, min(len(self._jobs), limit + 1)):
+                job = self._jobs[i]
+                if job is None or job.fp is None:
+                    break
+                fps.append(job.fp)
+        return fps
+
+    def verify_ahead(self, count: int) -> None:
+        """(Engine thread.) Mark the first `count` jobs of the last ahead() as checked."""
+        with self._cond:
+            for i in range(1, count + 1):
+                self._jobs[i].verified = True
 
     def ready_names(self) -> tuple[list[str], bool]:
         """(Engine thread.) The names of the named jobs at the front of the queue, the running
@@ -215,6 +244,7 @@ class Engine:
             )
             return True
         self.seq += 1
+        self.running_verified = job.verified
         try:
             result = job.fn(self.seq)
         except Reorder as order:

@@ -1,0 +1,92 @@
+"""One cross-rank check covers the calls queued behind it (guard.exchange's `ahead`): when
+gradient buckets queue up behind a busy network, every rank compares the whole queue at once
+instead of paying an allgather per bucket. It must keep every guarantee of the check: a
+mismatch anywhere in the queue still raises on every rank at that call, and a rank that
+joins while calls are queued still serves them."""
+
+import threading
+
+import pytest
+import torch
+
+from harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
+
+
+def _held(comm):
+    """Hold the engine until the returned event is set, so the calls after it queue up."""
+    from pyddl.comm.guard import OpInfo
+
+    release = threading.Event()
+    comm.run(OpInfo("hold", ""), lambda seq: release.wait(30), asynchronous=True, checked=False)
+    return release
+
+
+def _queued(rank, world, n, bad):
+    import pyddl
+
+    pyddl.init()
+    comm = pyddl.world()
+    release = _held(comm)
+    handles = []
+    for i in range(n):
+        shape = (i + 2,) if not (rank == 1 and i == bad) else (i + 3,)
+        handles.append(comm.allreduce_async_(torch.full(shape, float((rank + 1) * (i + 1)))))
+    release.set()
+    out = []
+    for h in handles:
+        try:
+            out.append(h.wait().tolist())
+        except pyddl.CollectiveMismatchError as exc:
+            out.append(f"mismatch: {exc}")
+    after = comm.allreduce(torch.tensor([float(rank)])).item()  # the job goes on
+    return out, comm.exchanges, after
+
+
+def test_queued_calls_are_checked_together_with_the_same_results():
+    n = 10
+    for out, exchanges, after in run_ranks(_queued, 2, n, -1):
+        # Ranks contribute (rank + 1) x (i + 1): the sum is 3 x (i + 1) in each of i + 2 places.
+        assert out == [[3.0 * (i + 1)] * (i + 2) for i in range(n)]
+        # The first call's check covers the next AHEAD = 7, the ninth covers the tenth (and
+        # the closing allreduce is checked alone): 3 exchanges for 11 collectives.
+        assert exchanges == 3
+        assert after == 1.0
+
+
+def test_a_mismatch_in_the_queue_raises_at_that_call_on_every_rank():
+    n, bad = 6, 3
+    results = run_ranks(_queued, 2, n, bad)
+    assert results[0][0][bad] == results[1][0][bad]  # the same error, the same collective number
+    for rank_out, exchanges, after in results:
+        for i, got in enumerate(rank_out):
+            if i == bad:
+                assert got.startswith("mismatch:") and "differs across ranks" in got, got
+                assert "ranks 0: allreduce(float32[5]" in got and "ranks 1: allreduce(float32[6]" in got, got
+            else:
+                assert got == [3.0 * (i + 1)] * (i + 2)
+        assert after == 1.0
+        # The first call's check stops short of the bad one; it checks itself, and so does the next.
+        assert exchanges == 4
+
+
+def _join_with_a_queue(rank, world):
+    import pyddl
+
+    pyddl.init()
+    comm = pyddl.world()
+    release = _held(comm)
+    calls = 2 if rank == 0 else 3  # rank 0 runs out of data one call early and joins
+    handles = [comm.allreduce_async_(torch.full((4,), float(rank + 1) * (i + 1))) for i in range(calls)]
+    release.set()
+    sums = [h.wait().tolist() for h in handles]
+    last = comm.join()
+    return sums, last
+
+
+def test_a_rank_joining_behind_queued_calls_serves_the_rest():
+    results = run_ranks(_join_with_a_queue, 2)
+    assert results[0][0] == [[3.0] * 4, [6.0] * 4]
+    assert results[1][0] == [[3.0] * 4, [6.0] * 4, [6.0] * 4]  # rank 0 gave zeros for the third
+    assert results[0][1] == results[1][1] == 1
