@@ -85,4 +85,5 @@ def test_default_systems_leave_the_named_only_variants_out():
     assert "ddp-fp16" in chosen and "pyddl-native-fp16" in chosen and "pyddl-noop" in chosen
     assert "single" not in chosen  # its own job, run when named
     assert set(SYSTEMS) - set(chosen) == {"single", "ddp-bf16", "pyddl-native-bf16", "pyddl-native-fp16-nocheck",
-                                          "pyddl-native-bf16-nocheck", "ddp-on-pyddl", "fsdp2", "fsdp2-on-pyddl"}
+                                          "pyddl-native-bf16-nocheck", "pyddl-multiring-nocheck", "ddp-on-pyddl", "fsdp2",
+                                          "fsdp2-on-pyddl"}

@@ -57,6 +57,7 @@ SYSTEMS = {
     "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
     "pyddl-native-fp16-nocheck": "pyddl native fp16 with the cross-rank check off (pyddl.set_check(False))",
     "pyddl-native-bf16-nocheck": "pyddl native bf16 with the cross-rank check off",
+    "pyddl-multiring-nocheck": "pyddl multiring with the cross-rank check off",
     "ddp-on-pyddl": "torch DDP on a group of backend pyddl (init_process_group(\"pyddl\")), multiring",
     "fsdp2": "torch FSDP2 (fully_shard per top-level layer) on Gloo",
     "fsdp2-on-pyddl": "torch FSDP2 on a group of backend pyddl, multiring",
