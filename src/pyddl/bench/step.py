@@ -37,40 +37,13 @@ import time
 import torch
 import torch.nn as nn
 
+from pyddl.bench.systems import NOCHECK, ON_PYDDL, TORCH_SYSTEMS, torch_default_systems
+
 __all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads",
            "thread_cpu_s", "default_systems", "plot"]
 
-# name -> (family, what it runs); the family's "-noop" member is its no-communication time.
-SYSTEMS = {
-    "single": "one worker alone, plain optimizer",
-    "ddp": "torch DDP, the backend's allreduce",
-    "ddp-fp16": "torch DDP with torch's fp16_compress_hook",
-    "ddp-bf16": "torch DDP with torch's bf16_compress_hook",
-    "ddp-noop": "torch DDP with a no-op hook (no communication)",
-    "pyddl-native": "pyddl DistributedOptimizer, native allreduce",
-    "pyddl-native-fp16": "pyddl, native allreduce, fp16 on the wire",
-    "pyddl-native-bf16": "pyddl, native allreduce, bf16 on the wire",
-    "pyddl-multiring": "pyddl DistributedOptimizer, multiring allreduce",
-    "pyddl-multiring-fp16": "pyddl, multiring allreduce, fp16 on the wire",
-    "pyddl-auto": "pyddl DistributedOptimizer, auto (timed at start-up, per message size)",
-    "pyddl-auto-fp16": "pyddl, auto allreduce, fp16 on the wire",
-    "pyddl-noop": "pyddl's compute alone: the plain optimizer, no communication",
-    "pyddl-native-fp16-nocheck": "pyddl native fp16 with the cross-rank check off (pyddl.set_check(False))",
-    "pyddl-native-bf16-nocheck": "pyddl native bf16 with the cross-rank check off",
-    "pyddl-multiring-nocheck": "pyddl multiring with the cross-rank check off",
-    "ddp-on-pyddl": "torch DDP on a group of backend pyddl (init_process_group(\"pyddl\")), multiring",
-    "fsdp2": "torch FSDP2 (fully_shard per top-level layer) on Gloo",
-    "fsdp2-on-pyddl": "torch FSDP2 on a group of backend pyddl, multiring",
-}
-_NOCHECK = "-nocheck"
-_ON_PYDDL = "-on-pyddl"  # torch's own wrappers on backend pyddl (docs/backend.md): named, not default
-
-
-def default_systems() -> list[str]:
-    """What `pyddl bench step` runs without --systems (the bf16 and unchecked variants only
-    when named)."""
-    return [s for s in SYSTEMS
-            if s != "single" and not s.endswith(("bf16", _NOCHECK, _ON_PYDDL)) and not s.startswith("fsdp2")]
+SYSTEMS = TORCH_SYSTEMS
+default_systems = torch_default_systems
 
 
 def _family(system: str) -> str:
@@ -94,7 +67,7 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.fsdp import fully_shard
 
-        group = _pyddl_group() if system.endswith(_ON_PYDDL) else dist.group.WORLD
+        group = _pyddl_group() if system.endswith(ON_PYDDL) else dist.group.WORLD
         mesh = DeviceMesh.from_group(group, "cpu")
         for child in model.children():
             if any(p.requires_grad for p in child.parameters()):
@@ -116,7 +89,7 @@ def _build(system: str, model_name: str, num_classes: int, image_size: int, buck
         return model, ddp, sgd(ddp.parameters())
     from pyddl.torch.optimizer import DistributedOptimizer
 
-    parts = system.removesuffix(_NOCHECK).split("-")
+    parts = system.removesuffix(NOCHECK).split("-")
     codec = type("Codec", (), {"codec": parts[-1] if parts[-1] in ("fp16", "bf16") else "none"})()
     sizing = {"bucket_bytes": int(bucket_mb * 1024 * 1024)} if bucket_mb else {}
     opt = DistributedOptimizer(
@@ -174,7 +147,7 @@ class _Runner:
 
     def __init__(self, system: str, model_name: str, batch: int, image_size: int, bucket_mb: float):
         num_classes = 1000
-        self.check = not system.endswith(_NOCHECK)  # pyddl's cross-rank check during its steps
+        self.check = not system.endswith(NOCHECK)  # pyddl's cross-rank check during its steps
         self.model, self.forward, self.opt = _build(system, model_name, num_classes, image_size, bucket_mb)
         g = torch.Generator().manual_seed(1)
         self.x = torch.randn(batch, 3, image_size, image_size, generator=g)

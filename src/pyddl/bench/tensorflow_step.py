@@ -25,22 +25,14 @@ import time
 import torch
 
 from pyddl.bench.step import _ratio
+from pyddl.bench.systems import TENSORFLOW_SYSTEMS, tensorflow_default_systems
 
 __all__ = ["SYSTEMS", "MODELS", "default_systems", "run_systems", "summarize", "worker_main"]
 
-SYSTEMS = {
-    "single": "one worker alone, plain Keras optimizer",
-    "keras-noop": "Keras model and optimizer on every worker, no communication",
-    "keras-pyddl": "pyddl.keras DistributedOptimizer, the job's allreduce",
-    "keras-pyddl-fp16": "pyddl.keras DistributedOptimizer, fp16 on the wire",
-    "keras-mwms": "tf.distribute.MultiWorkerMirroredStrategy (TF's ring all-reduce over gRPC)",
-}
+SYSTEMS = TENSORFLOW_SYSTEMS
+default_systems = tensorflow_default_systems
 MODELS = ("small_cnn", "resnet50")
 _NUM_CLASSES = 1000
-
-
-def default_systems() -> list[str]:
-    return [s for s in SYSTEMS if s != "single"]
 
 
 def _my_address() -> str:

@@ -249,8 +249,7 @@ def _scaling(args) -> int:
 
 
 def _add_step_flags(parser) -> None:
-    from pyddl.bench import tensorflow_step
-    from pyddl.bench.step import default_systems
+    from pyddl.bench.systems import tensorflow_default_systems, torch_default_systems
 
     parser.add_argument("--model", help="small_cnn or a torchvision classifier (default resnet18); "
                         "with --framework tensorflow, small_cnn (default) or resnet50 (Keras)")
@@ -264,8 +263,8 @@ def _add_step_flags(parser) -> None:
     parser.add_argument("--bucket-mb", type=float, default=0.0,
                         help="gradient bucket size for DDP and pyddl alike (default: each system's own default)")
     parser.add_argument("--systems", help="comma-separated systems (default: single and the framework's defaults: "
-                        f"{','.join(default_systems())}; with --framework tensorflow "
-                        f"{','.join(tensorflow_step.default_systems())})")
+                        f"{','.join(torch_default_systems())}; with --framework tensorflow "
+                        f"{','.join(tensorflow_default_systems())})")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON (a bare name: under runs/)")
 
 
