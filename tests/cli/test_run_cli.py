@@ -267,16 +267,16 @@ def test_bench_step_rejects_unknown_system(tmp_path):
 def test_bench_scaling_writes_table_json_and_png(tmp_path):
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     proc = _run(
-        ["bench", "scaling", "--model", "small_cnn", "--batch", "4", "--image-size", "16", "--workers", "1,2,3",
+        ["bench", "scaling", "--model", "small_cnn", "--batch", "4", "--image-size", "16", "--workers", "1,3",
          "--steps", "2", "--warmup", "1", "--systems", "single,ddp,ddp-noop,pyddl-native,pyddl-noop",
          "--json", str(out), "--plot", str(png)],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["workers"] == [1, 2, 3]
+    assert data["workers"] == [1, 3]
     got = sorted((r["system"], r["workers"]) for r in data["rows"])
-    assert got == sorted([("single", 1)] + [(s, n) for s in ("ddp", "ddp-noop", "pyddl-native", "pyddl-noop") for n in (2, 3)])
+    assert got == sorted([("single", 1)] + [(s, 3) for s in ("ddp", "ddp-noop", "pyddl-native", "pyddl-noop")])
     single = next(r for r in data["rows"] if r["system"] == "single")
     for r in data["rows"]:
         assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (r["workers"] * single["images_per_s"]))
