@@ -7,10 +7,15 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import shutil
 import socket
+import tempfile
+import time
 import traceback
 
-__all__ = ["free_port", "run_ranks", "RankFailure"]
+__all__ = ["free_port", "run_ranks", "wait_for_ranks", "RankFailure"]
+
+_DONE_DIR = "HARNESS_DONE_DIR"  # where each rank leaves a file once its function has returned
 
 
 class RankFailure(AssertionError):
@@ -37,9 +42,21 @@ def _child(fn, rank, world, env, args, queue):
     try:
         # Plain pickle: tensors sent through a multiprocessing queue would otherwise be shared-
         # memory handles that die with this process.
-        queue.put((rank, True, pickle.dumps(fn(rank, world, *args))))
+        result = (rank, True, pickle.dumps(fn(rank, world, *args)))
     except BaseException as exc:  # reported to the parent, which fails the test
-        queue.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        result = (rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    open(os.path.join(env[_DONE_DIR], str(rank)), "w").close()
+    queue.put(result)
+
+
+def wait_for_ranks(ranks, limit_s: float) -> None:
+    """Stay here, alive, until the functions of `ranks` have returned (at most limit_s): for a
+    rank that must miss a collective while the others time out on it. Sleeping a fixed time
+    instead makes every such test as long as the sleep."""
+    folder = os.environ[_DONE_DIR]
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(folder, str(r))) for r in ranks):
+        time.sleep(0.05)
 
 
 def _context():
@@ -58,7 +75,8 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 9
     """
     ctx = _context()
     queue = ctx.Queue()
-    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done_dir = tempfile.mkdtemp(prefix="harness-")
+    base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), _DONE_DIR: done_dir}
     base.update(env or {})
     procs = [ctx.Process(target=_child, args=(fn, r, world, base, args, queue), daemon=True) for r in range(world)]
     for p in procs:
@@ -78,4 +96,5 @@ def run_ranks(fn, world: int, *args, env: dict | None = None, timeout: float = 9
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(done_dir, ignore_errors=True)
     return [results[r] for r in range(world)]

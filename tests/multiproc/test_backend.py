@@ -5,7 +5,7 @@ are exact on integers, and mismatched shapes, unsupported ops and a missing rank
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import run_ranks, wait_for_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(170)]
 
@@ -258,7 +258,7 @@ def _errors(rank, world):
     except Exception as err:
         out["band"] = f"{type(err).__name__}: {err}"
     if rank == 3:  # leaves the job without its next collective
-        time.sleep(8)
+        wait_for_ranks([0, 1, 2], 30)
         return out
     started = time.monotonic()
     work = dist.all_reduce(torch.ones(2), async_op=True)
@@ -272,7 +272,7 @@ def _errors(rank, world):
         out["missing"] = f"{type(err).__name__}: {err}"
     out["waited_s"] = time.monotonic() - started
     if rank == 0:
-        time.sleep(4)  # rank 0 hosts the store: it stays until the others have read it to name rank 3
+        wait_for_ranks([1, 2], 30)  # rank 0 hosts the store: it stays until the others have read it to name rank 3
     return out
 
 

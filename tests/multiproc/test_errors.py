@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import run_ranks, wait_for_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
 
@@ -55,7 +55,7 @@ def _missing_rank(rank, world):
     pyddl.init(timeout_s=3)
     pyddl.allreduce(torch.ones(1))  # collective #1: everyone
     if rank == 2:
-        time.sleep(10)  # never reaches collective #2 in time (the others give up after 3 s)
+        wait_for_ranks([0, 1], 30)  # never reaches collective #2 (the others give up after 3 s)
         return "slept"
     t0 = time.monotonic()
     try:
@@ -83,12 +83,11 @@ def test_a_rank_that_never_arrives_is_named():
 
 
 def _late_to_init(rank, world, late):
-    import time
-
     import pyddl
 
     if rank in late:
-        time.sleep(9)  # never joins in time (the others give up after 4 s)
+        # Never joins: the others give up after 4 s.
+        wait_for_ranks([r for r in range(world) if r not in late], 30)
         return None
     t0 = time.monotonic()
     try:

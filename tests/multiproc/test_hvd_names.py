@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import run_ranks, wait_for_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
@@ -128,7 +128,7 @@ def _idle_peer(rank, world):
     hvd.init()
     hvd.allreduce(torch.ones(1), name="first")
     if rank == 1:
-        time.sleep(8)  # submits nothing while rank 0 waits (its timeout is 3 s)
+        wait_for_ranks([0], 30)  # submits nothing while rank 0 waits (its timeout is 3 s)
         return "slept"
     try:
         hvd.synchronize(hvd.allreduce_async(torch.ones(1), name="lonely"))

@@ -4,14 +4,13 @@ equivalence with one worker on the global batch; and the errors (mismatched pytr
 first differing leaf and the ranks, a missing rank is named in a timeout)."""
 
 import os
-import time
 
 import pytest
 
 pytest.importorskip("jax")
 pytest.importorskip("optax")
 
-from harness import run_ranks  # noqa: E402
+from harness import run_ranks, wait_for_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.dist]
 
@@ -252,7 +251,7 @@ def _missing(rank, world):
     hvd.init(timeout_s=3)
     hvd.allreduce({"w": jnp.ones(2)})
     if rank == 1:
-        time.sleep(8)  # never reaches the second allreduce within the 3 s timeout
+        wait_for_ranks([0], 30)  # never reaches the second allreduce (rank 0 gives up after 3 s)
         return "slept"
     try:
         hvd.allreduce({"w": jnp.ones(2)})

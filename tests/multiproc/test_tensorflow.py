@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from harness import run_ranks
+from harness import run_ranks, wait_for_ranks
 
 pytestmark = [
     pytest.mark.dist,
@@ -185,7 +185,7 @@ def _fault(hvd, tf, r, n):
     """Last, as it leaves the job broken: on 2 ranks shapes that differ inside a tf.function,
     on 3 a rank that never arrives (PYDDL_TIMEOUT=10 s)."""
     if n == 3 and r == 2:
-        time.sleep(16)
+        wait_for_ranks([0, 1], 40)
         return "slept"
     mismatched = tf.function(lambda: hvd.allreduce(tf.ones([r + 1])))
     t0 = time.monotonic()
