@@ -17,8 +17,9 @@ pytestmark = [pytest.mark.cli, pytest.mark.timeout(120)]
 PYDDL = [sys.executable, "-m", "pyddl.cli.main"]
 
 
-def _run(args, cwd, timeout=100):
+def _run(args, cwd, timeout=100, extra_env=None):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(extra_env or {})
     return subprocess.run(PYDDL + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -51,6 +52,16 @@ def test_the_allreduce_demo_of_the_readme(tmp_path):
         assert f"{alg}: 16 MiB allreduce over 4 ranks (2x2) in" in proc.stdout
     assert proc.stdout.count("every element == 10: True") == 3
     assert "allgather of ranks: [0.0, 1.0, 2.0, 3.0]; local 0/2, server 0/2" in proc.stdout
+
+
+def test_workers_keep_freed_memory_unless_the_user_set_malloc_themselves(tmp_path):
+    # glibc's tunables (pyddl.defaults.WORKER_MALLOC_ENV): without them every new tensor over
+    # 32 MiB faults in fresh pages; a user's own value of either is left as it is.
+    (tmp_path / "env.py").write_text("import os\nprint(os.environ.get('MALLOC_MMAP_THRESHOLD_'), "
+                                     "os.environ.get('MALLOC_TRIM_THRESHOLD_'))\n")
+    proc = _run(["run", "-np", "2", "env.py"], tmp_path, extra_env={"MALLOC_TRIM_THRESHOLD_": "131072"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("2147483647 131072") == 2, proc.stdout
 
 
 def test_run_python_dash_m(tmp_path):

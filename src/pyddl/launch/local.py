@@ -26,6 +26,7 @@ import uuid
 
 from pyddl import env as _env
 from pyddl.config import PYDDL_COMMIT_DIR, PYDDL_RESTART_REASON
+from pyddl.defaults import WORKER_MALLOC_ENV
 from pyddl.launch.config import LaunchError, RunConfig
 
 __all__ = ["RunConfig", "launch", "LaunchError", "worker_command"]
@@ -284,6 +285,9 @@ def _worker_environ(cfg: RunConfig, log_dir: str):
     if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in wanted:
         # As torchrun does: N workers each using every core would oversubscribe the machine.
         wanted["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cfg.nproc))
+    for key, value in WORKER_MALLOC_ENV.items():  # a user's own setting wins
+        if key not in os.environ and key not in wanted:
+            wanted[key] = value
     saved = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     try:
