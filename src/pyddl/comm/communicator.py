@@ -318,7 +318,17 @@ class Communicator:
         self._require_member("allreduce")
         _check_tensor(tensor)
         op, alg, codec = check_op(op), self.check_algorithm(algorithm), self._codec(compression)
-        work = self._to_work(tensor, copy=not inplace)
+        if not (inplace or asynchronous) and fill is None and tensor.is_contiguous() and tensor.device == self.device:
+            # A blocking out-of-place call: its input cannot change before it returns, so the
+            # result's copy of it is made as the allreduce goes, chunk by chunk inside the
+            # multiring's pipeline, overlapping the transfers, instead of a whole pass first.
+            source, work = tensor.detach().view(-1), torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            flat_work = work.view(-1)
+
+            def fill(lo: int, hi: int) -> None:
+                flat_work[lo:hi].copy_(source[lo:hi])
+        else:
+            work = self._to_work(tensor, copy=not inplace)
         info = OpInfo(
             "allreduce",
             f"{_describe(tensor)} op={op} algorithm={alg} compression={codec.name}",
