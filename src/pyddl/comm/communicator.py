@@ -23,7 +23,7 @@ from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import Packing, unpack
-from pyddl.comm.guard import AHEAD, Monitor, NamesDiffer, OpInfo, exchange, fingerprint
+from pyddl.comm.guard import AHEAD, Monitor, NamesDiffer, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
 from pyddl.comm.names import negotiate
@@ -225,7 +225,7 @@ class Communicator:
         describe = f"{info} (a collective of communicator {self.name!r})"
         key = info.key if checked else None
         # An unnamed checked call can be vouched for by the check of a call ahead of it.
-        fp = fingerprint(info) if checked and key is None else None
+        fp = info.fingerprint if checked and key is None and self.settings.check and self.size > 1 else None
         if asynchronous:
             return engine.submit(job, describe, key, fp)
         return engine.run(job, describe, key, fp)

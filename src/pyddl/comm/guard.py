@@ -8,6 +8,7 @@ arrived (their number is behind) and which are silent (exited or frozen).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 import threading
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-__all__ = ["AHEAD", "Monitor", "NamesDiffer", "OpInfo", "Round", "exchange", "fingerprint"]
+__all__ = ["AHEAD", "Monitor", "NamesDiffer", "OpInfo", "Round", "exchange"]
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,12 @@ class OpInfo:
         named = "" if self.key is None else f" name={self.key!r}"
         return f"{self.name}({self.detail}{named})"
 
-
-def fingerprint(info: OpInfo) -> int:
-    """A 62-bit digest of the call; equal on every rank for matching calls."""
-    digest = hashlib.blake2b(str(info).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 2
+    @functools.cached_property
+    def fingerprint(self) -> int:
+        """A 62-bit digest of the call; equal on every rank for matching calls. Computed once:
+        the engine reads it when the call is queued, the check when it runs."""
+        digest = hashlib.blake2b(str(self).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 2
 
 
 @dataclass(frozen=True)
@@ -102,19 +104,14 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     rank where the ranks are at different names (the fingerprint covers the name), so that
     they negotiate instead.
     """
-    mine = torch.zeros(_WIDTH, dtype=torch.int64)
     if info is None:
-        mine[:4] = torch.tensor([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank])
+        values = [_JOINED_FP, _NO_FP, 1, (seq << 20) | rank]
     else:
-        fp = fingerprint(info)
-        ahead = list(ahead)[:AHEAD]
-        mine[:2] = torch.tensor([fp, -fp])
-        mine[4] = -len(ahead)
-        if ahead:
-            fps = torch.tensor(ahead, dtype=torch.int64)
-            mine[5 : 5 + 2 * len(ahead)] = torch.stack([fps, -fps], dim=1).view(-1)
+        fp, ahead = info.fingerprint, list(ahead)[:AHEAD]
+        values = [fp, -fp, 0, 0, -len(ahead)] + [v for f in ahead for v in (f, -f)]
+    mine = torch.tensor(values + [0] * (_WIDTH - len(values)), dtype=torch.int64, device=device)
     everyone = torch.empty(_WIDTH * len(group_ranks), dtype=torch.int64, device=device)
-    _all_gather_flat(everyone, mine.to(device), group=group)
+    _all_gather_flat(everyone, mine, group=group)
     high, neg_low, some_joined, packed, neg_count, *rest = everyone.view(-1, _WIDTH).max(dim=0).values.tolist()
     if high == _JOINED_FP:
         return Round(True, True, packed & ((1 << 20) - 1), packed >> 20)
