@@ -1,6 +1,7 @@
 """One cross-rank check covers the calls queued behind it (guard.exchange's `ahead`): when
 gradient buckets queue up behind a busy network, every rank compares the whole queue at once
-instead of paying an allgather per bucket. It must keep every guarantee of the check: a
+instead of paying an allgather per bucket, and the last call it covered checks the calls queued
+since then in the background (guard.AheadCheck). It must keep every guarantee of the check: a
 mismatch anywhere in the queue still raises on every rank at that call, and a rank that
 joins while calls are queued still serves them."""
 
@@ -49,9 +50,11 @@ def test_queued_calls_are_checked_together_with_the_same_results():
     for out, exchanges, after in run_ranks(_queued, 2, n, -1):
         # Ranks contribute (rank + 1) x (i + 1): the sum is 3 x (i + 1) in each of i + 2 places.
         assert out == [[3.0 * (i + 1)] * (i + 2) for i in range(n)]
-        # The first call's check covers the next AHEAD = 7, the ninth covers the tenth (and
-        # the closing allreduce is checked alone): 3 exchanges for 11 collectives.
-        assert exchanges == 3
+        # The first call's check covers the next AHEAD = 7; the eighth, the last it covered,
+        # checks the ninth and tenth in the background while it moves its data; the tenth does
+        # the same for an empty queue; the closing allreduce is checked alone: 4 exchanges for
+        # 11 collectives, of which only 2 keep a call waiting.
+        assert exchanges == 4
         assert after == 1.0
 
 
@@ -67,8 +70,10 @@ def test_a_mismatch_in_the_queue_raises_at_that_call_on_every_rank():
             else:
                 assert got == [3.0 * (i + 1)] * (i + 2)
         assert after == 1.0
-        # The first call's check stops short of the bad one; it checks itself, and so does the next.
-        assert exchanges == 4
+        # The first call's check stops short of the bad one, and so does the background check
+        # of the call before it; the bad one checks itself, the next one covers the last, which
+        # checks behind it in the background; the closing allreduce is checked alone.
+        assert exchanges == 6
 
 
 def _join_with_a_queue(rank, world):

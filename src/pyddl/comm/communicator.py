@@ -23,7 +23,7 @@ from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import Packing, unpack
-from pyddl.comm.guard import AHEAD, Monitor, NamesDiffer, OpInfo, exchange
+from pyddl.comm.guard import AHEAD, AheadCheck, Monitor, NamesDiffer, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
 from pyddl.comm.multiring import Level, StageThreads
 from pyddl.comm.names import negotiate
@@ -113,6 +113,7 @@ class Communicator:
         self.adapter_state: dict[str, Any] = {}
         self.negotiations = 0  # how often ranks at different names negotiated (comm/names.py)
         self.exchanges = 0  # cross-rank checks run (one may cover the calls queued behind it)
+        self._ahead_check: tuple | None = None  # (AheadCheck, its jobs) in flight (engine thread)
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
         self._tuned = None
@@ -206,8 +207,14 @@ class Communicator:
                 monitor.enter(seq, info)
             start = timeline.now_us() if timeline.enabled else 0.0
             try:
-                if checked and self.settings.check and self.size > 1 and not engine.running_verified:
-                    self._match(info, seq, engine.ahead(AHEAD))
+                if checked and self.settings.check and self.size > 1:
+                    self._settle_ahead()
+                    if not engine.running_verified:
+                        self._match(info, seq, engine.ahead(AHEAD))
+                    elif not engine.next_verified():
+                        # The last of the calls a check vouched for: check the ones queued
+                        # behind it while it moves its data.
+                        self._check_ahead()
                 result = fn(seq)
                 if monitor is not None:
                     monitor.leave()
@@ -230,17 +237,37 @@ class Communicator:
             return engine.submit(job, describe, key, fp)
         return engine.run(job, describe, key, fp)
 
-    def _match(self, info: OpInfo, seq: int, ahead: Sequence[int] = ()) -> None:
+    def _match(self, info: OpInfo, seq: int, ahead: Sequence = ()) -> None:
         """The cross-rank check (engine thread). Where the ranks are at different names, they
-        agree on a name and raise Reorder, which runs its job first on every rank. The calls
-        queued behind it that every rank has alike (`ahead`: their fingerprints) are marked
+        agree on a name and raise Reorder, which runs its job first on every rank. The jobs
+        queued behind it (`ahead`, from Engine.ahead) that every rank has alike are marked
         checked."""
+        self._settle_ahead()
         self.exchanges += 1
         try:
-            rnd = exchange(info, seq, self.group, self.ranks, self.device, self._rank, ahead)
+            rnd = exchange(info, seq, self.group, self.ranks, self.device, self._rank, [j.fp for j in ahead])
         except NamesDiffer as differ:
             raise Reorder(self._negotiate(seq, differ.listing)) from None
-        self._engine.verify_ahead(rnd.ahead_verified)
+        self._engine.verify(ahead[:rnd.ahead_verified])
+
+    def _check_ahead(self) -> None:
+        """(Engine thread.) Post the check of the jobs queued behind the running one, to be
+        settled when the next checked collective starts (guard.AheadCheck). Posted by every
+        rank at the same collective: the last one a check vouched for, which is the same on
+        every rank. On NCCL it completes here: two NCCL communicators busy at once can hang."""
+        ahead = self._engine.ahead(AHEAD)
+        self.exchanges += 1
+        self._ahead_check = (AheadCheck([j.fp for j in ahead], self.group, self.size, self.device,
+                                        asynchronous=self.backend != "nccl"), ahead)
+
+    def _settle_ahead(self) -> None:
+        """(Engine thread.) Wait for the check posted by _check_ahead, if any, and mark the
+        jobs it vouched for; before any other exchange, so that every rank's exchanges meet
+        in one order."""
+        if self._ahead_check is not None:
+            check, ahead = self._ahead_check
+            self._ahead_check = None
+            self._engine.verify(ahead[:check.alike()])
 
     def _negotiate(self, seq: int, listing: str, joined: bool = False) -> str:
         self.negotiations += 1
@@ -671,6 +698,7 @@ class Communicator:
         if not self.settings.check:
             raise PyddlError("join() needs the per-collective exchange, which PYDDL_CHECK=0 turned off")
         def fn(seq: int):
+            self._settle_ahead()
             rnd = serve_until_all_joined(self, seq)
             self._engine.skip_to(rnd.max_seq)  # the ranks left their numbers at different values
             return rnd

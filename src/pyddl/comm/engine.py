@@ -135,28 +135,37 @@ class Engine:
             return fn(self.seq)
         return self.submit(fn, describe, key, fp).wait()
 
-    def ahead(self, limit: int) -> list[int]:
-        """(Engine thread.) The fingerprints of the jobs queued right behind the running one,
-        up to `limit`, stopping at the first without one (named, unchecked, or the end).
+    def ahead(self, limit: int) -> list[_Job]:
+        """(Engine thread.) The jobs queued right behind the running one, up to `limit`,
+        stopping at the first without a fingerprint (named, unchecked, or the end).
 
         These jobs run next, in this order, on this rank: unnamed jobs are never overtaken, and
         jobs are only appended behind them. So a check that finds every rank with the same
-        jobs ahead can vouch for them (verify_ahead), and each skips its own exchange.
+        jobs ahead can vouch for them (verify), and each skips its own exchange.
         """
-        fps = []
+        jobs = []
         with self._cond:
             for i in range(1, min(len(self._jobs), limit + 1)):
                 job = self._jobs[i]
                 if job is None or job.fp is None:
                     break
-                fps.append(job.fp)
-        return fps
+                jobs.append(job)
+        return jobs
 
-    def verify_ahead(self, count: int) -> None:
-        """(Engine thread.) Mark the first `count` jobs of the last ahead() as checked."""
+    def verify(self, jobs: list[_Job]) -> None:
+        """(Engine thread.) Mark `jobs` (from ahead()) as checked across ranks; the running job
+        among them (a check settled as it starts) counts as checked at once."""
         with self._cond:
-            for i in range(1, count + 1):
-                self._jobs[i].verified = True
+            for job in jobs:
+                job.verified = True
+            if jobs and self._jobs and self._jobs[0] is not None and any(j is self._jobs[0] for j in jobs):
+                self.running_verified = True
+
+    def next_verified(self) -> bool:
+        """(Engine thread.) Whether the job right behind the running one is already checked.
+        The same on every rank: a job is only marked where every rank has it at that place."""
+        with self._cond:
+            return len(self._jobs) > 1 and self._jobs[1] is not None and self._jobs[1].verified
 
     def ready_names(self) -> tuple[list[str], bool]:
         """(Engine thread.) The names of the named jobs at the front of the queue, the running

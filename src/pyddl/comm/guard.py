@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
-__all__ = ["AHEAD", "Monitor", "NamesDiffer", "OpInfo", "Round", "exchange"]
+__all__ = ["AHEAD", "AheadCheck", "Monitor", "NamesDiffer", "OpInfo", "Round", "exchange"]
 
 
 @dataclass(frozen=True)
@@ -116,10 +116,7 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     if high == _JOINED_FP:
         return Round(True, True, packed & ((1 << 20) - 1), packed >> 20)
     if high == -neg_low and not some_joined:
-        verified = 0
-        while verified < -neg_count and rest[2 * verified] == -rest[2 * verified + 1]:
-            verified += 1
-        return Round(False, False, -1, -1, ahead_verified=verified)
+        return Round(False, False, -1, -1, ahead_verified=_alike(neg_count, rest))
     described: list = [None] * len(group_ranks)
     mine = None if info is None else (str(info), info.join_spec, seq, info.key)
     dist.all_gather_object(described, mine, group=group)
@@ -145,6 +142,38 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
             "zeros). Call it before join(), or join later."
         )
     return Round(True, False, -1, -1, serve=(active[1], active[2]))
+
+
+def _alike(neg_count: int, pairs: list[int]) -> int:
+    """How many of the queued fingerprints every rank has alike, from the maxima of (minus
+    their count, then [fp, -fp] for each)."""
+    alike = 0
+    while alike < -neg_count and pairs[2 * alike] == -pairs[2 * alike + 1]:
+        alike += 1
+    return alike
+
+
+class AheadCheck:
+    """The check of the calls queued behind a running one, in flight while that one moves its
+    data: an allgather of `exchange`'s ahead part (the first five numbers are unused), posted
+    asynchronously on the same group. Every rank posts one at the same collective (see
+    Communicator.run), so the allgathers pair up. `alike()` waits for it and says how many of
+    the queued calls every rank has alike; like the ahead part of `exchange`, it finds
+    agreement and never raises a mismatch: a call it cannot vouch for gets its own exchange,
+    which names the difference."""
+
+    def __init__(self, ahead: Sequence[int], group, n_ranks: int, device, asynchronous: bool = True):
+        ahead = list(ahead)[:AHEAD]
+        values = [0, 0, 0, 0, -len(ahead)] + [v for f in ahead for v in (f, -f)]
+        mine = torch.tensor(values + [0] * (_WIDTH - len(values)), dtype=torch.int64, device=device)
+        self._everyone = torch.empty(_WIDTH * n_ranks, dtype=torch.int64, device=device)
+        self._work = _all_gather_flat(self._everyone, mine, group=group, async_op=asynchronous)
+
+    def alike(self) -> int:
+        if self._work is not None:
+            self._work.wait()
+        neg_count, *pairs = self._everyone.view(-1, _WIDTH).max(dim=0).values[4:].tolist()
+        return _alike(neg_count, pairs)
 
 
 def _ranks(ranks: list[int]) -> str:
