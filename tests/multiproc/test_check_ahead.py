@@ -95,3 +95,55 @@ def test_a_rank_joining_behind_queued_calls_serves_the_rest():
     assert results[0][0] == [[3.0] * 4, [6.0] * 4]
     assert results[1][0] == [[3.0] * 4, [6.0] * 4, [6.0] * 4]  # rank 0 gave zeros for the third
     assert results[0][1] == results[1][1] == 1
+
+
+def _queued_while_running(rank, world):
+    import pyddl
+    from pyddl.comm.guard import OpInfo
+
+    pyddl.init()
+    comm = pyddl.world()
+    release, running = _held(comm), threading.Event()
+    # The first call's check covers the second; the first then keeps the engine busy until
+    # three more calls are queued behind the second, the last call that check vouched for.
+    first = comm.run(OpInfo("slow", "first"), lambda seq: running.wait(30), asynchronous=True)
+    handles = [comm.allreduce_async_(torch.full((2,), float(rank + 1)))]
+    release.set()
+    handles += [comm.allreduce_async_(torch.full((3,), float((rank + 1) * i))) for i in (2, 3, 4)]
+    running.set()
+    first.wait()
+    sums = [h.wait().tolist() for h in handles]
+    return sums, comm.exchanges
+
+
+def test_calls_queued_while_the_last_checked_one_waits_are_checked_in_the_background():
+    for sums, exchanges in run_ranks(_queued_while_running, 2):
+        assert sums == [[3.0] * 2, [6.0] * 3, [9.0] * 3, [12.0] * 3]
+        # The first call's check, the background check posted by the second (which covers the
+        # three queued behind it), and the one the last posts for an empty queue. A call left
+        # unchecked by the background check would have added an exchange of its own.
+        assert exchanges == 3
+
+
+def _switch_off_behind_a_background_check(rank, world):
+    import pyddl
+
+    pyddl.init()
+    comm = pyddl.world()
+    release = _held(comm)
+    handles = [comm.allreduce_async_(torch.full((2,), float(rank + 1))) for _ in range(3)]
+    release.set()
+    sums = [h.wait().tolist() for h in handles]  # the third posted a background check
+    comm.set_check(False)
+    off = comm.allreduce(torch.tensor([float(rank)])).item()
+    comm.set_check(True)
+    on = comm.allreduce(torch.tensor([float(rank + 1)])).item()
+    return sums, off, on, comm.exchanges
+
+
+def test_switching_the_check_off_and_on_behind_a_background_check():
+    for sums, off, on, exchanges in run_ranks(_switch_off_behind_a_background_check, 2):
+        assert sums == [[3.0] * 2] * 3 and off == 1.0 and on == 3.0
+        # First call (covers the other two), background check of the third, set_check twice,
+        # the last allreduce.
+        assert exchanges == 5
