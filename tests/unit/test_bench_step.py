@@ -40,6 +40,22 @@ def test_exposed_communication_against_the_bare_model_and_ddp_at_the_same_wire_p
     assert "pyddl-multiring            x2       400 ms  0.63x ddp's" in text
     assert "pyddl-multiring-fp16       x2       190 ms  0.73x ddp-fp16's" in text
     assert format_exposed(summarize([_row("ddp", [1.0]), _row("ddp-noop", [0.9])])) == ""
+    # Per round the multiring exposed 0.67/0.60/0.63 of DDP's: within a quarter, a result.
+    assert by["pyddl-multiring"]["exposed_vs_ddp_by_round"] == pytest.approx([0.40 / 0.60, 0.39 / 0.65, 0.40 / 0.63])
+    assert "exposed_vs_ddp_unreliable" not in by["pyddl-multiring"] and "!" not in text
+
+
+def test_an_exposed_ratio_whose_rounds_disagree_is_not_a_result():
+    # A run of the 0.5 Gbit/s bed on a busy day: every step's rounds within 7%, yet the
+    # multiring's exposed communication was 1.06x, 0.60x and 1.20x DDP's in its three rounds.
+    rows = judge(summarize([_row("ddp", [3.055, 3.083, 3.065]), _row("pyddl-multiring", [3.089, 2.909, 3.165]),
+                            _row("pyddl-noop", [2.476, 2.643, 2.567])]))
+    by = {r["system"]: r for r in rows}
+    assert by["pyddl-multiring"]["unreliable"] == [] and by["ddp"]["unreliable"] == []
+    assert by["pyddl-multiring"]["exposed_vs_ddp_unreliable"] == "its rounds against DDP's disagree: 1.06/0.60/1.20"
+    text = format_exposed(rows).splitlines()
+    assert text[2].endswith("x ddp's !") and not text[1].endswith("!")
+    assert text[-1] == "!   pyddl-multiring x2: its rounds against DDP's disagree: 1.06/0.60/1.20"
 
 
 def test_rows_whose_rounds_disagree_or_that_beat_their_baseline_are_not_results():

@@ -278,7 +278,20 @@ def summarize(rows: list[dict]) -> list[dict]:
         peer = by.get((_ddp_peer(r["system"]), r["workers"]))
         if peer is not None and peer is not r and "exposed_s" in r and peer.get("exposed_s", 0.0) > 0:
             r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
+            by_round = _exposed_ratio_by_round(by[("pyddl-noop", r["workers"])], peer, r)
+            if by_round:
+                r["exposed_vs_ddp_by_round"] = by_round
     return out
+
+
+def _exposed_ratio_by_round(plain: dict, peer: dict, row: dict) -> list[float]:
+    """Each round's exposed communication of `row` over its DDP peer's, both against the bare
+    model of that round; empty unless all three ran the same rounds (and DDP exposed some)."""
+    rounds = [r.get("round_medians_s", []) for r in (plain, peer, row)]
+    if len(rounds[0]) < 2 or len({len(r) for r in rounds}) > 1:
+        return []
+    ratios = [(m - p) / (d - p) for p, d, m in zip(*rounds) if d > p]
+    return ratios if len(ratios) == len(rounds[0]) else []
 
 
 def _ddp_peer(system: str) -> str:
@@ -300,6 +313,10 @@ def _difference(base: dict, row: dict) -> float:
 # the slack: no system runs faster than its own no-communication or one-worker baseline.
 ROUND_SPREAD_LIMIT = 0.15
 EFFICIENCY_SLACK = 0.02
+# An exposed-communication ratio against DDP is a difference over a difference of steps, so it
+# moves far more between rounds than either step: one whose rounds span more than this
+# fraction of its value cannot tell 0.67x from 0.8x, and is marked as not a result.
+EXPOSED_SPREAD_LIMIT = 0.25
 
 
 def judge(rows: list[dict]) -> list[dict]:
@@ -318,7 +335,12 @@ def judge(rows: list[dict]) -> list[dict]:
                 reasons.append(f"{key.replace('_', ' ')} {r[key]:.2f} is above 1")
         if r is not single and "scaling_efficiency" in r and single_disagrees:
             reasons.append("the one-worker row it scales against is unreliable")
-        out.append({**r, "unreliable": reasons})
+        judged = {**r, "unreliable": reasons}
+        ratios = r.get("exposed_vs_ddp_by_round", [])
+        if len(ratios) > 1 and (max(ratios) - min(ratios)) > EXPOSED_SPREAD_LIMIT * abs(statistics.median(ratios)):
+            judged["exposed_vs_ddp_unreliable"] = (
+                f"its rounds against DDP's disagree: {'/'.join(f'{x:.2f}' for x in ratios)}")
+        out.append(judged)
     return out
 
 
@@ -372,8 +394,14 @@ def format_exposed(rows: list[dict]) -> str:
              "wire precision:"]
     for r in shown:
         versus = (f"  {r['exposed_vs_ddp']:.2f}x {_ddp_peer(r['system'])}'s" if "exposed_vs_ddp" in r else "")
+        flagged = r.get("unreliable") or r.get("exposed_vs_ddp_unreliable")
         lines.append(f"  {r['system']:<26} x{r['workers']:<3} {r['exposed_s'] * 1e3:7.0f} ms{versus}"
-                     + (" !" if r.get("unreliable") else ""))
+                     + (" !" if flagged else ""))
+    disagree = [r for r in shown if r.get("exposed_vs_ddp_unreliable")]
+    if disagree:
+        lines.append(f"! not a result: a ratio whose rounds span more than {EXPOSED_SPREAD_LIMIT:.0%} of it "
+                     "(rerun with more --rounds, on a quiet machine):")
+        lines += [f"!   {r['system']} x{r['workers']}: {r['exposed_vs_ddp_unreliable']}" for r in disagree]
     return "\n".join(lines)
 
 
