@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_dtype, parse_size, parse_tensors
+from pyddl.bench.allreduce import bound_s, calls_per_sample, format_table, parse_dtype
+from pyddl.bench.options import parse_size, parse_tensors
 
 
 def test_sizes_are_binary_units():

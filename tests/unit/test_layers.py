@@ -26,6 +26,8 @@ PURE = [
     "pyddl.train.recipe",
     "pyddl.train.config",
     "pyddl.launch.config",
+    "pyddl.bench.options",
+    "pyddl.bench.systems",
 ]
 
 _BLOCK_TORCH = """

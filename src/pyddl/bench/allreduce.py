@@ -20,53 +20,22 @@ import time
 import torch
 
 import pyddl
+from pyddl.bench.options import DTYPE_NAMES, TENSORS, parse_dtype_name
 from pyddl.config import PYDDL_LINK_GBPS, PYDDL_RACK_GBPS, PYDDL_RACKS
 
-__all__ = ["parse_size", "parse_dtype", "parse_tensors", "bound_s", "bound_levels_s", "calls_per_sample",
-           "bench_allreduce", "bench_backend", "format_table", "DTYPES", "TENSORS", "SPREAD_LIMIT"]
+__all__ = ["parse_dtype", "bound_s", "bound_levels_s", "calls_per_sample", "bench_allreduce", "bench_backend",
+           "format_table", "DTYPES", "SPREAD_LIMIT"]
 
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-# The element types a row may move: the floating types gradients travel in (fp16 and bf16 are
-# what a compressed wire carries, so their rows show the cost of that traffic alone).
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Where each call's tensor comes from: one buffer reused by every call (the best case, what
-# nccl-tests times), a new tensor per call reduced in place (`allreduce_`, as gradients are
-# new every step) or a new tensor per call reduced out of place (`allreduce`, the README's
-# first example). The new tensor is made inside the timed call, as a user's code makes it.
-TENSORS = ("reused", "fresh", "out")
+# torch's dtype for each of the bench's element types (pyddl.bench.options.DTYPE_NAMES).
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # A row whose samples' interquartile range exceeds this fraction of their median, or that
 # beats the physical bound, is marked unreliable: the machine was busy, not the allreduce slow.
 SPREAD_LIMIT = 0.25
 
 
-def parse_size(text: str) -> int:
-    """Parse "64M", "512K", "1G" or a byte count into bytes (binary units)."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1] if t and t[-1] in _UNITS else ""
-    try:
-        value = float(t[: len(t) - len(unit)] if unit else t)
-    except ValueError:
-        raise ValueError(f"size {text!r} is not a number with an optional K/M/G suffix, e.g. 64M") from None
-    if value < 0:
-        raise ValueError(f"size {text!r} is negative")
-    return int(value * _UNITS[unit])
-
-
 def parse_dtype(text: str) -> torch.dtype:
     """Parse "float32", "float16" or "bfloat16" (also "fp32", "fp16", "bf16")."""
-    name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(text.strip().lower(), text.strip().lower())
-    if name not in DTYPES:
-        raise ValueError(f"dtype {text!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def parse_tensors(text: str) -> list[str]:
-    """Parse "reused,fresh,out" (any subset, in that order of appearance)."""
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in TENSORS]
-    if unknown or not kinds:
-        raise ValueError(f"tensors {text!r}: choose from {', '.join(TENSORS)}")
-    return kinds
+    return DTYPES[parse_dtype_name(text)]
 
 
 def bound_s(nbytes: int, servers: int, link_gbps: float) -> float:

@@ -6,8 +6,8 @@ lists these in its help, and `pyddl --help` should not wait for a framework to l
 
 from __future__ import annotations
 
-__all__ = ["TORCH_SYSTEMS", "TENSORFLOW_SYSTEMS", "NOCHECK", "ON_PYDDL", "torch_default_systems",
-           "tensorflow_default_systems"]
+__all__ = ["TORCH_SYSTEMS", "TENSORFLOW_SYSTEMS", "TENSORFLOW_MODELS", "NOCHECK", "ON_PYDDL",
+           "torch_default_systems", "tensorflow_default_systems"]
 
 # name -> (family, what it runs); the family's "-noop" member is its no-communication time.
 TORCH_SYSTEMS = {
@@ -50,6 +50,9 @@ TENSORFLOW_SYSTEMS = {
     "keras-pyddl-fp16": "pyddl.keras DistributedOptimizer, fp16 on the wire",
     "keras-mwms": "tf.distribute.MultiWorkerMirroredStrategy (TF's ring all-reduce over gRPC)",
 }
+
+# The Keras models pyddl.bench.tensorflow_step builds.
+TENSORFLOW_MODELS = ("small_cnn", "resnet50")
 
 
 def tensorflow_default_systems() -> list[str]:

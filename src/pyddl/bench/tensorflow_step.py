@@ -25,13 +25,13 @@ import time
 import torch
 
 from pyddl.bench.step import _ratio
-from pyddl.bench.systems import TENSORFLOW_SYSTEMS, tensorflow_default_systems
+from pyddl.bench.systems import TENSORFLOW_MODELS, TENSORFLOW_SYSTEMS, tensorflow_default_systems
 
 __all__ = ["SYSTEMS", "MODELS", "default_systems", "run_systems", "summarize", "worker_main"]
 
 SYSTEMS = TENSORFLOW_SYSTEMS
 default_systems = tensorflow_default_systems
-MODELS = ("small_cnn", "resnet50")
+MODELS = TENSORFLOW_MODELS
 _NUM_CLASSES = 1000
 
 

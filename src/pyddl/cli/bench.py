@@ -57,15 +57,15 @@ def _under_runs(args) -> None:
 
 
 def _allreduce(args) -> int:
-    from pyddl.bench import allreduce as bench
+    from pyddl.bench import options
     from pyddl.config import ALGORITHM_CHOICES as ALGORITHMS
 
     _under_runs(args)
 
-    try:
-        sizes = [bench.parse_size(s) for s in args.sizes.split(",")]
-        dtype = bench.parse_dtype(args.dtype)
-        tensors = bench.parse_tensors(args.tensors) if args.tensors else list(bench.TENSORS)
+    try:  # before anything loads torch: a typo fails at once
+        sizes = [options.parse_size(s) for s in args.sizes.split(",")]
+        dtype = options.parse_dtype_name(args.dtype)
+        tensors = options.parse_tensors(args.tensors) if args.tensors else list(options.TENSORS)
     except ValueError as err:
         print(f"pyddl bench allreduce: {err}", file=sys.stderr)
         return 2
@@ -88,7 +88,10 @@ def _allreduce(args) -> int:
 
         jax_allreduce.main(algorithms, args.iters, args.warmup, args.json, args.link_gbps)
         return 0
-    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, dtype, args.api, tensors)
+    from pyddl.bench import allreduce as bench
+
+    bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, bench.DTYPES[dtype], args.api,
+               tensors)
     return 0
 
 
@@ -140,23 +143,26 @@ def _single_job(args, threads: str):
 
 def _check_systems(args, what: str) -> list[str] | None:
     """Validate --steps/--rounds and --systems, filling in the framework's default systems
-    and model."""
-    bench = _bench_module(args)
+    and model. Loads no framework: a typo fails at once."""
+    from pyddl.bench import systems as catalog
+
     tensorflow = getattr(args, "framework", "torch") == "tensorflow"
     args.model = args.model or ("small_cnn" if tensorflow else "resnet18")
-    if tensorflow and args.model not in bench.MODELS:
-        print(f"pyddl bench {what}: --framework tensorflow times --model {' or '.join(bench.MODELS)}, "
+    if tensorflow and args.model not in catalog.TENSORFLOW_MODELS:
+        print(f"pyddl bench {what}: --framework tensorflow times --model {' or '.join(catalog.TENSORFLOW_MODELS)}, "
               f"got {args.model!r}", file=sys.stderr)
         return None
-    args.systems = args.systems or ",".join(["single"] + bench.default_systems())
+    known = catalog.TENSORFLOW_SYSTEMS if tensorflow else catalog.TORCH_SYSTEMS
+    defaults = catalog.tensorflow_default_systems() if tensorflow else catalog.torch_default_systems()
+    args.systems = args.systems or ",".join(["single"] + defaults)
     for flag in ("steps", "rounds"):
         if getattr(args, flag) < 1:
             print(f"pyddl bench {what}: --{flag} must be at least 1, got {getattr(args, flag)}", file=sys.stderr)
             return None
     systems = [x.strip() for x in args.systems.split(",") if x.strip()]
-    unknown = [x for x in systems if x not in bench.SYSTEMS]
+    unknown = [x for x in systems if x not in known]
     if unknown:
-        print(f"pyddl bench {what}: unknown system(s) {', '.join(unknown)}; choose from {', '.join(bench.SYSTEMS)}", file=sys.stderr)
+        print(f"pyddl bench {what}: unknown system(s) {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
         return None
     return systems
 
@@ -180,8 +186,6 @@ def _finish(rows: list[dict], args, extra: dict) -> list[dict]:
 
 
 def _step(args) -> int:
-    from pyddl.bench import step as bench
-
     systems = _check_systems(args, "step")
     if systems is None:
         return 2
@@ -191,6 +195,8 @@ def _step(args) -> int:
         return 0
     _under_runs(args)
     if args.out:  # a worker of a job this command started
+        from pyddl.bench import step as bench
+
         bench.worker_main(args.out, systems, args.model, args.batch, args.image_size, args.steps, args.warmup,
                           args.bucket_mb, args.rounds)
         return 0
@@ -208,8 +214,6 @@ def _step(args) -> int:
 
 
 def _scaling(args) -> int:
-    from pyddl.bench import step as bench
-
     systems = _check_systems(args, "scaling")
     if systems is None:
         return 2
@@ -241,6 +245,8 @@ def _scaling(args) -> int:
         rows = _finish(_run_step_jobs(args, jobs), args, {"workers": counts, "emulate_link_gbps": args.emulate_link_gbps,
                                                           "ranks_per_server": args.ranks_per_server if emulate else None})
         if args.plot:
+            from pyddl.bench import step as bench
+
             bench.plot(rows, args.plot, f"{args.model}, batch {args.batch}/worker, {args.image_size} px"
                        + (f", {args.emulate_link_gbps:g} Gbit/s links" if emulate else ""))
             print(f"wrote {args.plot}")
