@@ -244,10 +244,14 @@ def _predict_one(profile: StepProfile, cluster, gpus: int, algorithm: str, bucke
     call = stack.call_us * 1e-6
     staging = stack.staging_gb_per_s * 1e9 if stack.staging_gb_per_s and gpus > cluster.gpus_per_server else None
 
+    known: dict[int, float] = {}  # a model's buckets repeat their sizes: each is costed once
+
     def collective_s(nbytes: int) -> float:
-        # Host staging: the whole bucket to host memory before the collective and back after.
-        copies = 2 * nbytes / staging if staging else 0.0
-        return call + copies + allreduce_s(fabric, algorithm, nbytes, chunk_bytes, pipeline)
+        if nbytes not in known:
+            # Host staging: the whole bucket to host memory before the collective and back after.
+            copies = 2 * nbytes / staging if staging else 0.0
+            known[nbytes] = call + copies + allreduce_s(fabric, algorithm, nbytes, chunk_bytes, pipeline)
+        return known[nbytes]
 
     pred = simulate_step(profile, collective_s, bucket_bytes, _comm_cpu(cluster, fabric, algorithm, chunk_bytes),
                          stack.overlap)
