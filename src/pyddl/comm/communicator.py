@@ -656,9 +656,10 @@ class Communicator:
         """Turn the cross-rank check before every collective on or off, on every rank at once.
 
         The check costs a small allgather, which also covers the calls queued behind the one
-        about to run (docs/architecture.md): a few per training step where gradient buckets
-        queue up, each about 30 ms of exposed time on the emulated 0.5 Gbit/s bed of 2 servers
-        x 2 ranks (docs/emulation.md). A script whose collectives have proven to match (say,
+        about to run, and the last of those checks the ones queued after it in the background
+        (docs/architecture.md): a training step whose gradient buckets queue up waits for 2-3,
+        each about 30 ms of exposed time on the emulated 0.5 Gbit/s bed of 2 servers x 2 ranks
+        (docs/emulation.md). A script whose collectives have proven to match (say,
         after its first steps) can turn it off. Without it, mismatched calls across ranks are no
         longer a CollectiveMismatchError: they may fail in the backend, time out or, with equal
         sizes, return a wrong result; join() is not available; and named calls are matched by
