@@ -103,12 +103,14 @@ def _queued_while_running(rank, world):
 
     pyddl.init()
     comm = pyddl.world()
-    release, running = _held(comm), threading.Event()
+    release, started, running = _held(comm), threading.Event(), threading.Event()
     # The first call's check covers the second; the first then keeps the engine busy until
     # three more calls are queued behind the second, the last call that check vouched for.
-    first = comm.run(OpInfo("slow", "first"), lambda seq: running.wait(30), asynchronous=True)
+    # They are queued once the first call runs, so after its check on every rank.
+    first = comm.run(OpInfo("slow", "first"), lambda seq: (started.set(), running.wait(30)), asynchronous=True)
     handles = [comm.allreduce_async_(torch.full((2,), float(rank + 1)))]
     release.set()
+    started.wait(30)
     handles += [comm.allreduce_async_(torch.full((3,), float((rank + 1) * i))) for i in (2, 3, 4)]
     running.set()
     first.wait()
