@@ -158,7 +158,7 @@ class Engine:
         with self._cond:
             for job in jobs:
                 job.verified = True
-            if jobs and self._jobs and self._jobs[0] is not None and any(j is self._jobs[0] for j in jobs):
+            if self._jobs and any(job is self._jobs[0] for job in jobs):
                 self.running_verified = True
 
     def next_verified(self) -> bool:

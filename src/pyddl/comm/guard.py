@@ -105,11 +105,9 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     they negotiate instead.
     """
     if info is None:
-        values = [_JOINED_FP, _NO_FP, 1, (seq << 20) | rank]
+        mine = _row([_JOINED_FP, _NO_FP, 1, (seq << 20) | rank], (), device)
     else:
-        fp, ahead = info.fingerprint, list(ahead)[:AHEAD]
-        values = [fp, -fp, 0, 0, -len(ahead)] + [v for f in ahead for v in (f, -f)]
-    mine = torch.tensor(values + [0] * (_WIDTH - len(values)), dtype=torch.int64, device=device)
+        mine = _row([info.fingerprint, -info.fingerprint, 0, 0], ahead, device)
     everyone = torch.empty(_WIDTH * len(group_ranks), dtype=torch.int64, device=device)
     _all_gather_flat(everyone, mine, group=group)
     high, neg_low, some_joined, packed, neg_count, *rest = everyone.view(-1, _WIDTH).max(dim=0).values.tolist()
@@ -144,6 +142,14 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     return Round(True, False, -1, -1, serve=(active[1], active[2]))
 
 
+def _row(head: list[int], ahead: Sequence[int], device) -> torch.Tensor:
+    """One rank's numbers for an exchange: the four of its own call (`head`), minus the count
+    of the calls queued behind it, then [fp, -fp] for each of them (up to AHEAD), zeros after."""
+    ahead = list(ahead)[:AHEAD]
+    values = head + [-len(ahead)] + [v for f in ahead for v in (f, -f)]
+    return torch.tensor(values + [0] * (_WIDTH - len(values)), dtype=torch.int64, device=device)
+
+
 def _alike(neg_count: int, pairs: list[int]) -> int:
     """How many of the queued fingerprints every rank has alike, from the maxima of (minus
     their count, then [fp, -fp] for each)."""
@@ -163,11 +169,9 @@ class AheadCheck:
     which names the difference."""
 
     def __init__(self, ahead: Sequence[int], group, n_ranks: int, device, asynchronous: bool = True):
-        ahead = list(ahead)[:AHEAD]
-        values = [0, 0, 0, 0, -len(ahead)] + [v for f in ahead for v in (f, -f)]
-        mine = torch.tensor(values + [0] * (_WIDTH - len(values)), dtype=torch.int64, device=device)
         self._everyone = torch.empty(_WIDTH * n_ranks, dtype=torch.int64, device=device)
-        self._work = _all_gather_flat(self._everyone, mine, group=group, async_op=asynchronous)
+        self._work = _all_gather_flat(self._everyone, _row([0, 0, 0, 0], ahead, device), group=group,
+                                      async_op=asynchronous)
 
     def alike(self) -> int:
         if self._work is not None:
