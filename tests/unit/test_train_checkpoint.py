@@ -111,6 +111,36 @@ def test_atomic_save_leaves_old_file_when_the_write_fails(tmp_path, monkeypatch)
     assert torch.equal(CheckpointManager(tmp_path).load(1)["w"], torch.ones(3))
 
 
+@pytest.mark.timeout(30)
+def test_a_ctrl_c_during_the_write_arrives_after_both_files_are_in_place(tmp_path, monkeypatch):
+    # The trainer's Ctrl-C handler raises SystemExit; raised inside torch.save's zip writer it
+    # made the writer's cleanup raise a second exception with a traceback.
+    import signal
+
+    path = tmp_path / "ckpt-000001.pt"
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # handled before the next bytecode, were it not held
+        real_save(obj, f)
+
+    def exit_quietly(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGINT, exit_quietly)
+    try:
+        monkeypatch.setattr(ckpt.torch, "save", interrupted_save)
+        with pytest.raises(SystemExit) as exc:
+            atomic_save({"w": torch.full((3,), 2.0)}, path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.undo()
+    assert exc.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is previous
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-000001.pt", "ckpt-000001.pt.sha256"]
+    assert torch.equal(CheckpointManager(tmp_path).load(1)["w"], torch.full((3,), 2.0))
+
+
 def _save_and_die(directory):
     # A writer killed in the middle of torch.save, as a worker killed while saving is.
     import signal

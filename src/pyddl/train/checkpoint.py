@@ -13,8 +13,11 @@ import math
 import os
 import random
 import re
+import signal
 import tempfile
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -140,12 +143,41 @@ def _atomic_write(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+_HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM back until the block is done, then deliver them.
+
+    A handler that raises (KeyboardInterrupt, or the trainer's quiet SystemExit) in the middle of
+    torch.save leaves the zip writer half-closed, and its cleanup then raises a second exception
+    with a traceback. The write itself is atomic either way; holding the signal makes the exit
+    clean and keeps data and sidecar in step. Only the main thread can change handlers; other
+    threads never receive Python signal handlers anyway.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
+                for sig in _HELD_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(arrived):
+            signal.raise_signal(signum)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> str:
     """Write `obj` with torch.save atomically (temp file, fsync, rename) plus a .sha256 sidecar.
 
     A reader sees the old file or the new one, never half of one. Between the data rename and
     the sidecar rename a crash leaves data and sidecar disagreeing, which `CheckpointManager`
-    reports as a bad file.
+    reports as a bad file. Ctrl-C and SIGTERM that arrive during the write (main thread) are
+    delivered once both files are in place.
 
     Args:
         obj: tensors and primitive types only, so `torch.load(weights_only=True)` reads it.
@@ -155,10 +187,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> str:
         The SHA-256 hex digest of the written file.
     """
     path = Path(path)
-    _atomic_write(path, lambda f: torch.save(obj, f))
-    digest = file_sha256(path)
-    size = path.stat().st_size
-    _atomic_write(Path(f"{path}.sha256"), lambda f: f.write(f"{digest}  {size}\n".encode()))
+    with _signals_held():
+        _atomic_write(path, lambda f: torch.save(obj, f))
+        digest = file_sha256(path)
+        size = path.stat().st_size
+        _atomic_write(Path(f"{path}.sha256"), lambda f: f.write(f"{digest}  {size}\n".encode()))
     return digest
 
 
