@@ -98,7 +98,7 @@ def test_failed_worker_is_named_and_the_rest_stop(tmp_path):
     proc = _run(["run", "-np", "3", "--timeout", "60", script], tmp_path)
     stopped_after = time.time() - float((tmp_path / "failed_at").read_text())
     assert proc.returncode == 7  # the failed worker's own code, as if it had run alone
-    assert f"rank 1 (local rank 1, pid " in proc.stderr and f"host {socket.gethostname()}) exited with code 7" in proc.stderr
+    assert "rank 1 (local rank 1, pid " in proc.stderr and f"host {socket.gethostname()}) exited with code 7" in proc.stderr
     assert "disk full while writing shard 7" in proc.stderr
     assert "the other workers were stopped (ranks 0, 2)" in proc.stderr
     assert stopped_after < 10  # the others stopped within seconds, not at the 60 s collective timeout
