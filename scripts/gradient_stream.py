@@ -10,8 +10,9 @@ DistributedOptimizer does when backward outruns the network) and waits for all. 
 turn within each round, so the machine's drift falls on all alike. Rank 0 prints, per config,
 the median time against the link bound (`--link-gbps`; servers from the job's topology), the
 process CPU time the stream took (every thread: pyddl's engine and stages, Gloo's, the kernel's
-TCP work charged to them) and that CPU split by thread; a config whose rounds spread by more
-than 25% is marked. A config is ALGORITHM:BUCKET_MIB[:nocheck].
+TCP work charged to them) and that CPU split by thread; a config whose rounds disagree by more
+than `pyddl bench step` accepts (ROUND_SPREAD_LIMIT) is marked. A config is
+ALGORITHM:BUCKET_MIB[:nocheck].
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ import time
 import torch
 
 import pyddl
-from pyddl.bench.step import thread_cpu_s
-
-SPREAD_LIMIT = 0.25
+from pyddl.bench.allreduce import bound_s
+from pyddl.bench.step import ROUND_SPREAD_LIMIT, thread_cpu_s
 
 
 def _config(text: str) -> tuple[str, float, bool]:
@@ -87,7 +87,7 @@ def main() -> None:
         return
     servers = pyddl.cross_size()
     nbytes = 4 * args.params
-    bound = 2 * (servers - 1) / servers * nbytes / (args.link_gbps * 1e9 / 8) if servers > 1 else 0.0
+    bound = bound_s(nbytes, servers, args.link_gbps)
     ranks = pyddl.size()
     flat = (ranks - 1) / ranks * servers / (servers - 1) if servers > 1 else 1.0
     print(f"{nbytes / 1e6:.1f} MB of gradients over {servers} servers at {args.link_gbps:g} Gbit/s: "
@@ -97,7 +97,7 @@ def main() -> None:
         alg, mib, check = cfg
         med = statistics.median(times[cfg])
         spread = (max(times[cfg]) - min(times[cfg])) / med
-        flag = " ! rounds spread by more than 25%" if spread > SPREAD_LIMIT else ""
+        flag = f" ! rounds disagree by {spread:.0%}" if spread > ROUND_SPREAD_LIMIT else ""
         split = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in threads[cfg].most_common(4) if v >= 0.0005)
         name = f"{alg} {mib:g} MiB" + ("" if check else " nocheck")
         ratio = f"{bound / med:10.2f}" if bound else f"{'-':>10}"

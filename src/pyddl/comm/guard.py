@@ -114,8 +114,8 @@ def exchange(info: OpInfo | None, seq: int, group, group_ranks: list[int], devic
     exchange of their own: in a training step, where the gradient buckets queue up while the
     network is busy, one exchange covers several of them. The maximum is taken locally after
     an allgather (`_gather_rows`): Gloo's allgather of a few bytes costs about a third of its
-    allreduce (0.5 vs 1.7 ms on loopback, most of it CPU). A difference gathers the descriptions to name who
-    called what, and raises CollectiveMismatchError on every rank; or NamesDiffer on every
+    allreduce (0.5 vs 1.7 ms on loopback, most of it CPU). A difference gathers the
+    descriptions to name who called what, and raises CollectiveMismatchError on every rank; or NamesDiffer on every
     rank where the ranks are at different names (the fingerprint covers the name), so that
     they negotiate instead.
     """
