@@ -154,14 +154,15 @@ def _signals_held():
     torch.save leaves the zip writer half-closed, and its cleanup then raises a second exception
     with a traceback. The write itself is atomic either way; holding the signal makes the exit
     clean and keeps data and sidecar in step. Only the main thread can change handlers; other
-    threads never receive Python signal handlers anyway.
+    threads never receive Python signal handlers anyway. A signal whose handler was not set
+    from Python (getsignal gives None) is left alone: Python could not put it back.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     arrived: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: arrived.append(signum))
-                for sig in _HELD_SIGNALS}
+                for sig in _HELD_SIGNALS if signal.getsignal(sig) is not None}
     try:
         yield
     finally:
