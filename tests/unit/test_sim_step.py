@@ -104,7 +104,9 @@ def test_measured_profile_orders_gradients_in_reverse_layer_order(tmp_path):
     assert set(names[:2]) == {"2.weight", "2.bias"} and set(names[2:]) == {"0.weight", "0.bias"}
     assert all(0 <= g.ready_s <= prof.backward_s for g in prof.gradients)
     assert prof.gradient_bytes == 4 * sum(p.numel() for p in model.parameters())
-    assert 0 < prof.step_cv < 1  # the spread of the two timed steps, kept in the file
+    # The spread of the two timed steps, kept in the file: two samples' sample CV is at most
+    # sqrt(2), reached as one step dwarfs the other (a sub-millisecond step on a busy machine).
+    assert 0 <= prof.step_cv <= 2 ** 0.5
     path = tmp_path / "p.json"
     prof.save(str(path))
     again = load_profile(str(path))

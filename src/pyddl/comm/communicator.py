@@ -22,10 +22,10 @@ import torch.distributed as dist
 from pyddl.comm import registry
 from pyddl.comm.codecs import Codec, get_codec
 from pyddl.comm.engine import Engine, Handle, Reorder
-from pyddl.comm.fusion import Packing, unpack
+from pyddl.comm.fusion import Packing, Part, unpack
 from pyddl.comm.guard import AHEAD, AheadCheck, Monitor, NamesDiffer, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
-from pyddl.comm.multiring import Level, StageThreads
+from pyddl.comm.multiring import Level, StageThreads, allreduce_many_
 from pyddl.comm.names import negotiate
 from pyddl.comm.ring import equal_parts, ring_reduce_scatter_
 from pyddl.errors import CollectiveError, NotMemberError, PyddlError
@@ -113,6 +113,7 @@ class Communicator:
         self.adapter_state: dict[str, Any] = {}
         self.negotiations = 0  # how often ranks at different names negotiated (comm/names.py)
         self.exchanges = 0  # cross-rank checks run (one may cover the calls queued behind it)
+        self.shared = 0  # calls run in the pass of the call ahead of them (fusion.Part)
         self._ahead_check: tuple | None = None  # (AheadCheck, its jobs) in flight (engine thread)
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
@@ -192,12 +193,16 @@ class Communicator:
 
     # Running a collective -----------------------------------------------------------------
 
-    def run(self, info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False, checked: bool = True) -> Any:
+    def run(self, info: OpInfo, fn: Callable[[int], Any], asynchronous: bool = False, checked: bool = True,
+            part: Part | None = None) -> Any:
         """Run `fn(seq)` on the engine as this communicator's collective #seq, checked and guarded.
 
         For adapters that issue their own collectives over `self.group`: returns fn's result,
         or a Handle when `asynchronous`. `checked=False` skips the cross-rank comparison (and
-        with it matching by `info.key`: the call is matched by order).
+        with it matching by `info.key`: the call is matched by order). `part` (from
+        `fusable`), for an allreduce whose fingerprint covers the part's key: the same
+        allreduce as `fn`, in a form that shares one pass with the checked parts of the same
+        key queued right behind it (fusion.Part).
         """
         self._require_member(info.name)
         timeline, monitor, engine = self.timeline, self._monitor, self._engine
@@ -206,6 +211,7 @@ class Communicator:
             if monitor is not None:
                 monitor.enter(seq, info)
             start = timeline.now_us() if timeline.enabled else 0.0
+            taken = []
             try:
                 if checked and self.settings.check and self.size > 1:
                     self._settle_ahead()
@@ -215,27 +221,67 @@ class Communicator:
                         # The last of the calls a check vouched for: check the ones queued
                         # behind it while it moves its data.
                         self._check_ahead()
-                result = fn(seq)
+                if part is not None:
+                    taken = engine.take_verified(part.key)
+                if taken:
+                    self.shared += len(taken)
+                    if not engine.next_verified():  # the taken ones were the last vouched for
+                        self._check_ahead()
+                    result, theirs = self._run_parts([part] + [t.part for t in taken], seq)
+                    for t, r in zip(taken, theirs):
+                        engine.settle(t, r)
+                else:
+                    result = fn(seq)
                 if monitor is not None:
                     monitor.leave()
                 if timeline.enabled:
                     timeline.span(info.name, start, timeline.now_us(), "comm",
-                                  {"seq": seq, "call": info.detail[:200], "communicator": self.name})
+                                  {"seq": seq, "call": info.detail[:200], "communicator": self.name,
+                                   **({"calls": 1 + len(taken)} if taken else {})})
                 return result
-            except PyddlError:
-                raise
-            except RuntimeError as exc:  # Gloo/NCCL timeouts and lost connections
-                if monitor is None:
-                    raise CollectiveError(f"pyddl: {info} (collective #{seq}) failed: {exc}") from exc
-                raise monitor.diagnose(seq, info, list(self.ranks), exc) from exc
+            except BaseException as exc:
+                error = exc
+                if isinstance(exc, RuntimeError) and not isinstance(exc, PyddlError):
+                    # Gloo/NCCL timeouts and lost connections
+                    error = (CollectiveError(f"pyddl: {info} (collective #{seq}) failed: {exc}") if monitor is None
+                             else monitor.diagnose(seq, info, list(self.ranks), exc))
+                for t in taken:
+                    engine.settle(t, error=error)
+                if error is exc:
+                    raise
+                raise error from exc
 
         describe = f"{info} (a collective of communicator {self.name!r})"
         key = info.key if checked else None
         # An unnamed checked call can be vouched for by the check of a call ahead of it.
         fp = info.fingerprint if checked and key is None and self.settings.check and self.size > 1 else None
+        if part is not None and fp is None:
+            part = None  # only a checked call can be taken into another's pass
         if asynchronous:
-            return engine.submit(job, describe, key, fp)
-        return engine.run(job, describe, key, fp)
+            return engine.submit(job, describe, key, fp, part)
+        return engine.run(job, describe, key, fp, part)
+
+    def fusable(self, algorithm: str, numel: int) -> bool:
+        """Whether an allreduce of `numel` elements on `algorithm` (a validated name) may share
+        a pass with others (fusion.Part): the multiring pipelined on Gloo, with the check on."""
+        return (algorithm == "multiring" and self.backend != "nccl" and self.settings.check and self.size > 1
+                and numel > 0)
+
+    def _run_parts(self, parts: list[Part], seq: int) -> tuple[Any, list]:
+        """(Engine thread.) The allreduce of every part in one multiring pass, as collective
+        #seq; the first part's result and the others'."""
+        flats = [p.buffer() for p in parts]
+        results: list = [None] * len(parts)
+
+        def fill(i: int) -> None:
+            if parts[i].fill is not None:
+                parts[i].fill(flats[i])
+
+        def drain(i: int) -> None:
+            results[i] = parts[i].finish(flats[i])
+
+        allreduce_many_(self, flats, parts[0].op, seq, fill, drain)
+        return results[0], results[1:]
 
     def _match(self, info: OpInfo, seq: int, ahead: Sequence = ()) -> None:
         """The cross-rank check (engine thread). Where the ranks are at different names, they
@@ -363,15 +409,22 @@ class Communicator:
             key=_key("allreduce", name),
         )
 
-        def fn(seq: int) -> torch.Tensor:
-            self.reduce_buffer_(work, op, alg, codec, seq, fill)
+        def finish(_=None) -> torch.Tensor:
             if not inplace:
                 return work.to(tensor.device) if work.device != tensor.device else work
             if work.data_ptr() != tensor.data_ptr():
                 tensor.copy_(work)
             return tensor
 
-        return self.run(info, fn, asynchronous)
+        def fn(seq: int) -> torch.Tensor:
+            self.reduce_buffer_(work, op, alg, codec, seq, fill)
+            return finish()
+
+        part = None
+        if name is None and not codec.applies_to(work) and self.fusable(alg, work.numel()):
+            part = Part(str(work.dtype), op, alg, lambda: work.view(-1),
+                        None if fill is None else (lambda flat: fill(0, flat.numel())), finish)
+        return self.run(info, fn, asynchronous, part=part)
 
     def allreduce(self, tensor: torch.Tensor, op: str = "sum", algorithm: str | None = None,
                   compression=None) -> torch.Tensor:
@@ -444,12 +497,27 @@ class Communicator:
         )
         targets = tensors if inplace else [t.detach().clone() for t in tensors]
 
+        def packed(bucket: list[int]) -> Packing:
+            return Packing.back_to_back([targets[i].detach().to(self.device).reshape(-1) for i in bucket], self.device)
+
         def fn(seq: int) -> list[torch.Tensor]:
+            if (alg == "multiring" and self.backend != "nccl" and self.size > 1
+                    and not any(codec.applies_to(targets[b[0]]) for b in buckets)):
+                # Every bucket in one pipelined pass, as queued calls share one (fusion.Part).
+                packings = [packed(b) for b in buckets]
+
+                def fill(i: int) -> None:
+                    packings[i].fill(0, packings[i].flat.numel())
+
+                def drain(i: int) -> None:
+                    unpack(packings[i].flat, [targets[m].detach() for m in buckets[i]])
+
+                allreduce_many_(self, [p.flat for p in packings], op, seq, fill, drain)
+                return targets
             for bucket in buckets:
-                members = [targets[i] for i in bucket]
-                packing = Packing.back_to_back([m.detach().to(self.device).reshape(-1) for m in members], self.device)
+                packing = packed(bucket)
                 self.reduce_buffer_(packing.flat, op, alg, codec, seq, packing.fill)
-                unpack(packing.flat, [m.detach() for m in members])
+                unpack(packing.flat, [targets[m].detach() for m in bucket])
             return targets
 
         return self.run(info, fn, asynchronous)

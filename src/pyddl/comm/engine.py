@@ -73,10 +73,10 @@ class Reorder(Exception):
 
 
 class _Job:
-    __slots__ = ("fn", "future", "key", "fp", "verified")
+    __slots__ = ("fn", "future", "key", "fp", "part", "verified")
 
-    def __init__(self, fn: Callable[[int], Any], future: Future, key: str | None, fp: int | None):
-        self.fn, self.future, self.key, self.fp = fn, future, key, fp
+    def __init__(self, fn: Callable[[int], Any], future: Future, key: str | None, fp: int | None, part=None):
+        self.fn, self.future, self.key, self.fp, self.part = fn, future, key, fp, part
         self.verified = False  # compared across ranks by the check of a job ahead of it
 
 
@@ -101,15 +101,17 @@ class Engine:
         self.seq = 0  # the number of the job running or last run
         self._wait_limit_s = wait_limit_s
         self._broken: BaseException | None = None
+        self._nested = 0  # jobs run from inside the running one (run() on the engine thread)
         # Whether the running job was compared across ranks ahead of time (see ahead()).
         self.running_verified = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[[int], Any], describe: str, key: str | None = None,
-               fp: int | None = None) -> Handle:
+               fp: int | None = None, part=None) -> Handle:
         """Queue `fn(seq)`; `key` names it for matching by name (None: matched by order).
         `fp`: the fingerprint of an unnamed checked call, which a check ahead of it may cover.
+        `part`: a fusion.Part, if the job may be taken into a running job's pass (take_verified).
 
         Raises:
             ValueError: a job of that name is still queued or running (Horovod's rule: the
@@ -122,18 +124,23 @@ class Engine:
                     raise ValueError(f"a collective named {key!r} is still in flight on this rank; names must "
                                      "be unique until their collective ends: wait for it, or pick another name")
                 self._names.add(key)
-            self._jobs.append(_Job(fn, future, key, None if key is not None else fp))
+            self._jobs.append(_Job(fn, future, key, None if key is not None else fp, part))
             self.submitted += 1
             self._cond.notify_all()
         return Handle(future, describe, self._wait_limit_s)
 
-    def run(self, fn: Callable[[int], Any], describe: str, key: str | None = None, fp: int | None = None) -> Any:
+    def run(self, fn: Callable[[int], Any], describe: str, key: str | None = None, fp: int | None = None,
+            part=None) -> Any:
         """Submit `fn(seq)` and wait for it; run it at once from a job on the engine thread."""
         if threading.current_thread() is self._thread:
             self.seq += 1  # a job that itself issues collectives (e.g. the auto tuner)
             self.running_verified = False
-            return fn(self.seq)
-        return self.submit(fn, describe, key, fp).wait()
+            self._nested += 1
+            try:
+                return fn(self.seq)
+            finally:
+                self._nested -= 1
+        return self.submit(fn, describe, key, fp, part).wait()
 
     def ahead(self, limit: int) -> list[_Job]:
         """(Engine thread.) The jobs queued right behind the running one, up to `limit`,
@@ -166,6 +173,29 @@ class Engine:
         The same on every rank: a job is only marked where every rank has it at that place."""
         with self._cond:
             return len(self._jobs) > 1 and self._jobs[1] is not None and self._jobs[1].verified
+
+    def take_verified(self, key: tuple) -> list[_Job]:
+        """(Engine thread.) Remove and return the checked jobs queued right behind the running
+        one whose part has `key`, up to the first that is not. The same jobs on every rank: a
+        job is only marked where every rank has it at that place, and the key is part of its
+        fingerprint. The caller runs their parts and ends each with settle()."""
+        taken = []
+        with self._cond:
+            if self._nested:
+                return taken  # the queue behind belongs to the job that called this one
+            while (len(self._jobs) > 1 and self._jobs[1] is not None and self._jobs[1].verified
+                   and self._jobs[1].part is not None and self._jobs[1].part.key == key):
+                taken.append(self._jobs[1])
+                del self._jobs[1]
+        return taken
+
+    def settle(self, job: _Job, result: Any = None, error: BaseException | None = None) -> None:
+        """(Engine thread.) End a job taken by take_verified with its result or error."""
+        if job.future.set_running_or_notify_cancel():
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
 
     def ready_names(self) -> tuple[list[str], bool]:
         """(Engine thread.) The names of the named jobs at the front of the queue, the running

@@ -1,4 +1,5 @@
-"""Tensor fusion: pack many small tensors into one flat bucket, and unpack after.
+"""Tensor fusion: pack many small tensors into one flat bucket, and unpack after; and queued
+allreduces that share one pipelined pass (`Part`).
 
 Which tensors share a bucket is pure arithmetic (pyddl.comm.layout.plan_buckets); these do
 the copies.
@@ -7,11 +8,12 @@ the copies.
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["Packing", "pack", "unpack"]
+__all__ = ["Packing", "Part", "pack", "unpack"]
 
 
 def pack(tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
@@ -41,6 +43,31 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+@dataclass(frozen=True)
+class Part:
+    """An allreduce job that may share one multiring pass with the jobs queued behind it.
+
+    A bucket of one 2 MiB chunk runs the multiring's stages one after another, so the links
+    between servers wait while the stages inside a server run. When the cross-rank check has
+    found the same jobs queued behind a running one on every rank, the running job takes those
+    whose `key` equals its own and pipelines all their chunks through the stages in one pass
+    (Communicator.run). What shares a pass is then decided alike on every rank, as Horovod's
+    coordinator decides its fusion buffer.
+    """
+
+    dtype: str  # the wire dtype; with op and algorithm, covered by the call's fingerprint
+    op: str
+    algorithm: str
+    buffer: Callable[[], Any]  # the flat 1-D contiguous buffer to reduce in place (engine thread)
+    fill: Callable[[Any], None] | None  # fill(buffer) writes it just before its first chunk moves
+    finish: Callable[[Any], Any]  # finish(buffer) after its last chunk: unpack; the job's result
+
+    @property
+    def key(self) -> tuple:
+        """Parts share a pass only with parts of the same key."""
+        return self.dtype, self.op, self.algorithm
 
 
 class Packing:

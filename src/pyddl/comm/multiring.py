@@ -21,7 +21,7 @@ import torch
 
 from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
 
-__all__ = ["Level", "StageThreads", "allreduce_", "multiring_allreduce_", "plan_chunks"]
+__all__ = ["Level", "StageThreads", "allreduce_", "allreduce_many_", "multiring_allreduce_", "plan_chunks"]
 
 
 @dataclass(frozen=True)
@@ -127,10 +127,46 @@ def multiring_allreduce_(
     run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
                 stage_threads, fill=fill_chunk)
     if op == "average":
-        if flat.is_floating_point() or flat.is_complex():
-            flat.div_(total)
-        else:
-            flat.floor_divide_(total)
+        _divide_(flat, total)
+
+
+def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Callable[[int], None],
+                    drain: Callable[[int], None]) -> None:
+    """Allreduce each of `flats` (1-D, contiguous) in place in one pass: the chunks of all of
+    them flow through the stages back to back, as one buffer's would. `fill(i)` writes flats[i]
+    just before its first chunk moves, `drain(i)` reads it after its last (on the pipeline's
+    last stage); neither is called for an empty one. Gloo only: it pipelines on the
+    communicator's stage threads."""
+    levels = [lv for lv in comm.levels if lv.size > 1]
+    total = 1
+    for lv in levels:
+        total *= lv.size
+    chunks = [(i, start, length) for i, flat in enumerate(flats)
+              for start, length in plan_chunks(flat.numel(), flat.element_size(), comm.settings.chunk_bytes, total)]
+    first = {i: c for c, (i, _, _) in reversed(list(enumerate(chunks)))}
+    last = {i: c for c, (i, _, _) in enumerate(chunks)}
+
+    def fill_chunk(c: int) -> None:
+        if first[chunks[c][0]] == c:
+            fill(chunks[c][0])
+
+    def drain_chunk(c: int) -> None:
+        i = chunks[c][0]
+        if last[i] == c:
+            if op == "average":
+                _divide_(flats[i], total)
+            drain(i)
+
+    run_stages_([flats[i][start : start + length] for i, start, length in chunks], op, levels, seq, "allreduce",
+                comm.stage_threads, fill=fill_chunk, drain=drain_chunk)
+
+
+def _divide_(flat: torch.Tensor, n: int) -> None:
+    # The sum into an average; integer averages floor.
+    if flat.is_floating_point() or flat.is_complex():
+        flat.div_(n)
+    else:
+        flat.floor_divide_(n)
 
 
 def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id: int, which: str,

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 import pyddl
 from pyddl import defaults
 from pyddl.comm.codecs import get_codec
-from pyddl.comm.fusion import pack, unpack
+from pyddl.comm.fusion import Part, pack, unpack
 from pyddl.comm.layout import plan_buckets
 from pyddl.comm.guard import OpInfo
 from pyddl.errors import CollectiveMismatchError
@@ -207,38 +206,51 @@ class GradientReducer:
             wire_op = "sum" if additive else op
             pre = opts.prescale / world if additive else opts.prescale
             post = opts.postscale * (world if op == "sum" else 1)
-            buffer_dtype, plain = codec.wire_dtype, get_codec(None)
+            buffer_dtype, codec = codec.wire_dtype, get_codec(None)
             spec = (((numel, str(buffer_dtype)),), wire_op, alg, "none")
         else:
-            buffer_dtype = grads[0].dtype
+            wire_op, pre, post, buffer_dtype = op, opts.prescale, opts.postscale, grads[0].dtype
             # A user's own Compressor may change the wire dtype: joined ranks cannot serve it.
             spec = None if opts.compressor is not None else (((numel, str(buffer_dtype)),), op, alg, codec.name)
-        info = OpInfo("gradient_bucket", f"#{bucket.index} {grads[0].dtype} [{shapes}] op={opts.op}", join_spec=spec)
+        info = OpInfo("gradient_bucket", f"#{bucket.index} {grads[0].dtype} [{shapes}] op={opts.op} "
+                      f"algorithm={alg} wire={buffer_dtype}", join_spec=spec)
 
-        def fn(seq: int):
+        def buffer() -> torch.Tensor:
             if bucket.buffer is None or bucket.buffer.numel() != numel or bucket.buffer.dtype != buffer_dtype:
                 bucket.buffer = torch.empty(numel, dtype=buffer_dtype, device=self._comm.device)
+            return bucket.buffer
+
+        def fill(flat: torch.Tensor) -> None:
+            # Scaled in the gradients' dtype before any cast, so fp16 does not overflow.
+            pack([g.detach() for g in grads], out=flat, scale=pre)
+
+        def finish(flat: torch.Tensor) -> None:
             if fused:
-                # Scaled in the gradients' dtype before the cast, so fp16 does not overflow.
-                flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=pre)
-                self._comm.reduce_buffer_(flat, wire_op, alg, plain, seq)
                 unpack(flat, [g.detach() for g in grads])
                 if post != 1.0:
                     for g in grads:  # in the gradient's own dtype: no fp16 overflow
                         g.mul_(post)
                 return
-            flat = pack([g.detach() for g in grads], out=bucket.buffer, scale=opts.prescale)
-            if opts.compressor is not None:
+            if post != 1.0:
+                flat.mul_(post)
+            unpack(flat, [g.detach() for g in grads])
+
+        part = None
+        if opts.compressor is None and self._comm.fusable(alg, numel):
+            part = Part(str(buffer_dtype), wire_op, alg, buffer, fill, finish)
+
+        def fn(seq: int):
+            flat = buffer()
+            fill(flat)
+            if opts.compressor is None:
+                self._comm.reduce_buffer_(flat, wire_op, alg, codec, seq)
+            else:
                 wire, ctx = opts.compressor.compress(flat)
                 self._comm.reduce_buffer_(wire, op, alg, codec, seq)
                 flat.copy_(opts.compressor.decompress(wire, ctx))
-            else:
-                self._comm.reduce_buffer_(flat, op, alg, codec, seq)
-            if opts.postscale != 1.0:
-                flat.mul_(opts.postscale)
-            unpack(flat, [g.detach() for g in grads])
+            finish(flat)
 
-        return self._comm.run(info, fn, asynchronous=True)
+        return self._comm.run(info, fn, asynchronous=True, part=part)
 
     def synchronize(self) -> None:
         """Launch what is left (filling unused gradients with zeros), wait for every bucket."""

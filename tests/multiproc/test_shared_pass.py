@@ -1,0 +1,185 @@
+"""Queued multiring allreduces share one pipelined pass (fusion.Part): when the cross-rank check
+has found the same calls queued behind a running one on every rank, the running call takes
+those of its kind (wire dtype, op, algorithm) and pipelines all their chunks through the
+stages at once. Every result must be what each call alone gives, and every guarantee of the
+check must hold: a mismatch in the queue still raises at that call on every rank."""
+
+import threading
+
+import pytest
+import torch
+
+from harness import run_ranks
+
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
+
+ENV = {"LOCAL_WORLD_SIZE": "2"}
+
+
+def _held(comm):
+    """Hold the engine until the returned event is set, so the calls after it queue up."""
+    from pyddl.comm.guard import OpInfo
+
+    release = threading.Event()
+    comm.run(OpInfo("hold", ""), lambda seq: release.wait(30), asynchronous=True, checked=False)
+    return release
+
+
+def _calls(rank, world, bad):
+    """Ten queued calls: sums of several chunks (chunk_bytes is 4 KiB), an average, an
+    out-of-place sum, integers; one call of a different shape on rank 1 where i == bad."""
+    import pyddl
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
+    comm = pyddl.world()
+    release = _held(comm)
+    handles = []
+    for i in range(10):
+        n = 1000 * (i + 1) + (1 if rank == 1 and i == bad else 0)
+        value = float((rank + 1) * (i + 1))
+        if i == 5:
+            handles.append(comm.allreduce_async_(torch.full((n,), value), op="average"))
+        elif i == 6:
+            handles.append(comm.allreduce_async(torch.full((n,), value)))
+        elif i == 7:
+            handles.append(comm.allreduce_async_(torch.full((n,), (rank + 1) * (i + 1), dtype=torch.int64)))
+        else:
+            handles.append(comm.allreduce_async_(torch.full((n,), value)))
+    release.set()
+    out = []
+    for h in handles:
+        try:
+            t = h.wait()
+            out.append((t.numel(), t.dtype, sorted(set(t.tolist()))))
+        except pyddl.CollectiveMismatchError as exc:
+            out.append(f"mismatch: {exc}")
+    after = comm.allreduce(torch.tensor([float(rank)])).item()  # the job goes on
+    return out, comm.shared, comm.exchanges, after
+
+
+def _expected(i):
+    total = 10 * (i + 1)  # ranks give (rank + 1) x (i + 1): 1 + 2 + 3 + 4 = 10
+    if i == 5:
+        return 1000 * (i + 1), torch.float32, [total / 4]
+    if i == 7:
+        return 1000 * (i + 1), torch.int64, [total]
+    return 1000 * (i + 1), torch.float32, [float(total)]
+
+
+def test_queued_calls_share_passes_with_every_result_exact():
+    for out, shared, exchanges, after in run_ranks(_calls, 4, -1, env=ENV):
+        assert out == [_expected(i) for i in range(10)]
+        # The first call's check covers the next 7; the first takes the float sums 1-4 (the
+        # average at 5 is another kind); 6 takes nothing (7 is int64), 8 takes 9.
+        assert shared == 5
+        assert after == 6.0
+
+
+def test_a_mismatch_in_the_queue_raises_at_that_call_on_every_rank():
+    results = run_ranks(_calls, 4, 3, env=ENV)
+    assert len({r[0][3] for r in results}) == 1  # the same error, the same collective number
+    for out, shared, exchanges, after in results:
+        for i, got in enumerate(out):
+            if i == 3:
+                assert got.startswith("mismatch:") and "differs across ranks" in got, got
+            else:
+                assert got == _expected(i)
+        # The first check stops short of call 3, so the first call takes only 1 and 2; call 4
+        # checks itself and the rest, and 8 takes 9 as before.
+        assert shared == 3
+        assert after == 6.0
+
+
+def _unshared(rank, world, check):
+    import pyddl
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
+    comm = pyddl.world()
+    comm.set_check(check)
+    release = _held(comm)
+    handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1))) for _ in range(4)]
+    release.set()
+    return [sorted(set(h.wait().tolist())) for h in handles], comm.shared
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_only_calls_the_check_vouched_for_are_shared(check):
+    for sums, shared in run_ranks(_unshared, 4, check, env=ENV):
+        assert sums == [[10.0]] * 4
+        # Without the check no rank knows what the others have queued: each call runs alone.
+        assert shared == (3 if check else 0)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                               torch.nn.Linear(16, 4))
+
+
+def _batch(rank):
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
+
+
+def _gradient_step(rank, world, compression):
+    """One DistributedOptimizer step whose buckets all queue behind a held engine."""
+    import pyddl
+    from pyddl.torch import Compression
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096)
+    comm = pyddl.world()
+    model = _model()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), named_parameters=model.named_parameters(),
+                               algorithm="multiring", bucket_bytes=600, compression=getattr(Compression, compression))
+    x, y = _batch(rank)
+    release = _held(comm)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    release.set()
+    opt.step()
+    return [p.detach().clone() for p in model.parameters()], comm.shared
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16"])
+def test_gradient_buckets_queued_in_backward_share_a_pass(compression):
+    model = _model()
+    grads = []
+    for rank in range(4):
+        model.zero_grad()
+        x, y = _batch(rank)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    expected = [p.detach() - 0.5 * sum(g[i] for g in grads) / 4 for i, p in enumerate(model.parameters())]
+    tol = 2e-3 if compression == "fp16" else 1e-6
+    for params, shared in run_ranks(_gradient_step, 4, compression, env=ENV):
+        for p, q in zip(params, expected):
+            assert torch.allclose(p, q, atol=tol, rtol=tol), f"max diff {(p - q).abs().max()}"
+        assert shared > 0
+
+
+def _grouped(rank, world, op):
+    import pyddl
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
+    # Buckets of at most 8 KiB over mixed dtypes and an empty tensor: several buckets, some of
+    # several chunks, all in one pass.
+    sizes = [3000, 500, 0, 5000, 1]
+    dtypes = [torch.float32, torch.int64, torch.float32, torch.float64, torch.float32]
+    ts = [torch.full((n,), (rank + 1) * (k + 1), dtype=d) for k, (n, d) in enumerate(zip(sizes, dtypes))]
+    pyddl.grouped_allreduce_(ts, op=op, bucket_bytes=8192)
+    return [(t.numel(), t.dtype, sorted(set(t.tolist()))) for t in ts]
+
+
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_grouped_allreduce_buckets_share_one_pass(op):
+    sizes = [3000, 500, 0, 5000, 1]
+    dtypes = [torch.float32, torch.int64, torch.float32, torch.float64, torch.float32]
+
+    def value(k, dtype):  # ranks give (rank + 1) x (k + 1): 1 + 2 + 3 + 4 = 10 of it in all
+        if op == "sum":
+            return 10 * (k + 1)
+        return 2.5 * (k + 1) if dtype.is_floating_point else 10 * (k + 1) // 4  # integers floor
+
+    expected = [(n, d, [value(k, d)] if n else []) for k, (n, d) in enumerate(zip(sizes, dtypes))]
+    for out in run_ranks(_grouped, 4, op, env=ENV):
+        assert out == expected
