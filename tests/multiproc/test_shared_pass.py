@@ -90,24 +90,27 @@ def test_a_mismatch_in_the_queue_raises_at_that_call_on_every_rank():
         assert after == 6.0
 
 
-def _unshared(rank, world, check):
+def _with_and_without_check(rank, world):
     import pyddl
 
     pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
     comm = pyddl.world()
-    comm.set_check(check)
-    release = _held(comm)
-    handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1))) for _ in range(4)]
-    release.set()
-    return [sorted(set(h.wait().tolist())) for h in handles], comm.shared
+    out = []
+    for check in (True, False):
+        comm.set_check(check)
+        shared = comm.shared
+        release = _held(comm)
+        handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1))) for _ in range(4)]
+        release.set()
+        out.append(([sorted(set(h.wait().tolist())) for h in handles], comm.shared - shared))
+    return out
 
 
-@pytest.mark.parametrize("check", [True, False])
-def test_only_calls_the_check_vouched_for_are_shared(check):
-    for sums, shared in run_ranks(_unshared, 4, check, env=ENV):
-        assert sums == [[10.0]] * 4
+def test_only_calls_the_check_vouched_for_are_shared():
+    for (sums_on, shared_on), (sums_off, shared_off) in run_ranks(_with_and_without_check, 4, env=ENV):
+        assert sums_on == sums_off == [[10.0]] * 4
         # Without the check no rank knows what the others have queued: each call runs alone.
-        assert shared == (3 if check else 0)
+        assert (shared_on, shared_off) == (3, 0)
 
 
 def _model():
@@ -121,27 +124,32 @@ def _batch(rank):
     return torch.randn(6, 8, generator=g), torch.randn(6, 4, generator=g)
 
 
-def _gradient_step(rank, world, compression):
-    """One DistributedOptimizer step whose buckets all queue behind a held engine."""
+def _gradient_steps(rank, world):
+    """One DistributedOptimizer step per wire precision, its buckets all queued behind a held
+    engine."""
     import pyddl
     from pyddl.torch import Compression
     from pyddl.torch.optimizer import DistributedOptimizer
 
     pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096)
     comm = pyddl.world()
-    model = _model()
-    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), named_parameters=model.named_parameters(),
-                               algorithm="multiring", bucket_bytes=600, compression=getattr(Compression, compression))
-    x, y = _batch(rank)
-    release = _held(comm)
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    release.set()
-    opt.step()
-    return [p.detach().clone() for p in model.parameters()], comm.shared
+    out = {}
+    for compression in ("none", "fp16"):
+        model = _model()
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5),
+                                   named_parameters=model.named_parameters(), algorithm="multiring",
+                                   bucket_bytes=600, compression=getattr(Compression, compression))
+        x, y = _batch(rank)
+        shared = comm.shared
+        release = _held(comm)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        release.set()
+        opt.step()
+        out[compression] = [p.detach().clone() for p in model.parameters()], comm.shared - shared
+    return out
 
 
-@pytest.mark.parametrize("compression", ["none", "fp16"])
-def test_gradient_buckets_queued_in_backward_share_a_pass(compression):
+def test_gradient_buckets_queued_in_backward_share_a_pass():
     model = _model()
     grads = []
     for rank in range(4):
@@ -150,36 +158,38 @@ def test_gradient_buckets_queued_in_backward_share_a_pass(compression):
         torch.nn.functional.mse_loss(model(x), y).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     expected = [p.detach() - 0.5 * sum(g[i] for g in grads) / 4 for i, p in enumerate(model.parameters())]
-    tol = 2e-3 if compression == "fp16" else 1e-6
-    for params, shared in run_ranks(_gradient_step, 4, compression, env=ENV):
-        for p, q in zip(params, expected):
-            assert torch.allclose(p, q, atol=tol, rtol=tol), f"max diff {(p - q).abs().max()}"
-        assert shared > 0
+    for out in run_ranks(_gradient_steps, 4, env=ENV):
+        for compression, (params, shared) in out.items():
+            tol = 2e-3 if compression == "fp16" else 1e-6
+            for p, q in zip(params, expected):
+                assert torch.allclose(p, q, atol=tol, rtol=tol), f"{compression}: max diff {(p - q).abs().max()}"
+            assert shared > 0, compression
 
 
-def _grouped(rank, world, op):
+# Buckets of at most 8 KiB over mixed dtypes and an empty tensor: several buckets, some of
+# several chunks, all in one pass.
+SIZES = [3000, 500, 0, 5000, 1]
+DTYPES = [torch.float32, torch.int64, torch.float32, torch.float64, torch.float32]
+
+
+def _grouped(rank, world):
     import pyddl
 
     pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
-    # Buckets of at most 8 KiB over mixed dtypes and an empty tensor: several buckets, some of
-    # several chunks, all in one pass.
-    sizes = [3000, 500, 0, 5000, 1]
-    dtypes = [torch.float32, torch.int64, torch.float32, torch.float64, torch.float32]
-    ts = [torch.full((n,), (rank + 1) * (k + 1), dtype=d) for k, (n, d) in enumerate(zip(sizes, dtypes))]
-    pyddl.grouped_allreduce_(ts, op=op, bucket_bytes=8192)
-    return [(t.numel(), t.dtype, sorted(set(t.tolist()))) for t in ts]
+    out = {}
+    for op in ("sum", "average"):
+        ts = [torch.full((n,), (rank + 1) * (k + 1), dtype=d) for k, (n, d) in enumerate(zip(SIZES, DTYPES))]
+        pyddl.grouped_allreduce_(ts, op=op, bucket_bytes=8192)
+        out[op] = [(t.numel(), t.dtype, sorted(set(t.tolist()))) for t in ts]
+    return out
 
 
-@pytest.mark.parametrize("op", ["sum", "average"])
-def test_grouped_allreduce_buckets_share_one_pass(op):
-    sizes = [3000, 500, 0, 5000, 1]
-    dtypes = [torch.float32, torch.int64, torch.float32, torch.float64, torch.float32]
-
-    def value(k, dtype):  # ranks give (rank + 1) x (k + 1): 1 + 2 + 3 + 4 = 10 of it in all
+def test_grouped_allreduce_buckets_share_one_pass():
+    def value(op, k, dtype):  # ranks give (rank + 1) x (k + 1): 1 + 2 + 3 + 4 = 10 of it in all
         if op == "sum":
             return 10 * (k + 1)
         return 2.5 * (k + 1) if dtype.is_floating_point else 10 * (k + 1) // 4  # integers floor
 
-    expected = [(n, d, [value(k, d)] if n else []) for k, (n, d) in enumerate(zip(sizes, dtypes))]
-    for out in run_ranks(_grouped, 4, op, env=ENV):
-        assert out == expected
+    for out in run_ranks(_grouped, 4, env=ENV):
+        for op in ("sum", "average"):
+            assert out[op] == [(n, d, [value(op, k, d)] if n else []) for k, (n, d) in enumerate(zip(SIZES, DTYPES))]
