@@ -193,3 +193,28 @@ def test_grouped_allreduce_buckets_share_one_pass():
     for out in run_ranks(_grouped, 4, env=ENV):
         for op in ("sum", "average"):
             assert out[op] == [(n, d, [value(op, k, d)] if n else []) for k, (n, d) in enumerate(zip(SIZES, DTYPES))]
+
+
+def _join_behind_a_queue(rank, world):
+    import pyddl
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
+    comm = pyddl.world()
+    release = _held(comm)
+    calls = 2 if rank == 0 else 4  # rank 0 runs out of data two calls early and joins
+    handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1) * (i + 1))) for i in range(calls)]
+    release.set()
+    sums = [sorted(set(h.wait().tolist())) for h in handles]
+    return sums, comm.join(), comm.shared
+
+
+def test_a_rank_that_joined_serves_the_calls_the_others_queued():
+    results = run_ranks(_join_behind_a_queue, 4, env=ENV)
+    # The first call's check covers the second on every rank; the third and fourth run alone,
+    # rank 0 contributing zeros: 2 + 3 + 4 = 9 of each.
+    assert results[0][0] == [[10.0], [20.0]]
+    for sums, last, shared in results[1:]:
+        assert sums == [[10.0], [20.0], [27.0], [36.0]]
+    # Ranks 1-3 join at the same collective number, so the last joiner is the highest rank; the
+    # first call took the second on every rank, rank 0's included.
+    assert [r[1:] for r in results] == [(3, 1)] * 4
