@@ -10,10 +10,11 @@ import queue as queue_mod
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import traceback
 
-__all__ = ["free_port", "run_ranks", "wait_for_ranks", "RankFailure"]
+__all__ = ["free_port", "hold_engine", "run_ranks", "wait_for_ranks", "RankFailure"]
 
 _DONE_DIR = "HARNESS_DONE_DIR"  # where each rank leaves a file once its function has returned
 
@@ -47,6 +48,15 @@ def _child(fn, rank, world, env, args, queue):
         result = (rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     open(os.path.join(env[_DONE_DIR], str(rank)), "w").close()
     queue.put(result)
+
+
+def hold_engine(comm) -> threading.Event:
+    """Hold `comm`'s engine until the returned event is set, so the calls after it queue up."""
+    from pyddl.comm.guard import OpInfo
+
+    release = threading.Event()
+    comm.run(OpInfo("hold", ""), lambda seq: release.wait(30), asynchronous=True, checked=False)
+    return release
 
 
 def wait_for_ranks(ranks, limit_s: float) -> None:

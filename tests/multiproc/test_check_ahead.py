@@ -10,18 +10,9 @@ import threading
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import hold_engine, run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(90)]
-
-
-def _held(comm):
-    """Hold the engine until the returned event is set, so the calls after it queue up."""
-    from pyddl.comm.guard import OpInfo
-
-    release = threading.Event()
-    comm.run(OpInfo("hold", ""), lambda seq: release.wait(30), asynchronous=True, checked=False)
-    return release
 
 
 def _queued(rank, world, n, bad):
@@ -29,7 +20,7 @@ def _queued(rank, world, n, bad):
 
     pyddl.init()
     comm = pyddl.world()
-    release = _held(comm)
+    release = hold_engine(comm)
     handles = []
     for i in range(n):
         shape = (i + 2,) if not (rank == 1 and i == bad) else (i + 3,)
@@ -81,7 +72,7 @@ def _join_with_a_queue(rank, world):
 
     pyddl.init()
     comm = pyddl.world()
-    release = _held(comm)
+    release = hold_engine(comm)
     calls = 2 if rank == 0 else 3  # rank 0 runs out of data one call early and joins
     handles = [comm.allreduce_async_(torch.full((4,), float(rank + 1) * (i + 1))) for i in range(calls)]
     release.set()
@@ -103,7 +94,7 @@ def _queued_while_running(rank, world):
 
     pyddl.init()
     comm = pyddl.world()
-    release, started, running = _held(comm), threading.Event(), threading.Event()
+    release, started, running = hold_engine(comm), threading.Event(), threading.Event()
     # The first call's check covers the second; the first then keeps the engine busy until
     # three more calls are queued behind the second, the last call that check vouched for.
     # They are queued once the first call runs, so after its check on every rank.
@@ -132,7 +123,7 @@ def _switch_off_behind_a_background_check(rank, world):
 
     pyddl.init()
     comm = pyddl.world()
-    release = _held(comm)
+    release = hold_engine(comm)
     handles = [comm.allreduce_async_(torch.full((2,), float(rank + 1))) for _ in range(3)]
     release.set()
     sums = [h.wait().tolist() for h in handles]  # the third posted a background check

@@ -4,25 +4,14 @@ those of its kind (wire dtype, op, algorithm) and pipelines all their chunks thr
 stages at once. Every result must be what each call alone gives, and every guarantee of the
 check must hold: a mismatch in the queue still raises at that call on every rank."""
 
-import threading
-
 import pytest
 import torch
 
-from harness import run_ranks
+from harness import hold_engine, run_ranks
 
 pytestmark = [pytest.mark.dist, pytest.mark.timeout(120)]
 
 ENV = {"LOCAL_WORLD_SIZE": "2"}
-
-
-def _held(comm):
-    """Hold the engine until the returned event is set, so the calls after it queue up."""
-    from pyddl.comm.guard import OpInfo
-
-    release = threading.Event()
-    comm.run(OpInfo("hold", ""), lambda seq: release.wait(30), asynchronous=True, checked=False)
-    return release
 
 
 def _calls(rank, world, bad):
@@ -32,7 +21,7 @@ def _calls(rank, world, bad):
 
     pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
     comm = pyddl.world()
-    release = _held(comm)
+    release = hold_engine(comm)
     handles = []
     for i in range(10):
         n = 1000 * (i + 1) + (1 if rank == 1 and i == bad else 0)
@@ -99,7 +88,7 @@ def _with_and_without_check(rank, world):
     for check in (True, False):
         comm.set_check(check)
         shared = comm.shared
-        release = _held(comm)
+        release = hold_engine(comm)
         handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1))) for _ in range(4)]
         release.set()
         out.append(([sorted(set(h.wait().tolist())) for h in handles], comm.shared - shared))
@@ -141,7 +130,7 @@ def _gradient_steps(rank, world):
                                    bucket_bytes=600, compression=getattr(Compression, compression))
         x, y = _batch(rank)
         shared = comm.shared
-        release = _held(comm)
+        release = hold_engine(comm)
         torch.nn.functional.mse_loss(model(x), y).backward()
         release.set()
         opt.step()
@@ -200,7 +189,7 @@ def _join_behind_a_queue(rank, world):
 
     pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096, allreduce="multiring")
     comm = pyddl.world()
-    release = _held(comm)
+    release = hold_engine(comm)
     calls = 2 if rank == 0 else 4  # rank 0 runs out of data two calls early and joins
     handles = [comm.allreduce_async_(torch.full((3000,), float(rank + 1) * (i + 1))) for i in range(calls)]
     release.set()
