@@ -261,11 +261,15 @@ class Communicator:
             return engine.submit(job, describe, key, fp, part)
         return engine.run(job, describe, key, fp, part)
 
+    def _pipelines(self, algorithm: str) -> bool:
+        """Whether `algorithm` runs several buffers through one pass here (allreduce_many_): the
+        multiring, over more than one rank, on Gloo (NCCL runs its chunks one after another)."""
+        return algorithm == "multiring" and self.backend != "nccl" and self.size > 1
+
     def fusable(self, algorithm: str, numel: int) -> bool:
         """Whether an allreduce of `numel` elements on `algorithm` (a validated name) may share
-        a pass with others (fusion.Part): the multiring pipelined on Gloo, with the check on."""
-        return (algorithm == "multiring" and self.backend != "nccl" and self.settings.check and self.size > 1
-                and numel > 0)
+        a pass with others (fusion.Part): where the algorithm pipelines, with the check on."""
+        return self._pipelines(algorithm) and self.settings.check and numel > 0
 
     def _run_parts(self, parts: list[Part], seq: int) -> tuple[Any, list]:
         """(Engine thread.) The allreduce of every part in one multiring pass, as collective
@@ -501,8 +505,7 @@ class Communicator:
             return Packing.back_to_back([targets[i].detach().to(self.device).reshape(-1) for i in bucket], self.device)
 
         def fn(seq: int) -> list[torch.Tensor]:
-            if (alg == "multiring" and self.backend != "nccl" and self.size > 1
-                    and not any(codec.applies_to(targets[b[0]]) for b in buckets)):
+            if self._pipelines(alg) and not any(codec.applies_to(targets[b[0]]) for b in buckets):
                 # Every bucket in one pipelined pass, as queued calls share one (fusion.Part).
                 packings = [packed(b) for b in buckets]
 

@@ -143,8 +143,10 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
         total *= lv.size
     chunks = [(i, start, length) for i, flat in enumerate(flats)
               for start, length in plan_chunks(flat.numel(), flat.element_size(), comm.settings.chunk_bytes, total)]
-    first = {i: c for c, (i, _, _) in reversed(list(enumerate(chunks)))}
-    last = {i: c for c, (i, _, _) in enumerate(chunks)}
+    first, last = {}, {}  # buffer -> the index of its first and of its last chunk
+    for c, (i, _, _) in enumerate(chunks):
+        first.setdefault(i, c)
+        last[i] = c
 
     def fill_chunk(c: int) -> None:
         if first[chunks[c][0]] == c:
