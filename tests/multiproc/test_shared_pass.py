@@ -129,12 +129,13 @@ def _gradient_steps(rank, world):
                                    named_parameters=model.named_parameters(), algorithm="multiring",
                                    bucket_bytes=600, compression=getattr(Compression, compression))
         x, y = _batch(rank)
-        shared = comm.shared
+        shared, chunks = comm.shared, comm.pass_chunks
         release = hold_engine(comm)
         torch.nn.functional.mse_loss(model(x), y).backward()
         release.set()
         opt.step()
-        out[compression] = [p.detach().clone() for p in model.parameters()], comm.shared - shared
+        out[compression] = ([p.detach().clone() for p in model.parameters()], comm.shared - shared,
+                            comm.pass_chunks - chunks)
     return out
 
 
@@ -148,11 +149,15 @@ def test_gradient_buckets_queued_in_backward_share_a_pass():
         grads.append([p.grad.clone() for p in model.parameters()])
     expected = [p.detach() - 0.5 * sum(g[i] for g in grads) / 4 for i, p in enumerate(model.parameters())]
     for out in run_ranks(_gradient_steps, 4, env=ENV):
-        for compression, (params, shared) in out.items():
+        for compression, (params, shared, chunks) in out.items():
             tol = 2e-3 if compression == "fp16" else 1e-6
             for p, q in zip(params, expected):
                 assert torch.allclose(p, q, atol=tol, rtol=tol), f"{compression}: max diff {(p - q).abs().max()}"
             assert shared > 0, compression
+            # The reducer lays its buckets back to back, and all 484 gradients fit one 4 KiB
+            # chunk: one chunk per pass, where buckets with buffers of their own would take
+            # one each (more chunks than the calls taken).
+            assert chunks <= shared, (compression, chunks, shared)
 
 
 # Buckets of at most 8 KiB over mixed dtypes and an empty tensor: several buckets, some of
@@ -182,6 +187,46 @@ def test_grouped_allreduce_buckets_share_one_pass():
     for out in run_ranks(_grouped, 4, env=ENV):
         for op in ("sum", "average"):
             assert out[op] == [(n, d, [value(op, k, d)] if n else []) for k, (n, d) in enumerate(zip(SIZES, DTYPES))]
+
+
+def _views_and_tensors(rank, world):
+    """allreduce_many_ over three buffers of 600 floats (a 4 KiB chunk holds 1024 of them):
+    views back to back in one tensor, then three tensors of their own."""
+    import pyddl
+    from pyddl.comm.multiring import allreduce_many_
+
+    pyddl.init(topology="2x2", timeout_s=60, chunk_bytes=4096)
+    comm = pyddl.world()
+    whole = torch.empty(1800)
+    out = {}
+    for seq, (name, op, flats) in enumerate([("views", "sum", list(whole.split(600))),
+                                             ("views", "average", list(whole.split(600))),
+                                             ("tensors", "sum", [torch.empty(600) for _ in range(3)])]):
+        calls = []
+        drained = [None] * 3
+
+        def fill(i):
+            calls.append(("fill", i))
+            flats[i].fill_((rank + 1) * (i + 1))
+
+        def drain(i):
+            calls.append(("drain", i))
+            drained[i] = sorted(set(flats[i].tolist()))
+
+        comm.barrier()
+        chunks = allreduce_many_(comm, flats, op, 1000 + seq, fill, drain)
+        out[(name, op)] = chunks, sorted(calls), drained
+    return out
+
+
+def test_buffers_back_to_back_in_one_tensor_share_chunks():
+    once = sorted([("fill", i) for i in range(3)] + [("drain", i) for i in range(3)])
+    for out in run_ranks(_views_and_tensors, 4, env=ENV):
+        # Ranks give (rank + 1) x (i + 1): 10 (i + 1) in all. 1800 floats back to back are two
+        # chunks; three tensors of 600 are three.
+        assert out[("views", "sum")] == (2, once, [[10.0], [20.0], [30.0]])
+        assert out[("views", "average")] == (2, once, [[2.5], [5.0], [7.5]])
+        assert out[("tensors", "sum")] == (3, once, [[10.0], [20.0], [30.0]])
 
 
 def _join_behind_a_queue(rank, world):

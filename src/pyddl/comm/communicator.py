@@ -114,6 +114,7 @@ class Communicator:
         self.negotiations = 0  # how often ranks at different names negotiated (comm/names.py)
         self.exchanges = 0  # cross-rank checks run (one may cover the calls queued behind it)
         self.shared = 0  # calls run in the pass of the call ahead of them (fusion.Part)
+        self.pass_chunks = 0  # chunks those passes ran (fewer than their calls where buffers share chunks)
         self._ahead_check: tuple | None = None  # (AheadCheck, its jobs) in flight (engine thread)
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
@@ -284,7 +285,7 @@ class Communicator:
         def drain(i: int) -> None:
             results[i] = parts[i].finish(flats[i])
 
-        allreduce_many_(self, flats, parts[0].op, seq, fill, drain)
+        self.pass_chunks += allreduce_many_(self, flats, parts[0].op, seq, fill, drain)
         return results[0], results[1:]
 
     def _match(self, info: OpInfo, seq: int, ahead: Sequence = ()) -> None:

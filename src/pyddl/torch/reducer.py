@@ -47,7 +47,7 @@ class _Bucket:
     members: list[int]  # indices into the reducer's parameter list
     waiting: int = 0  # gradients not yet ready this step
     handle: object = None
-    buffer: torch.Tensor | None = None
+    offset: int = 0  # where its wire buffer starts in the buffer of its dtype (GradientReducer._wire)
 
 
 @dataclass
@@ -98,6 +98,14 @@ class GradientReducer:
 
     def _set_layout(self, layout: list[list[int]]) -> None:
         self.buckets = [_Bucket(i, members) for i, members in enumerate(layout)]
+        # The wire buffers of the buckets of one dtype lie back to back in one tensor, in launch
+        # order, so that buckets queued together share the multiring's chunks (allreduce_many_).
+        self._wire_numel: dict[torch.dtype, int] = {}
+        self._wires: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
+        for b in self.buckets:
+            dtype = self.params[b.members[0]].dtype
+            b.offset = self._wire_numel.get(dtype, 0)
+            self._wire_numel[dtype] = b.offset + sum(self.params[m].numel() for m in b.members)
         self._bucket_of = {}
         for b in self.buckets:
             for m in b.members:
@@ -216,9 +224,7 @@ class GradientReducer:
                       f"algorithm={alg} wire={buffer_dtype}", join_spec=spec)
 
         def buffer() -> torch.Tensor:
-            if bucket.buffer is None or bucket.buffer.numel() != numel or bucket.buffer.dtype != buffer_dtype:
-                bucket.buffer = torch.empty(numel, dtype=buffer_dtype, device=self._comm.device)
-            return bucket.buffer
+            return self._wire(grads[0].dtype, buffer_dtype)[bucket.offset : bucket.offset + numel]
 
         def fill(flat: torch.Tensor) -> None:
             # Scaled in the gradients' dtype before any cast, so fp16 does not overflow.
@@ -251,6 +257,15 @@ class GradientReducer:
             finish(flat)
 
         return self._comm.run(info, fn, asynchronous=True, part=part)
+
+    def _wire(self, dtype: torch.dtype, wire_dtype: torch.dtype) -> torch.Tensor:
+        """(Engine thread.) The wire buffer of every bucket of gradients of `dtype`, allocated
+        at first use and kept: one per layout."""
+        wire = self._wires.get((dtype, wire_dtype))
+        if wire is None:
+            wire = torch.empty(self._wire_numel[dtype], dtype=wire_dtype, device=self._comm.device)
+            self._wires[(dtype, wire_dtype)] = wire
+        return wire
 
     def synchronize(self) -> None:
         """Launch what is left (filling unused gradients with zeros), wait for every bucket."""
