@@ -12,7 +12,9 @@ the median time against the link bound (`--link-gbps`; servers from the job's to
 process CPU time the stream took (every thread: pyddl's engine and stages, Gloo's, the kernel's
 TCP work charged to them) and that CPU split by thread; a config whose rounds disagree by more
 than `pyddl bench step` accepts (ROUND_SPREAD_LIMIT) is marked. A config is
-ALGORITHM:BUCKET_MIB[:nocheck].
+ALGORITHM:BUCKET_MIB[:nocheck][:views]; with `views` the buckets are views of one tensor, back
+to back as DistributedOptimizer lays out its buckets' wire buffers, so that a shared pass cuts
+them into chunks as one buffer.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ from pyddl.bench.allreduce import bound_s
 from pyddl.bench.step import ROUND_SPREAD_LIMIT, thread_cpu_s
 
 
-def _config(text: str) -> tuple[str, float, bool]:
+def _config(text: str) -> tuple[str, float, bool, bool]:
     parts = text.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "nocheck"):
-        raise argparse.ArgumentTypeError(f"a config is ALGORITHM:BUCKET_MIB[:nocheck], got {text!r}")
+    flags = parts[2:]
+    if len(parts) < 2 or not set(flags) <= {"nocheck", "views"} or len(set(flags)) < len(flags):
+        raise argparse.ArgumentTypeError(f"a config is ALGORITHM:BUCKET_MIB[:nocheck][:views], got {text!r}")
     try:
         mib = float(parts[1])
     except ValueError:
         raise argparse.ArgumentTypeError(f"bucket size must be a number of MiB, got {parts[1]!r}") from None
     if mib <= 0:
         raise argparse.ArgumentTypeError(f"bucket size must be > 0 MiB, got {parts[1]!r}")
-    return parts[0], mib, len(parts) == 2
+    return parts[0], mib, "nocheck" not in flags, "views" in flags
 
 
 def _buckets(params: int, mib: float) -> list[int]:
@@ -51,7 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", type=lambda s: [_config(c) for c in s.split(",")],
                     default="multiring:2,multiring:2:nocheck,multiring:25,native:25,native:2",
-                    help="comma-separated ALGORITHM:BUCKET_MIB[:nocheck] (default: %(default)s)")
+                    help="comma-separated ALGORITHM:BUCKET_MIB[:nocheck][:views] (default: %(default)s)")
     ap.add_argument("--params", type=int, default=11_689_512, help="fp32 gradients (default: ResNet-18's)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, after one untimed (default 3)")
     ap.add_argument("--link-gbps", type=float, default=0.5, help="each server's link, for the bound (default 0.5)")
@@ -65,9 +68,10 @@ def main() -> None:
     threads = {c: collections.Counter() for c in args.configs}
     for r in range(args.rounds + 1):
         for cfg in args.configs:
-            alg, mib, check = cfg
+            alg, mib, check, views = cfg
             pyddl.set_check(check)
-            tensors = [torch.full((n,), 1.0) for n in _buckets(args.params, mib)]
+            sizes = _buckets(args.params, mib)
+            tensors = list(torch.full((args.params,), 1.0).split(sizes)) if views else [torch.full((n,), 1.0) for n in sizes]
             pyddl.barrier()
             before = thread_cpu_s()
             c0, t0 = time.process_time(), time.perf_counter()
@@ -94,12 +98,12 @@ def main() -> None:
           f"link bound {bound * 1e3:.0f} ms (a flat ring of {ranks} ranks sends {flat:.2f}x that through a link)")
     print(f"{'config':<24} {'median ms':>9} {'bound/time':>10} {'cpu ms':>7}  rounds ms; cpu by thread ms")
     for cfg in args.configs:
-        alg, mib, check = cfg
+        alg, mib, check, views = cfg
         med = statistics.median(times[cfg])
         spread = (max(times[cfg]) - min(times[cfg])) / med
         flag = f" ! rounds disagree by {spread:.0%}" if spread > ROUND_SPREAD_LIMIT else ""
         split = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in threads[cfg].most_common(4) if v >= 0.0005)
-        name = f"{alg} {mib:g} MiB" + ("" if check else " nocheck")
+        name = f"{alg} {mib:g} MiB" + ("" if check else " nocheck") + (" views" if views else "")
         ratio = f"{bound / med:10.2f}" if bound else f"{'-':>10}"
         print(f"{name:<24} {med * 1e3:9.0f} {ratio} {statistics.median(cpu[cfg]) * 1e3:7.0f}  "
               f"{'/'.join(f'{t * 1e3:.0f}' for t in times[cfg])}; {split}{flag}")

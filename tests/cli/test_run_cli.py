@@ -58,13 +58,16 @@ def test_the_gradient_stream_script_of_the_emulation_docs(tmp_path):
     # docs/emulation.md quotes its figures; here on loopback, 2 "servers" of 1 rank.
     script = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "gradient_stream.py")
     proc = _run(["run", "-np", "2", "--topology", "1x2", script, "--params", "300000", "--rounds", "1",
-                 "--configs", "multiring:0.5,native:2:nocheck", "--link-gbps", "1"], tmp_path)
+                 "--configs", "multiring:0.5,native:2:nocheck,multiring:0.5:views", "--link-gbps", "1"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "[rank0] 1.2 MB of gradients over 2 servers at 1 Gbit/s: link bound 10 ms" in proc.stdout
     rows = [line.split()[1:5] for line in proc.stdout.splitlines() if "MiB" in line]
-    assert [r[:2] for r in rows] == [["multiring", "0.5"], ["native", "2"]] and rows[1][3] == "nocheck", proc.stdout
+    assert [r[:2] for r in rows] == [["multiring", "0.5"], ["native", "2"], ["multiring", "0.5"]], proc.stdout
+    assert (rows[1][3], rows[2][3]) == ("nocheck", "views"), proc.stdout
     proc = _run(["run", "-np", "2", script, "--configs", "multiring:two"], tmp_path)
     assert proc.returncode != 0 and "bucket size must be a number of MiB, got 'two'" in proc.stderr + proc.stdout
+    proc = _run(["run", "-np", "2", script, "--configs", "multiring:2:fast"], tmp_path)
+    assert proc.returncode != 0 and "ALGORITHM:BUCKET_MIB[:nocheck][:views], got 'multiring:2:fast'" in proc.stderr + proc.stdout
 
 
 def test_workers_keep_freed_memory_unless_the_user_set_malloc_themselves(tmp_path):
