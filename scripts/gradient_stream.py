@@ -71,7 +71,10 @@ def main() -> None:
             alg, mib, check, views = cfg
             pyddl.set_check(check)
             sizes = _buckets(args.params, mib)
-            tensors = list(torch.full((args.params,), 1.0).split(sizes)) if views else [torch.full((n,), 1.0) for n in sizes]
+            if views:
+                tensors = list(torch.full((args.params,), 1.0).split(sizes))
+            else:
+                tensors = [torch.full((n,), 1.0) for n in sizes]
             pyddl.barrier()
             before = thread_cpu_s()
             c0, t0 = time.process_time(), time.perf_counter()

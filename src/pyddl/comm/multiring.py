@@ -140,9 +140,10 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
 
     Consecutive flats that lie back to back in one storage (a DistributedOptimizer's buckets,
     `pyddl.torch.reducer`) are cut into chunks as one buffer, so a chunk may carry the end of
-    one and the start of the next: 1 MiB fp16 buckets then move in 2 MiB chunks, with half
-    the messages and their CPU. Which flats join depends only on how their owner laid them
-    out, which the cross-rank check has found alike, so every rank cuts the same chunks.
+    one and the start of the next: 1 MiB fp16 buckets then move in 2 MiB chunks, half the
+    messages. Which flats join depends only on how their owner laid them out, which every
+    rank has alike (the reducer's layout is checked across ranks), so every rank cuts the same
+    chunks.
     """
     levels = [lv for lv in comm.levels if lv.size > 1]
     total = 1
@@ -184,8 +185,8 @@ def _back_to_back(flats: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[tu
             continue
         if runs and _continues(runs[-1][0], flat):
             buf, members = runs[-1]
-            n = buf.numel()
-            runs[-1] = (buf.as_strided((n + flat.numel(),), (1,), buf.storage_offset()), members + [(i, n, n + flat.numel())])
+            n, m = buf.numel(), flat.numel()
+            runs[-1] = (buf.as_strided((n + m,), (1,), buf.storage_offset()), members + [(i, n, n + m)])
         else:
             runs.append((flat, [(i, 0, flat.numel())]))
     return runs
