@@ -9,8 +9,9 @@ allocates them fresh, submits every bucket with `pyddl.allreduce_async_` (as
 DistributedOptimizer does when backward outruns the network) and waits for all. Configs run in
 turn within each round, so the machine's drift falls on all alike. Rank 0 prints, per config,
 the median time against the link bound (`--link-gbps`; servers from the job's topology), the
-process CPU time the stream took (every thread: pyddl's engine and stages, Gloo's, the kernel's
-TCP work charged to them) and that CPU split by thread; a config whose rounds disagree by more
+process CPU time the stream took on rank 0 (every thread: pyddl's engine and stages, Gloo's,
+the kernel's TCP work charged to them), its sum over all ranks, and rank 0's split by thread;
+a config whose rounds disagree by more
 than `pyddl bench step` accepts (ROUND_SPREAD_LIMIT) is marked. A config is
 ALGORITHM:BUCKET_MIB[:nocheck][:views]; with `views` the buckets are views of one tensor, back
 to back as DistributedOptimizer lays out its buckets' wire buffers, so that a shared pass cuts
@@ -90,6 +91,10 @@ def main() -> None:
                 cpu[cfg].append(spent)
                 for name, s in after.items():
                     threads[cfg][name] += (s - before.get(name, 0.0)) / args.rounds
+    # Ranks of a flat ring do unequal work (on 2 servers x 2 only two of them send across the
+    # servers), so every rank's median CPU is summed as well as rank 0's shown.
+    medians = torch.tensor([statistics.median(cpu[c]) for c in args.configs], dtype=torch.float64)
+    all_ranks = dict(zip(args.configs, pyddl.allreduce(medians, op="sum").tolist()))
     if pyddl.rank() != 0:
         return
     servers = pyddl.cross_size()
@@ -99,7 +104,8 @@ def main() -> None:
     flat = (ranks - 1) / ranks * servers / (servers - 1) if servers > 1 else 1.0
     print(f"{nbytes / 1e6:.1f} MB of gradients over {servers} servers at {args.link_gbps:g} Gbit/s: "
           f"link bound {bound * 1e3:.0f} ms (a flat ring of {ranks} ranks sends {flat:.2f}x that through a link)")
-    print(f"{'config':<24} {'median ms':>9} {'bound/time':>10} {'cpu ms':>7}  rounds ms; cpu by thread ms")
+    print(f"{'config':<24} {'median ms':>9} {'bound/time':>10} {'cpu ms':>7} {'all ranks':>9}  "
+          "rounds ms; rank 0's cpu by thread ms")
     for cfg in args.configs:
         alg, mib, check, views = cfg
         med = statistics.median(times[cfg])
@@ -108,8 +114,8 @@ def main() -> None:
         split = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in threads[cfg].most_common(4) if v >= 0.0005)
         name = f"{alg} {mib:g} MiB" + ("" if check else " nocheck") + (" views" if views else "")
         ratio = f"{bound / med:10.2f}" if bound else f"{'-':>10}"
-        print(f"{name:<24} {med * 1e3:9.0f} {ratio} {statistics.median(cpu[cfg]) * 1e3:7.0f}  "
-              f"{'/'.join(f'{t * 1e3:.0f}' for t in times[cfg])}; {split}{flag}")
+        print(f"{name:<24} {med * 1e3:9.0f} {ratio} {statistics.median(cpu[cfg]) * 1e3:7.0f} "
+              f"{all_ranks[cfg] * 1e3:9.0f}  {'/'.join(f'{t * 1e3:.0f}' for t in times[cfg])}; {split}{flag}")
 
 
 if __name__ == "__main__":
