@@ -24,6 +24,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from pyddl.comm.osname import name_this_thread
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
 __all__ = ["Engine", "Handle", "Reorder"]
@@ -219,6 +220,7 @@ class Engine:
         self.seq = max(self.seq, seq)
 
     def _loop(self) -> None:
+        name_this_thread()
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs)

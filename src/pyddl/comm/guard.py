@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pyddl.comm.osname import name_this_thread
 from pyddl.errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
 __all__ = ["AHEAD", "AheadCheck", "Monitor", "NamesDiffer", "OpInfo", "Round", "exchange"]
@@ -233,6 +234,7 @@ class Monitor:
         self._store.set(str(self.rank), f"{self.seq}|{self.current}|{self._beat}")
 
     def _run(self) -> None:
+        name_this_thread()
         while not self._stop.wait(self.interval_s):
             try:
                 self._publish()

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from pyddl.comm.osname import name_this_thread
 from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
 
 __all__ = ["Level", "StageThreads", "allreduce_", "allreduce_many_", "multiring_allreduce_", "plan_chunks"]
@@ -278,6 +279,7 @@ class StageThreads:
         return finished
 
     def _loop(self) -> None:
+        name_this_thread()
         while True:
             item = self._queue.get()
             if item is None:
