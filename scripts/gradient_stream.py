@@ -11,11 +11,10 @@ turn within each round, so the machine's drift falls on all alike. Rank 0 prints
 the median time against the link bound (`--link-gbps`; servers from the job's topology), the
 process CPU time the stream took on rank 0 (every thread: pyddl's engine and stages, Gloo's,
 the kernel's TCP work charged to them), its sum over all ranks, and rank 0's split by thread;
-a config whose rounds disagree by more
-than `pyddl bench step` accepts (ROUND_SPREAD_LIMIT) is marked. A config is
-ALGORITHM:BUCKET_MIB[:nocheck][:views]; with `views` the buckets are views of one tensor, back
-to back as DistributedOptimizer lays out its buckets' wire buffers, so that a shared pass cuts
-them into chunks as one buffer.
+a config whose rounds disagree by more than `pyddl bench step` accepts (ROUND_SPREAD_LIMIT) is
+marked. A config is ALGORITHM:BUCKET_MIB[:nocheck][:views]; with `views` the buckets are views
+of one tensor, back to back as DistributedOptimizer lays out its buckets' wire buffers, so that
+a shared pass cuts them into chunks as one buffer.
 """
 
 from __future__ import annotations
