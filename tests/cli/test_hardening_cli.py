@@ -253,61 +253,6 @@ def test_synthetic_defaults_are_small_and_said():
     assert tuple(data.train[0][0].shape) == (3, 32, 32)
 
 
-def _worker_pids(root_pid):
-    """Pids of `pyddl train` workers whose parent is `root_pid` (the launcher's agent)."""
-    found = []
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/cmdline", "rb") as fh:
-                cmd = fh.read()
-        except OSError:
-            continue
-        if ppid == root_pid and b"pyddl.train.worker" in cmd:
-            found.append(int(d))
-    return sorted(found)
-
-
-@pytest.mark.timeout(180)
-def test_a_restart_says_who_failed_and_where_training_went_on(tmp_path):
-    # Issue 23 point 6: a job that lost a worker and restarted says so, and its summary too.
-    import json
-    import signal
-
-    launcher = subprocess.Popen(PYDDL + ["train", "-np", "2", "--epochs", "4", "--max-steps-per-epoch", "8",
-                                         "--max-restarts", "1", "--out", "a"], cwd=tmp_path, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
-    output = []
-    try:
-        for line in launcher.stdout:
-            output.append(line)
-            if list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
-                pids = _worker_pids(launcher.pid)
-                assert len(pids) == 2, "".join(output)
-                killed = pids[-1]
-                with open(f"/proc/{killed}/environ", "rb") as fh:
-                    rank = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)[b"RANK"].decode()
-                os.kill(killed, signal.SIGKILL)
-                break
-        output += launcher.stdout.readlines()
-        launcher.wait(timeout=150)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
-    text = "".join(output)
-    assert launcher.returncode == 0, text
-    reason = f"rank {rank} (local rank {rank}), pid {killed}, was killed by signal SIGKILL"
-    assert f"pyddl run: {reason}; restarting every worker (restart 1 of 1)" in text, text
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    [restart] = summary["restarts"]
-    assert restart["restart"] == 1 and restart["failure"] == reason
-    assert restart["resumed_from"] == f"a/checkpoints/ckpt-{restart['epoch']:06d}.pt" and restart["epoch"] >= 1
-    assert (f"[rank0] restart 1 after {reason}: resuming from {restart['resumed_from']} at epoch "
-            f"{restart['epoch']}") in text, text
-
-
 # The watchdog that stands in for the parent-death signal where the kernel has none (not
 # Linux): a launcher stand-in starts it as the agent starts pdeath_exec, with `watch` called
 # directly, since main() takes the kernel's way on this machine.

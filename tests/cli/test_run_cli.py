@@ -519,18 +519,24 @@ def _final_params(out):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_pyddl_train_resumes_after_a_restart(tmp_path):
-    flags = ["-np", "2", "--epochs", "2", "--batch-size", "16", "--seed", "1"]
-    launcher = subprocess.Popen(PYDDL + ["train", *flags, "--max-restarts", "1", "--out", str(tmp_path / "a")],
-                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
+def test_pyddl_train_resumes_after_a_restart_says_so_and_ends_as_if_never_stopped(tmp_path):
+    # Issue 23 point 6: a job that lost a worker and restarted says who failed and where
+    # training went on, in its output and its summary; and it trains on to the parameters of
+    # a run that was never stopped.
+    flags = ["-np", "2", "--epochs", "3", "--max-steps-per-epoch", "8", "--batch-size", "16", "--seed", "1"]
+    launcher = subprocess.Popen(PYDDL + ["train", *flags, "--max-restarts", "1", "--out", "a"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
     output = []
     try:
         for line in launcher.stdout:
             output.append(line)
-            if (tmp_path / "a" / "checkpoints").is_dir() and list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
+            if list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
                 pids = _train_pids(launcher.pid)
-                assert pids, "the workers finished before one could be killed:\n" + "".join(output)
-                os.kill(pids[-1], signal.SIGKILL)
+                assert len(pids) == 2, "the workers finished before one could be killed:\n" + "".join(output)
+                killed = pids[-1]
+                with open(f"/proc/{killed}/environ", "rb") as fh:
+                    rank = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)[b"RANK"].decode()
+                os.kill(killed, signal.SIGKILL)
                 break
         output += launcher.stdout.readlines()
         launcher.wait(timeout=200)
@@ -540,8 +546,16 @@ def test_pyddl_train_resumes_after_a_restart(tmp_path):
             launcher.wait()
     text = "".join(output)
     assert launcher.returncode == 0, text
-    assert "resuming from" in text and text.count("epoch 2/2") == 1, text  # resumed, not redone
-    ref = subprocess.run(PYDDL + ["train", *flags, "--out", str(tmp_path / "b")], cwd=tmp_path,
+    reason = f"rank {rank} (local rank {rank}), pid {killed}, was killed by signal SIGKILL"
+    assert f"pyddl run: {reason}; restarting every worker (restart 1 of 1)" in text, text
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    [restart] = summary["restarts"]
+    assert restart["restart"] == 1 and restart["failure"] == reason
+    assert restart["resumed_from"] == f"a/checkpoints/ckpt-{restart['epoch']:06d}.pt" and restart["epoch"] >= 1
+    assert (f"[rank0] restart 1 after {reason}: resuming from {restart['resumed_from']} at epoch "
+            f"{restart['epoch']}") in text, text
+    assert text.count("epoch 3/3") == 1, text  # resumed, not redone
+    ref = subprocess.run(PYDDL + ["train", *flags, "--out", "b"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=200, env=_clean_env())
     assert ref.returncode == 0, ref.stderr
     a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")

@@ -296,13 +296,6 @@ def test_sigterm_to_the_driver_stops_every_server(tmp_path):
     assert left == []
 
 
-def _final_params(out):
-    import torch
-
-    ckpts = sorted((out / "checkpoints").glob("ckpt-*.pt"))
-    return torch.load(ckpts[-1], weights_only=False)["model"]
-
-
 def _kill_a_train_worker(netns):
     for pid in subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split():
         try:
@@ -316,8 +309,10 @@ def _kill_a_train_worker(netns):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(200)
 def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
+    # That the resumed run ends where an unstopped one would is checked on one server
+    # (tests/cli/test_run_cli.py); here, that every server restarts and resumes.
     flags = ["train", "--epochs", "2", "--batch-size", "16", "--seed", "1"]
     with EmulatedCluster(2) as cluster:
         hosts = _hosts_args(cluster, 1)[1:]  # -np 2 -H ... --launcher ... --network-interface eth0
@@ -329,17 +324,13 @@ def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
                 output.append(line)
                 if not killed and list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
                     killed = _kill_a_train_worker(cluster.servers[1].netns)  # the rank on server 1
-            driver.wait(timeout=200)
+            driver.wait(timeout=150)
         finally:
             if driver.poll() is None:
                 driver.kill()
                 driver.wait()
-        text = "".join(output)
-        assert killed and driver.returncode == 0, text
-        assert "restarting every server's workers (restart 1 of 1)" in text
-        assert "resuming from" in text and text.count("epoch 2/2") == 1, text
-        ref = subprocess.run(PYDDL + [*flags, *hosts, "--out", str(tmp_path / "b")], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=200, env=_env())
-    assert ref.returncode == 0, ref.stderr
-    a, b = _final_params(tmp_path / "a"), _final_params(tmp_path / "b")
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    text = "".join(output)
+    assert killed and driver.returncode == 0, text
+    assert "restarting every server's workers (restart 1 of 1)" in text
+    assert f"resuming from {tmp_path / 'a' / 'checkpoints' / 'ckpt-000001.pt'} at epoch 1" in text, text
+    assert text.count("epoch 1/2") == 1 and text.count("epoch 2/2") == 1, text
