@@ -48,6 +48,9 @@ def _child(fn, rank, world, env, args, queue):
         result = (rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     open(os.path.join(env[_DONE_DIR], str(rank)), "w").close()
     queue.put(result)
+    # Rank 0 hosts the job's store: leaving before the others have returned would take it from
+    # a rank still explaining a timeout ("the job's store is unreachable" instead of its culprit).
+    wait_for_ranks(range(world), 60)
 
 
 def hold_engine(comm) -> threading.Event:
