@@ -94,6 +94,11 @@ def test_flop_profile_reproduces_the_reference_throughput():
     # Twice the batch, twice the compute (FLOPs are linear in the batch).
     assert flop_profile("resnet18", 32, dev, image_size=32).backward_s == pytest.approx(2 * prof.backward_s)
     assert device_flops_per_s(dev) > 0
+    # Another size than the reference's: its own FLOPs at the rate the reference sets.
+    rows = count_flops(build_model("resnet18", device="meta"), (1, 3, 64, 64))
+    big = flop_profile("resnet18", 16, dev, image_size=64)
+    flops = 16 * sum(r["fwd_flops"] + r["bwd_flops"] for r in rows)
+    assert big.forward_s + big.backward_s == pytest.approx(flops / device_flops_per_s(dev), rel=1e-9)
 
 
 def test_measured_profile_orders_gradients_in_reverse_layer_order(tmp_path):

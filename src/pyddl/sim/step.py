@@ -405,16 +405,18 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
     return rows
 
 
-def device_flops_per_s(device) -> float:
+def device_flops_per_s(device, reference_rows: list[dict] | None = None) -> float:
     """Return the device's effective training FLOP/s from its published reference throughput.
 
     rate = train FLOPs per image of the reference model x images/s, after taking the SGD
     update (memory-bound) out of the reference step, so that a simulated step of the
     reference model at the reference batch reproduces the published throughput.
+    `reference_rows`: the reference model's `count_flops` rows where the caller has them.
     """
     size = device.reference_image_size
-    model = build_model(device.reference_model, device="meta")
-    rows = count_flops(model, (1, 3, size, size))
+    rows = reference_rows
+    if rows is None:
+        rows = count_flops(build_model(device.reference_model, device="meta"), (1, 3, size, size))
     per_image = sum(r["fwd_flops"] + r["bwd_flops"] for r in rows)
     params = sum(p[1] for r in rows for p in r["params"])
     step = device.reference_batch / device.reference_images_per_s
@@ -431,7 +433,9 @@ def flop_profile(model_name: str, batch: int, device, image_size: int = 224, num
     """
     model = build_model(model_name, device="meta", num_classes=num_classes)
     rows = count_flops(model, (1, 3, image_size, image_size))
-    rate = device_flops_per_s(device)
+    # Counting a model's FLOPs takes a second or two; the reference model is often this one.
+    is_reference = (model_name, image_size, num_classes) == (device.reference_model, device.reference_image_size, 1000)
+    rate = device_flops_per_s(device, rows if is_reference else None)
     forward_s = batch * sum(r["fwd_flops"] for r in rows) / rate
     backward_s = batch * sum(r["bwd_flops"] for r in rows) / rate
     grads, t = [], 0.0
