@@ -74,9 +74,10 @@ def wait_for_ranks(ranks, limit_s: float) -> None:
 
 def _context():
     """Fresh processes forked from a server that imported torch once: each rank skips the 1.5 s
-    import a spawned one pays (most of a short multi-process test, and 5 minutes of the suite)."""
+    import a spawned one pays (most of a short multi-process test, and 5 minutes of the suite),
+    and the 2 s of torch._dynamo that the first optimizer, DDP or FSDP of a rank would import."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "harness"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "harness"])
     return ctx
 
 
