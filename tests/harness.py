@@ -75,9 +75,10 @@ def wait_for_ranks(ranks, limit_s: float) -> None:
 def _context():
     """Fresh processes forked from a server that imported torch once: each rank skips the 1.5 s
     import a spawned one pays (most of a short multi-process test, and 5 minutes of the suite),
-    and the 2 s of torch._dynamo that the first optimizer, DDP or FSDP of a rank would import."""
+    and the 2 s of torch._dynamo that the first optimizer, DDP or FSDP of a rank would import.
+    jax too, where installed (its import starts no thread; its backend starts in the rank)."""
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "harness"])
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "jax", "harness"])
     return ctx
 
 
