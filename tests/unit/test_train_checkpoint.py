@@ -159,7 +159,8 @@ def test_a_save_killed_midway_leaves_a_temporary_the_next_save_removes(tmp_path)
 
     mgr = CheckpointManager(tmp_path)
     mgr.save({"w": torch.ones(3)}, index=1)
-    proc = multiprocessing.get_context("fork").Process(target=_save_and_die, args=(tmp_path,))
+    # forkserver, not fork: this pytest process may have started JAX's threads (tests/unit/test_jax_pure.py).
+    proc = multiprocessing.get_context("forkserver").Process(target=_save_and_die, args=(tmp_path,))
     proc.start()
     proc.join(30)
     assert proc.exitcode == -9
