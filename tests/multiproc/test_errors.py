@@ -67,10 +67,6 @@ def _missing_rank(rank, world):
         except pyddl.CollectiveError as later:
             again = str(later)
         waited = time.monotonic() - t0
-        if rank == 0:
-            # Rank 0 hosts the job's store here: staying until rank 1 has named the missing
-            # rank keeps rank 1 from finding the store gone instead (a race one run in ten).
-            wait_for_ranks([1], 30)
         return str(err), err.missing_ranks, waited, again
     return "no error"
 
