@@ -360,8 +360,10 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
 
     Runs on the meta device when the model lives there (no real arithmetic). Returns, in
     forward order, one dict per module owning parameters: name, fwd_flops, bwd_flops,
-    params [(name, numel, itemsize, dtype)]; parameters of modules never called, or owned
-    by a container, come last with zero FLOPs (their gradients are ready at the end).
+    params [(name, numel, itemsize, dtype)], called; modules never called, or parameters
+    owned by a container, come last with zero FLOPs and `called` False (their gradients
+    are ready at the end). A called module may count zero FLOPs too: the counter has no
+    formula for BatchNorm, which is memory-bound.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -399,9 +401,10 @@ def count_flops(model, input_shape: Sequence[int]) -> list[dict]:
         if not own:
             continue
         key = f"{root}.{mod_name}" if mod_name else root
-        f = fwd.get(key, 0) if mod_name in order else 0
-        b = total.get(key, 0) - f if mod_name in order else 0
-        rows.append({"name": mod_name, "fwd_flops": f, "bwd_flops": b, "params": own})
+        called = mod_name in order
+        f = fwd.get(key, 0) if called else 0
+        b = total.get(key, 0) - f if called else 0
+        rows.append({"name": mod_name, "fwd_flops": f, "bwd_flops": b, "params": own, "called": called})
     return rows
 
 
@@ -441,7 +444,8 @@ def flop_profile(model_name: str, batch: int, device, image_size: int = 224, num
     grads, t = [], 0.0
     for r in reversed(rows):
         t += batch * r["bwd_flops"] / rate
-        ready = t if r["bwd_flops"] or r["fwd_flops"] else backward_s
+        # A module forward never reached (or a container's own parameter) is done at the end.
+        ready = t if r["called"] else backward_s
         # Within a module PyTorch finishes the bias before the weight (reverse registration).
         grads += [Gradient(n, numel, size, ready, dtype) for n, numel, size, dtype in reversed(r["params"])]
     grads.sort(key=lambda g: g.ready_s)
