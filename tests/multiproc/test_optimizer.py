@@ -249,10 +249,10 @@ def test_timeline_shows_each_ranks_backward_buckets_and_exposed_wait(tmp_path):
                 spans.setdefault(e["name"], []).append(e)
         assert len(spans["backward"]) == 3 and len(spans["optimizer step"]) == 3
         assert len(spans["wait for gradients"]) == 3
-        # 7 buckets in the first step (its first bucket is capped at 1 MiB: the last layer's
-        # weight without its bias), then one per layer in the order observed.
-        assert len(spans["gradient_bucket"]) == 7 + 6 + 6
-        assert sum(e["name"].startswith("bucket ") and e["name"].endswith(" ready") for e in mine) == 7 + 6 + 6
+        # One bucket per layer in every step: the first step's (the first bucket closes at 1
+        # MiB, which the last layer's bias and weight reach), then the order observed.
+        assert len(spans["gradient_bucket"]) == 6 + 6 + 6
+        assert sum(e["name"].startswith("bucket ") and e["name"].endswith(" ready") for e in mine) == 6 + 6 + 6
         # In the last step, the first bucket's allreduce began while backward was still running.
         backward = spans["backward"][-1]
         first_bucket = min((e for e in spans["gradient_bucket"] if e["ts"] >= backward["ts"]), key=lambda e: e["ts"])

@@ -9,15 +9,19 @@ from pyddl.comm.ring import equal_parts
 
 
 def test_buckets_respect_cap_and_order():
-    items = [(10, "float32", 4)] * 5  # 40 bytes each
-    assert plan_buckets(items, 100) == [[0, 1], [2, 3], [4]]
+    items = [(10, "float32", 4)] * 5  # 40 bytes each: a bucket closes at 120 >= 100
+    assert plan_buckets(items, 100) == [[0, 1, 2], [3, 4]]
+    assert plan_buckets(items, 80) == [[0, 1], [2, 3], [4]]
 
 
 def test_buckets_split_by_dtype_and_keep_big_tensors_whole():
     items = [(4, "float32", 4), (4, "int64", 8), (4, "float32", 4)]
     assert plan_buckets(items, 64) == [[0, 2], [1]]
-    items = [(4, "float32", 4), (100, "float32", 4), (4, "float32", 4)]
-    assert plan_buckets(items, 64) == [[0], [1], [2]]
+    # A tensor over the cap closes the bucket it joins, with the small ones before it (DDP's
+    # rule): small gradients between two big ones do not take a collective of their own.
+    items = [(4, "float32", 4), (100, "float32", 4), (4, "float32", 4), (100, "float32", 4), (4, "float32", 4)]
+    assert plan_buckets(items, 64) == [[0, 1], [2, 3], [4]]
+    assert plan_buckets([(100, "float32", 4), (100, "float32", 4)], 64) == [[0], [1]]
 
 
 def test_every_tensor_in_exactly_one_bucket():
@@ -26,7 +30,12 @@ def test_every_tensor_in_exactly_one_bucket():
     assert sorted(i for b in buckets for i in b) == list(range(59))
     for b in buckets:
         assert len({items[i][1] for i in b}) == 1
-        assert len(b) == 1 or sum(items[i][0] * items[i][2] for i in b) <= 200
+        sizes = [items[i][0] * items[i][2] for i in b]
+        # Every bucket but the last of its dtype reached the cap, and only with its last tensor.
+        assert sum(sizes[:-1]) < 200
+    for dtype in ("float32", "float16"):
+        closed = [b for b in buckets if items[b[0]][1] == dtype][:-1]
+        assert all(sum(items[i][0] * items[i][2] for i in b) >= 200 for b in closed)
 
 
 def test_bad_bucket_size():

@@ -189,8 +189,8 @@ def test_the_2017_ddl_hardware_alone_as_docs_simulate_md_reports_it():
     eff = {(r["algorithm"], r["topology"]): round(r["scaling_efficiency"], 3)
            for ring_max in (None, 16)
            for r in predict_scaling(profile, cluster, [256], ["native", "multiring"], 25 * 2**20, 4 * 2**20, ring_max)}
-    assert eff == {("native", "4x64"): 0.973, ("multiring", "4x64"): 0.984,
-                   ("native", "4x16x4"): 0.973, ("multiring", "4x16x4"): 0.990}
+    assert eff == {("native", "4x64"): 0.965, ("multiring", "4x64"): 0.976,
+                   ("native", "4x16x4"): 0.965, ("multiring", "4x16x4"): 0.981}
 
 
 # ---- the [stack] terms (issue 22) -----------------------------------------------------------

@@ -528,13 +528,15 @@ class Communicator:
 
     def grouped_allreduce(self, tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str | None = None,
                           compression=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[torch.Tensor]:
-        """Allreduce many tensors, fused into flat buckets of at most `bucket_bytes`; return new
-        tensors. One collective per bucket instead of one per tensor: latency is paid per bucket."""
+        """Allreduce many tensors, fused into flat buckets that close once they hold `bucket_bytes`
+        (pyddl.comm.layout.plan_buckets); return new tensors. One collective per bucket instead of
+        one per tensor: latency is paid per bucket."""
         return self._grouped(tensors, op, algorithm, compression, bucket_bytes, inplace=False, asynchronous=False)
 
     def grouped_allreduce_(self, tensors: Sequence[torch.Tensor], op: str = "sum", algorithm: str | None = None,
                            compression=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[torch.Tensor]:
-        """Allreduce many tensors in place, fused into flat buckets of at most `bucket_bytes`."""
+        """Allreduce many tensors in place, fused into flat buckets that close once they hold
+        `bucket_bytes`."""
         return self._grouped(tensors, op, algorithm, compression, bucket_bytes, inplace=True, asynchronous=False)
 
     def grouped_allreduce_async_(self, tensors: Sequence[torch.Tensor], op: str = "sum",
