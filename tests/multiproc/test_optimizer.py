@@ -257,3 +257,42 @@ def test_timeline_shows_each_ranks_backward_buckets_and_exposed_wait(tmp_path):
         backward = spans["backward"][-1]
         first_bucket = min((e for e in spans["gradient_bucket"] if e["ts"] >= backward["ts"]), key=lambda e: e["ts"])
         assert first_bucket["ts"] < backward["ts"] + backward["dur"]
+
+
+class _MixedDtypes(nn.Module):
+    """float32, float16, float32 parameters: the first bucket of a dtype is not a prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.zeros(3))
+        self.b = nn.Parameter(torch.zeros(3, dtype=torch.float16))
+        self.c = nn.Parameter(torch.zeros(3))
+
+    def forward(self, x):
+        return (self.a * x).sum() + (self.b.float() * x).sum() + (self.c * x).sum()
+
+
+def _mixed_dtypes(rank, world):
+    import pyddl
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(timeout_s=30)
+    model = _MixedDtypes()
+    opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), named_parameters=model.named_parameters())
+    layouts = []
+    for _ in range(2):  # the first step's layout, then the one rebuilt in ready order
+        opt.zero_grad()
+        model(torch.full((3,), float(rank + 1))).backward()
+        opt.step()
+        layouts.append(opt._reducer.layout())
+    pyddl.shutdown()
+    return [p.detach().float() for p in model.parameters()], layouts
+
+
+def test_every_parameter_of_a_mixed_dtype_model_is_averaged():
+    for params, layouts in run_ranks(_mixed_dtypes, 2, timeout=120):
+        # Each step's gradient is the rank's x: averaged, (1 + 2) / 2 = 1.5; two steps at lr 1.
+        for p in params:
+            assert torch.equal(p, torch.full((3,), -3.0))
+        for layout in layouts:
+            assert sorted(name for bucket in layout for name in bucket) == ["a", "b", "c"]

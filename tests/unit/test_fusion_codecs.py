@@ -38,9 +38,19 @@ def test_every_tensor_in_exactly_one_bucket():
         assert all(sum(items[i][0] * items[i][2] for i in b) >= 200 for b in closed)
 
 
+def test_the_first_bucket_of_each_dtype_closes_early():
+    items = [(4, "float32", 4), (4, "float16", 2), (4, "float32", 4), (4, "float16", 2), (4, "float32", 4)]
+    # float32 (16 bytes each): first bucket closes at 16, the next at 32; float16 (8 bytes):
+    # its first closes at 16 too. No tensor is lost or planned twice, whatever the dtypes' order.
+    assert plan_buckets(items, 32, first_bucket_bytes=16) == [[0], [1, 3], [2, 4]]
+    assert plan_buckets(items, 32) == [[0, 2], [1, 3], [4]]
+
+
 def test_bad_bucket_size():
     with pytest.raises(ValueError, match="positive"):
         plan_buckets([(1, "float32", 4)], 0)
+    with pytest.raises(ValueError, match="positive"):
+        plan_buckets([(1, "float32", 4)], 8, first_bucket_bytes=0)
 
 
 @pytest.mark.parametrize("cuts", [[0, 40], [0, 1, 2, 3, 40], [0, 7, 8, 19, 33, 40], [0, 13, 26, 39, 40]])

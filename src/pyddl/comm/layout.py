@@ -1,7 +1,7 @@
 """Bucket layout: which tensors share a fusion bucket (pure arithmetic, no torch).
 
-One bucket holds one dtype, and a tensor larger than the bucket size gets a bucket of its own
-(it is never split across buckets). The simulator plans the buckets the library runs with it.
+One bucket holds one dtype and closes once it holds the bucket size; a tensor is never split
+across buckets. The simulator plans the buckets the library runs with it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ __all__ = ["plan_buckets", "DEFAULT_BUCKET_BYTES"]
 
 
 def plan_buckets(
-    items: Sequence[tuple[int, str, int]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    items: Sequence[tuple[int, str, int]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    first_bucket_bytes: int | None = None,
 ) -> list[list[int]]:
     """Group tensors, in the order given, into buckets of one dtype of about `bucket_bytes`.
 
@@ -28,6 +29,8 @@ def plan_buckets(
         items: (numel, dtype name, bytes per element) of each tensor, in ready order.
         bucket_bytes: the size at which a bucket closes; a bucket can exceed it by less than
             its last tensor.
+        first_bucket_bytes: where given, the first bucket of each dtype closes at the smaller
+            of this and `bucket_bytes` (DDP's small first bucket: communication starts early).
 
     Returns:
         Lists of indices into `items`, ordered by each bucket's first tensor; each index
@@ -38,18 +41,24 @@ def plan_buckets(
         [[0, 1], [2]]
         >>> plan_buckets([(1, "float32", 4), (100, "float32", 4), (1, "float32", 4)], 64)
         [[0, 1], [2]]
+        >>> plan_buckets([(4, "float32", 4)] * 4, 32, first_bucket_bytes=16)
+        [[0], [1, 2], [3]]
     """
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    if bucket_bytes <= 0 or (first_bucket_bytes is not None and first_bucket_bytes <= 0):
+        raise ValueError(f"bucket sizes must be positive, got {bucket_bytes} and {first_bucket_bytes}")
     buckets: list[list[int]] = []
     open_by_dtype: dict[str, tuple[list[int], int]] = {}
+    started: set[str] = set()  # dtypes whose first bucket is open or closed
     for index, (numel, dtype, itemsize) in enumerate(items):
         bucket, nbytes = open_by_dtype.pop(dtype, (None, 0))
         if bucket is None:
             bucket = []
             buckets.append(bucket)
+        first = dtype not in started
+        started.add(dtype)
         bucket.append(index)
         nbytes += numel * itemsize
-        if nbytes < bucket_bytes:
+        limit = min(first_bucket_bytes, bucket_bytes) if first and first_bucket_bytes else bucket_bytes
+        if nbytes < limit:
             open_by_dtype[dtype] = (bucket, nbytes)
     return buckets

@@ -89,12 +89,7 @@ class GradientReducer:
 
     def _plan(self, order: list[int], first_bucket_bytes: int | None = None) -> list[list[int]]:
         items = [(self.params[i].numel(), str(self.params[i].dtype), self.params[i].element_size()) for i in order]
-        cap = self.options.bucket_bytes
-        if first_bucket_bytes is not None and len(order) > 1:
-            head = plan_buckets(items, min(first_bucket_bytes, cap))[0]
-            rest = plan_buckets(items[len(head):], cap)
-            return [[order[i] for i in head]] + [[order[len(head) + i] for i in b] for b in rest]
-        return [[order[i] for i in b] for b in plan_buckets(items, cap)]
+        return [[order[i] for i in b] for b in plan_buckets(items, self.options.bucket_bytes, first_bucket_bytes)]
 
     def _set_layout(self, layout: list[list[int]]) -> None:
         self.buckets = [_Bucket(i, members) for i, members in enumerate(layout)]
