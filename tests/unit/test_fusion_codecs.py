@@ -47,10 +47,10 @@ def test_the_first_bucket_of_each_dtype_closes_early():
 
 
 def test_bad_bucket_size():
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="bucket_bytes must be positive, got 0"):
         plan_buckets([(1, "float32", 4)], 0)
-    with pytest.raises(ValueError, match="positive"):
-        plan_buckets([(1, "float32", 4)], 8, first_bucket_bytes=0)
+    with pytest.raises(ValueError, match="first_bucket_bytes must be positive, got -1"):
+        plan_buckets([(1, "float32", 4)], 8, first_bucket_bytes=-1)
 
 
 @pytest.mark.parametrize("cuts", [[0, 40], [0, 1, 2, 3, 40], [0, 7, 8, 19, 33, 40], [0, 13, 26, 39, 40]])

@@ -44,8 +44,9 @@ def plan_buckets(
         >>> plan_buckets([(4, "float32", 4)] * 4, 32, first_bucket_bytes=16)
         [[0], [1, 2], [3]]
     """
-    if bucket_bytes <= 0 or (first_bucket_bytes is not None and first_bucket_bytes <= 0):
-        raise ValueError(f"bucket sizes must be positive, got {bucket_bytes} and {first_bucket_bytes}")
+    for name, size in (("bucket_bytes", bucket_bytes), ("first_bucket_bytes", first_bucket_bytes)):
+        if size is not None and size <= 0:
+            raise ValueError(f"{name} must be positive, got {size}")
     buckets: list[list[int]] = []
     open_by_dtype: dict[str, tuple[list[int], int]] = {}
     started: set[str] = set()  # dtypes whose first bucket is open or closed
