@@ -44,6 +44,8 @@ def test_the_first_bucket_of_each_dtype_closes_early():
     # its first closes at 16 too. No tensor is lost or planned twice, whatever the dtypes' order.
     assert plan_buckets(items, 32, first_bucket_bytes=16) == [[0], [1, 3], [2, 4]]
     assert plan_buckets(items, 32) == [[0, 2], [1, 3], [4]]
+    # The first bucket keeps its smaller limit for every tensor it takes, not only its first.
+    assert plan_buckets([(2, "float32", 4)] * 6, 32, first_bucket_bytes=16) == [[0, 1], [2, 3, 4, 5]]
 
 
 def test_bad_bucket_size():

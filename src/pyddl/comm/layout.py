@@ -41,25 +41,25 @@ def plan_buckets(
         [[0, 1], [2]]
         >>> plan_buckets([(1, "float32", 4), (100, "float32", 4), (1, "float32", 4)], 64)
         [[0, 1], [2]]
-        >>> plan_buckets([(4, "float32", 4)] * 4, 32, first_bucket_bytes=16)
-        [[0], [1, 2], [3]]
+        >>> plan_buckets([(2, "float32", 4)] * 6, 32, first_bucket_bytes=16)
+        [[0, 1], [2, 3, 4, 5]]
     """
     for name, size in (("bucket_bytes", bucket_bytes), ("first_bucket_bytes", first_bucket_bytes)):
         if size is not None and size <= 0:
             raise ValueError(f"{name} must be positive, got {size}")
+    first_limit = bucket_bytes if first_bucket_bytes is None else min(first_bucket_bytes, bucket_bytes)
     buckets: list[list[int]] = []
-    open_by_dtype: dict[str, tuple[list[int], int]] = {}
-    started: set[str] = set()  # dtypes whose first bucket is open or closed
+    open_by_dtype: dict[str, tuple[list[int], int, int]] = {}  # bucket, bytes, where it closes
+    started: set[str] = set()  # dtypes that have had a bucket
     for index, (numel, dtype, itemsize) in enumerate(items):
-        bucket, nbytes = open_by_dtype.pop(dtype, (None, 0))
+        bucket, nbytes, limit = open_by_dtype.pop(dtype, (None, 0, bucket_bytes))
         if bucket is None:
             bucket = []
             buckets.append(bucket)
-        first = dtype not in started
-        started.add(dtype)
+            limit = bucket_bytes if dtype in started else first_limit
+            started.add(dtype)
         bucket.append(index)
         nbytes += numel * itemsize
-        limit = min(first_bucket_bytes, bucket_bytes) if first and first_bucket_bytes else bucket_bytes
         if nbytes < limit:
-            open_by_dtype[dtype] = (bucket, nbytes)
+            open_by_dtype[dtype] = (bucket, nbytes, limit)
     return buckets
