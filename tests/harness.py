@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import random
 import shutil
 import socket
 import tempfile
@@ -24,9 +25,28 @@ class RankFailure(AssertionError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range.
+
+    A port from bind(("", 0)) is free only until released: the kernel may hand it to any
+    connect() at once, and the Gloo jobs of the other pytest-xdist worker open many connections
+    (a rank 0 then failed to host its store with EADDRINUSE). Ports below the ephemeral range
+    are never handed out that way, so only another explicit pick can take this one.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lowest_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        lowest_ephemeral = 32768  # Linux's default
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(max(1024, lowest_ephemeral - 12000), lowest_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below {lowest_ephemeral}")
 
 
 def _child(fn, rank, world, env, args, queue):
