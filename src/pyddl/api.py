@@ -21,7 +21,7 @@ _COLLECTIVES = (
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async_",
     "broadcast", "broadcast_", "broadcast_async_",
-    "allgather", "allgather_async", "reduce_scatter", "reduce_scatter_async",
+    "allgather", "allgather_async", "reduce_scatter", "reduce_scatter_async", "sparse_allreduce_async",
     "alltoall", "alltoall_async", "barrier", "join", "set_check", "new_communicator",
 )
 

@@ -290,3 +290,32 @@ def test_mismatched_shapes_unsupported_ops_and_a_missing_rank_are_clear_errors()
             assert out["waited_s"] < 30
     assert any("CollectiveTimeoutError" in out.get("missing", "") and "timed out after 4 s" in out["missing"]
                for out in results)
+
+
+def _ddp_sparse(rank, world):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    groups = _groups()
+    out = {}
+    for name, group in groups.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(12, 3, sparse=True), torch.nn.Linear(3, 1))
+        ddp = DDP(model, process_group=group)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        for step in range(3):
+            opt.zero_grad()
+            rows = torch.tensor([(rank * 3 + step) % 12, 5, 5][: 1 + rank % 3])  # 1 to 3 rows, row 5 shared
+            ddp(rows).sum().backward()
+            opt.step()
+        out[name] = (model[0].weight.grad.is_sparse, [p.detach().clone() for p in model.parameters()])
+    dist.destroy_process_group()
+    return out
+
+
+def test_ddp_with_sparse_gradients_on_pyddl_equals_gloo():
+    for rank, out in enumerate(run_ranks(_ddp_sparse, 4, env=ENV, timeout=160)):
+        for name in ("native", "multiring"):
+            assert out[name][0], f"rank {rank} {name}: the embedding's gradient is no longer sparse"
+            for got, want in zip(out[name][1], out["gloo"][1]):
+                torch.testing.assert_close(got, want, **TOL, msg=f"rank {rank} on {name}")

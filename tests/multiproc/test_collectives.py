@@ -232,3 +232,56 @@ def _detect_with_groups(rank, world):
 def test_topology_from_host_names():
     # No launcher hint: all ranks share this host, so one server of 3.
     assert run_ranks(_detect, 3) == [((3, 1), r, 0) for r in range(3)]
+
+
+def _sparse(rank, world):
+    import pyddl
+    import pyddl.torch as hvd
+
+    pyddl.init(timeout_s=30)
+    # Rank r touches rows 0..r of a 5 x 2 matrix, each with value r + 1; rank 0 also row 4
+    # twice (uncoalesced), and the last rank touches nothing (an empty gather).
+    rows = list(range(rank + 1)) + ([4, 4] if rank == 0 else [])
+    values = torch.full((len(rows), 2), float(rank + 1))
+    if rank == world - 1:
+        rows, values = [], torch.zeros(0, 2)
+    mine = torch.sparse_coo_tensor([rows], values, (5, 2))
+    out = {
+        "sum": pyddl.sparse_allreduce_async(mine, op="sum").wait(),
+        "average": pyddl.sparse_allreduce_async(mine, op="average").wait(),
+        "ints": pyddl.sparse_allreduce_async(mine.to(torch.int64), op="sum").wait(),
+        "hvd": hvd.sparse_allreduce_async(mine, "emb", hvd.Average)(),
+    }
+    inplace = mine.clone()
+    pyddl.sparse_allreduce_async(inplace, inplace=True).wait()
+    out["inplace"] = inplace
+    errors = []
+    for call in (lambda: pyddl.sparse_allreduce_async(mine, op="max"),
+                 lambda: pyddl.sparse_allreduce_async(mine.to(torch.int64), op="average"),
+                 lambda: pyddl.sparse_allreduce_async(mine.to_dense())):
+        try:
+            call()
+            errors.append("no error")
+        except (TypeError, ValueError) as err:
+            errors.append(f"{type(err).__name__}: {err}")
+    out["errors"], out["usable"] = errors, pyddl.allreduce(torch.ones(1)).item()
+    pyddl.shutdown()
+    return out
+
+
+def test_sparse_allreduce_sums_every_ranks_rows():
+    world = 3
+    want = torch.zeros(5, 2)
+    for r in range(world - 1):
+        want[: r + 1] += r + 1
+    want[4] += 2.0  # rank 0's row 4, twice
+    for out in run_ranks(_sparse, world, timeout=120):
+        for key in ("sum", "ints", "inplace"):
+            assert out[key].is_sparse and out[key].is_coalesced()
+            torch.testing.assert_close(out[key].to_dense(), want.to(out[key].dtype), rtol=0, atol=0)
+        for key in ("average", "hvd"):
+            torch.testing.assert_close(out[key].to_dense(), want / world)
+        assert out["errors"][0].startswith("ValueError: sparse tensors reduce with op sum, or average")
+        assert "on torch.int64" in out["errors"][1]
+        assert out["errors"][2].startswith("TypeError: sparse_allreduce takes a sparse COO tensor")
+        assert out["usable"] == world

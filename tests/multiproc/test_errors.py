@@ -149,6 +149,7 @@ def _bad_input(rank, world):
         lambda: pyddl.allreduce(torch.ones(1, dtype=torch.complex64)),
         lambda: pyddl.allreduce(torch.ones(1), algorithm="tree"),
         lambda: pyddl.allgather(torch.tensor(1.0)),
+        lambda: pyddl.allreduce(torch.ones(3).to_sparse()),
     ):
         try:
             call()
@@ -169,6 +170,8 @@ def test_bad_input_is_rejected_before_any_collective():
         assert "dtype torch.complex64" in errors[4]
         assert "unknown allreduce algorithm 'tree'" in errors[5]
         assert "at least one axis" in errors[6]
+        assert errors[7].startswith("TypeError: tensor is a torch.sparse_coo tensor; pyddl collectives take dense")
+        assert "sparse_allreduce_async" in errors[7]
         assert ok == 2.0
 
 

@@ -296,3 +296,73 @@ def test_every_parameter_of_a_mixed_dtype_model_is_averaged():
             assert torch.equal(p, torch.full((3,), -3.0))
         for layout in layouts:
             assert sorted(name for bucket in layout for name in bucket) == ["a", "b", "c"]
+
+
+class _SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, 4, sparse=True)
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, rows):
+        return self.lin(self.emb(rows)).sum()
+
+
+def _sparse_rows(rank):
+    return torch.tensor([[0, 3, 3], [3, 7, 9]][rank])  # row 3 on both ranks, twice on rank 0
+
+
+def _sparse_sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.5)
+
+
+def _sparse_grads(rank, world, sparse_as_dense, optimizer):
+    import pyddl
+    from pyddl.torch.optimizer import DistributedOptimizer
+
+    pyddl.init(timeout_s=30)
+    model = _SparseEmbedding()
+    base = optimizer(model)
+    opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), sparse_as_dense=sparse_as_dense)
+    for _ in range(2):  # the first step's layout, then the rebuilt one
+        opt.zero_grad()
+        model(_sparse_rows(rank)).backward()
+        opt.step()
+    grad = model.emb.weight.grad
+    pyddl.shutdown()
+    return grad.is_sparse, grad.to_dense(), [p.detach().clone() for p in model.parameters()]
+
+
+def _sparse_reference(optimizer):
+    """One process, both ranks' rows: the mean of the two ranks' losses."""
+    model = _SparseEmbedding()
+    opt = optimizer(model)
+    for _ in range(2):
+        opt.zero_grad()
+        (sum(model(_sparse_rows(r)) for r in range(2)) / 2).backward()
+        opt.step()
+    return model.emb.weight.grad.to_dense(), [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("sparse_as_dense", [False, True])
+def test_sparse_gradients_are_averaged_and_keep_their_layout(sparse_as_dense):
+    want_grad, want_params = _sparse_reference(_sparse_sgd)
+    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, sparse_as_dense, _sparse_sgd, timeout=120):
+        assert is_sparse is not sparse_as_dense  # as Horovod: sparse stays sparse unless densified
+        torch.testing.assert_close(grad, want_grad)
+        for got, want in zip(params, want_params):
+            torch.testing.assert_close(got, want)
+
+
+def _sparse_adam(model):
+    # SparseAdam takes sparse gradients only, so it fails if they come back dense.
+    return torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1)
+
+
+def test_sparse_adam_steps_on_the_averaged_sparse_gradient():
+    want_grad, want_params = _sparse_reference(_sparse_adam)
+    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, False, _sparse_adam, timeout=120):
+        assert is_sparse
+        torch.testing.assert_close(grad, want_grad)
+        torch.testing.assert_close(params[0], want_params[0])

@@ -59,6 +59,9 @@ def check_op(op: str) -> str:
 def _check_tensor(tensor, what: str = "tensor") -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{what} is a {tensor.layout} tensor; pyddl collectives take dense tensors: "
+                        "pass tensor.to_dense(), or reduce it with sparse_allreduce_async")
     if tensor.dtype not in DTYPES:
         names = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
         raise TypeError(f"{what} has dtype {tensor.dtype}; pyddl collectives support {names}")
@@ -598,23 +601,60 @@ class Communicator:
         info = OpInfo("allgather", _describe(tensor, ("*",) + rest), key=_key("allgather", name))
 
         def fn(seq: int) -> torch.Tensor:
-            n = self.size
-            counts = [torch.zeros(1, dtype=torch.int64, device=work.device) for _ in range(n)]
-            dist.all_gather(counts, torch.tensor([work.shape[0]], dtype=torch.int64, device=work.device),
-                            group=self.group)
-            rows = [int(c) for c in counts]
-            longest = max(rows)
-            padded = work
-            if work.shape[0] < longest:
-                padded = torch.zeros((longest,) + rest, dtype=work.dtype, device=work.device)
-                padded[: work.shape[0]] = work
-            if longest == 0 or padded.numel() == 0:
-                return torch.empty((sum(rows),) + rest, dtype=tensor.dtype, device=tensor.device)
-            gathered = [torch.empty_like(padded) for _ in range(n)]
-            dist.all_gather(gathered, padded, group=self.group)
-            return torch.cat([g[:r] for g, r in zip(gathered, rows)]).to(tensor.device)
+            return self._gather_rows(work).to(tensor.device)
 
         return self.run(info, fn, asynchronous)
+
+    def _gather_rows(self, work: torch.Tensor) -> torch.Tensor:
+        """(In a job.) Every rank's `work` concatenated along axis 0, whose length may differ."""
+        n, rest = self.size, tuple(work.shape[1:])
+        counts = [torch.zeros(1, dtype=torch.int64, device=work.device) for _ in range(n)]
+        dist.all_gather(counts, torch.tensor([work.shape[0]], dtype=torch.int64, device=work.device),
+                        group=self.group)
+        rows = [int(c) for c in counts]
+        longest = max(rows)
+        padded = work
+        if work.shape[0] < longest:
+            padded = torch.zeros((longest,) + rest, dtype=work.dtype, device=work.device)
+            padded[: work.shape[0]] = work
+        if longest == 0 or padded.numel() == 0:
+            return torch.empty((sum(rows),) + rest, dtype=work.dtype, device=work.device)
+        gathered = [torch.empty_like(padded) for _ in range(n)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return torch.cat([g[:r] for g, r in zip(gathered, rows)])
+
+    def sparse_allreduce_async(self, tensor: torch.Tensor, op: str = "sum", name: str | None = None,
+                               inplace: bool = False) -> Handle:
+        """Sum or average a sparse COO tensor across ranks; `handle.wait()` returns the result.
+
+        Every rank's indices and values are allgathered and added, as Gloo and Horovod reduce
+        sparse tensors, so the bytes grow with the rows touched, not the tensor's size. The
+        result is coalesced; with `inplace` it is also copied into `tensor`.
+        """
+        self._require_member("sparse_allreduce")
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.sparse_coo:
+            raise TypeError("sparse_allreduce takes a sparse COO tensor (tensor.to_sparse()); for a dense "
+                            "one use allreduce")
+        op = check_op(op)
+        if op not in ("sum", "average") or (op == "average" and not tensor.is_floating_point()):
+            raise ValueError(f"sparse tensors reduce with op sum, or average for floating point; got {op!r} "
+                             f"on {tensor.dtype}")
+        local = tensor.coalesce()
+        _check_tensor(local.values(), "the sparse tensor's values")
+        indices = self._to_work(local.indices().t().contiguous(), copy=False)
+        values = self._to_work(local.values().contiguous(), copy=False)
+        info = OpInfo("sparse_allreduce", f"{_describe(tensor)} sparse_dim={tensor.sparse_dim()} op={op}",
+                      key=_key("sparse_allreduce", name))
+
+        def fn(seq: int) -> torch.Tensor:
+            rows, vals = self._gather_rows(indices), self._gather_rows(values)
+            # check_invariants: the indices come from peers; one out of range would corrupt memory.
+            out = torch.sparse_coo_tensor(rows.t(), vals, tensor.shape, check_invariants=True).coalesce().to(tensor.device)
+            if op == "average":
+                out = out / self.size
+            return tensor.copy_(out) if inplace else out
+
+        return self.run(info, fn, asynchronous=True)
 
     def allgather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `tensor` along axis 0, in rank order.

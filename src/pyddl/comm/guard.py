@@ -338,7 +338,8 @@ class Monitor:
             age = f" for about {min(ages):.0f} s" if ages else ""
             parts.append(f"no heartbeat from ranks {_ranks(silent)}{age} (exited or frozen)")
         if not behind and not silent:
-            parts.append("every rank arrived; a connection failed (a peer exited or a link dropped)")
+            parts.append("every rank arrived and is alive, so the error above is the cause: raised on "
+                         "this rank, or by its connection to a peer")
         missing = tuple(r for r, _ in behind) or tuple(silent)
         cls = CollectiveTimeoutError if timed_out else CollectiveError
         return cls(". ".join(parts) + ".", missing_ranks=missing)

@@ -26,7 +26,7 @@ from pyddl.torch.ops import (
     grouped_allgather_async, grouped_allreduce, grouped_allreduce_, grouped_allreduce_async,
     grouped_allreduce_async_, grouped_reducescatter, grouped_reducescatter_async, init, is_homogeneous,
     is_initialized, join, local_rank, local_size, poll, rank, reducescatter, reducescatter_async, remove_process_set,
-    shutdown, size,
+    shutdown, size, sparse_allreduce_async,
     start_timeline, stop_timeline, synchronize,
 )
 from pyddl.torch.optimizer import DistributedOptimizer, PartialDistributedOptimizer
@@ -44,7 +44,7 @@ __all__ = [
     "cross_rank", "Average", "Sum", "Adasum", "Min", "Max", "Product", "Compression",
     "ProcessSet", "global_process_set", "add_process_set", "remove_process_set",
     "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce",
-    "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "allgather",
+    "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_", "sparse_allreduce_async", "allgather",
     "allgather_async", "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall",
     "alltoall_async", "reducescatter", "reducescatter_async", "grouped_allgather", "grouped_allgather_async",
     "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline", "is_homogeneous",

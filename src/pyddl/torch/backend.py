@@ -185,6 +185,8 @@ class ProcessGroupPyddl(dist.ProcessGroup):
     def allreduce(self, tensors, opts=None):
         op = self._reduce_input(tensors, opts, "allreduce")
         comm = self.communicator
+        if len(tensors) == 1 and tensors[0].layout == torch.sparse_coo:  # DDP's sparse gradients, as Gloo
+            return _Work(comm.sparse_allreduce_async(tensors[0], op=op, inplace=True), tensors, "allreduce")
         if len(tensors) == 1:
             return _Work(comm.allreduce_async_(tensors[0], op=op), tensors, "allreduce")
         return _Work(comm.grouped_allreduce_async_(tensors, op=op), tensors, "allreduce")

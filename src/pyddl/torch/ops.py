@@ -28,7 +28,7 @@ __all__ = [
     "horovod_errors", "ProcessSet", "global_process_set", "add_process_set", "remove_process_set", "init", "shutdown", "is_initialized",
     "size", "rank", "local_size", "local_rank", "cross_size", "cross_rank", "allreduce",
     "allreduce_", "allreduce_async", "allreduce_async_", "grouped_allreduce", "grouped_allreduce_",
-    "grouped_allreduce_async", "grouped_allreduce_async_", "allgather", "allgather_async",
+    "grouped_allreduce_async", "grouped_allreduce_async_", "sparse_allreduce_async", "allgather", "allgather_async",
     "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "alltoall", "alltoall_async",
     "reducescatter", "reducescatter_async", "grouped_allgather", "grouped_allgather_async",
     "grouped_reducescatter", "grouped_reducescatter_async", "start_timeline", "stop_timeline",
@@ -528,6 +528,18 @@ def grouped_allreduce(tensors, average=None, name=None, compression=Compression.
     pairs = [compression.compress(t) for t in tensors]
     outs = _GroupedAllreduce.apply(comm, op_name, name, prescale_factor, postscale_factor, None, *(w for w, _ in pairs))
     return [compression.decompress(o, c) for o, (_, c) in zip(outs, pairs)]
+
+
+def sparse_allreduce_async(tensor, name, op, process_set=global_process_set):
+    """Start reducing a sparse gradient (Horovod's): its indices and values are allgathered and
+    summed, then averaged for op=Average. Returns a function that waits and returns the result."""
+    handle = _comm_of(process_set).sparse_allreduce_async(tensor.detach(), op=reduce_op_name(op), name=name)
+
+    def wait():
+        with horovod_errors():
+            return handle.wait()
+
+    return wait
 
 
 # Allgather and broadcast ----------------------------------------------------------------

@@ -48,6 +48,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradient_predivide_factor: divide by this before the sum and by size/factor after
             (Average only), to control overflow as in Horovod.
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
+        sparse_as_dense: sparse gradients (`nn.Embedding(sparse=True)`) are summed dense in
+            the buckets either way; True leaves them dense after the step, False (Horovod's
+            default) gives them back sparse, as sparse optimizers such as SparseAdam need.
+        num_groups, groups: Horovod's grouping of gradients into fused allreduces; accepted
+            and unused, as `bucket_bytes` decides the fusion.
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).
         process_set: the ranks that average their gradients (hvd.add_process_set); default:
             every rank. On a rank outside it, step() applies the local gradients, as in Horovod.
@@ -104,6 +109,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 backward_passes_per_step=backward_passes_per_step,
                 prescale=prescale,
                 postscale=postscale,
+                sparse_as_dense=sparse_as_dense,
             ),
             comm,
         )

@@ -39,6 +39,9 @@ class ReducerOptions:
     backward_passes_per_step: int = 1
     prescale: float = 1.0
     postscale: float = 1.0
+    # A sparse gradient (nn.Embedding(sparse=True)) is reduced dense either way; this keeps
+    # it dense afterwards, as Horovod's flag does.
+    sparse_as_dense: bool = False
 
 
 @dataclass
@@ -74,6 +77,8 @@ class GradientReducer:
         self.names = [n for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in named_params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
+        # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse.
+        self._sparse_dims: dict[int, int] = {}
         self._passes = [0] * len(self.params)
         self._lock = threading.Lock()
         self._step = _StepState()
@@ -189,9 +194,12 @@ class GradientReducer:
     def _launch(self, bucket: _Bucket):
         opts = self.options
         params = [self.params[m] for m in bucket.members]
-        for p in params:
+        for m, p in zip(bucket.members, params):
             if p.grad is None:  # unused this step on this rank: contribute zeros (as Horovod)
                 p.grad = torch.zeros_like(p)
+            elif p.grad.is_sparse:  # summed dense in the bucket: the same sum as Horovod's allgather
+                self._sparse_dims[m] = p.grad.sparse_dim()
+                p.grad = p.grad.to_dense()
         grads = [p.grad for p in params]
         shapes = ",".join(f"{tuple(g.shape)}" for g in grads)
         op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
@@ -274,6 +282,9 @@ class GradientReducer:
         backward_end = self._timeline.now_us() if self._timeline.enabled else 0.0
         for b in self.buckets:
             b.handle.wait()
+        if not self.options.sparse_as_dense:
+            for m, sparse_dim in self._sparse_dims.items():
+                self.params[m].grad = self.params[m].grad.to_sparse(sparse_dim)
         if self._timeline.enabled:
             st = self._step
             if st.ready_order:
