@@ -44,6 +44,32 @@ def test_run_four_workers_prefixes_output_by_rank(tmp_path):
         assert f"[rank{r}] rank {r} of 4 sum 10 ['--flag', 'x'] multiring 45" in proc.stdout
 
 
+def test_a_line_written_in_pieces_is_not_cut_by_another_ranks_line(tmp_path):
+    # Under PYTHONUNBUFFERED=1 print() writes a line and its newline separately; here rank 0
+    # pauses between the two halves of each line while the others print whole lines.
+    script = _script(tmp_path, """
+        import os, sys, time
+        rank = int(os.environ["RANK"])
+        for i in range(3):
+            if rank == 0:
+                sys.stdout.write(f"first half {i} "); sys.stdout.flush()
+                time.sleep(0.4)
+                sys.stdout.write("second half\\n"); sys.stdout.flush()
+            else:
+                for _ in range(4):
+                    print(f"whole line {i}", flush=True)
+                    time.sleep(0.1)
+        sys.stdout.write("no newline at the end")
+    """)
+    proc = _run(["run", "-np", "3", script], tmp_path, extra_env={"PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for i in range(3):
+        assert f"[rank0] first half {i} second half" in lines
+    assert all(line.count("[rank") == 1 for line in lines if "[rank" in line), proc.stdout
+    assert sum(line.endswith("] no newline at the end") for line in lines) == 3
+
+
 def test_the_allreduce_demo_of_the_readme(tmp_path):
     demo = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "allreduce_demo.py")
     proc = _run(["run", "-np", "4", "--topology", "2x2", demo], tmp_path)

@@ -649,7 +649,8 @@ class Communicator:
         def fn(seq: int) -> torch.Tensor:
             rows, vals = self._gather_rows(indices), self._gather_rows(values)
             # check_invariants: the indices come from peers; one out of range would corrupt memory.
-            out = torch.sparse_coo_tensor(rows.t(), vals, tensor.shape, check_invariants=True).coalesce().to(tensor.device)
+            out = torch.sparse_coo_tensor(rows.t(), vals, tensor.shape, check_invariants=True)
+            out = out.coalesce().to(tensor.device)
             if op == "average":
                 out = out / self.size
             return tensor.copy_(out) if inplace else out

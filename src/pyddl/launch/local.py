@@ -22,6 +22,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 import uuid
 
 from pyddl import env as _env
@@ -275,6 +276,50 @@ def _launch_emulated(cfg: RunConfig, log_dir: str, executable: str, args: list[s
 
 
 @contextlib.contextmanager
+def _whole_lines():
+    """While it is open, torch's agent copies worker output to ours one whole line at a time.
+
+    The agent writes whatever `readline()` returns from a worker's log, and a worker that
+    writes a line in two pieces (print() does, under PYTHONUNBUFFERED=1) can then have another
+    rank's line land in the middle of it: `[rank0] REPORT {...}[rank1] REPORT {...}`. The
+    agent looks `tail_logfile` up in its module at each start, so it gets ours while this is
+    open, and torch's again afterwards.
+    """
+    from torch.distributed.elastic.multiprocessing import tail_log
+
+    original, tail_log.tail_logfile = tail_log.tail_logfile, tail_whole_lines
+    try:
+        yield
+    finally:
+        tail_log.tail_logfile = original
+
+
+def tail_whole_lines(header: str, file: str, dst, finished: threading.Event, interval_sec: float,
+                     log_line_filter=None) -> None:
+    """torch's `tail_logfile`, holding a piece of a line back until the rest of it arrives
+    (or the worker ends)."""
+    keep = log_line_filter or (lambda _line: True)
+    while not os.path.exists(file):
+        if finished.is_set():
+            return
+        time.sleep(interval_sec)
+    with open(file, errors="replace") as fp:
+        pending = ""
+        while True:
+            pending += fp.readline()
+            if pending.endswith("\n"):
+                if keep(pending):
+                    dst.write(f"{header}{pending}")
+                pending = ""
+            elif finished.is_set():
+                if pending and keep(pending):
+                    dst.write(f"{header}{pending}\n")
+                return
+            else:  # at the end of the file so far, perhaps inside a line
+                time.sleep(interval_sec)
+
+
+@contextlib.contextmanager
 def _worker_environ(cfg: RunConfig, log_dir: str):
     # The agent hands its own environment to the workers. Undo the change afterwards, so
     # that a program launching several jobs (bench scaling) does not pass one job's
@@ -358,7 +403,7 @@ def launch(cfg: RunConfig) -> None:
     if cfg.exit_with_stdin:
         _exit_with_stdin()
     with tempfile.TemporaryDirectory(prefix="pyddl-run-") as log_dir, _worker_environ(cfg, log_dir), \
-            _AgentEvents(cfg, log_dir):
+            _AgentEvents(cfg, log_dir), _whole_lines():
         try:
             if cfg.emulate_nodes:
                 _launch_emulated(cfg, log_dir, executable, args)
