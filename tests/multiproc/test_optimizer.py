@@ -2,6 +2,9 @@
 steps end with the parameters of 1 worker x batch 32 (float32: 1e-5; fp16 wire: 2e-3; bf16
 wire, 8 bits of mantissa: 2e-2)."""
 
+import json
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -306,10 +309,14 @@ class _SparseEmbedding(nn.Module):
         self.lin = nn.Linear(4, 1)
 
     def forward(self, rows):
+        if rows is None:  # the embedding left out of this step
+            return self.lin(torch.zeros(4)).sum()
         return self.lin(self.emb(rows)).sum()
 
 
-def _sparse_rows(rank):
+def _sparse_rows(rank, step):
+    if step == 2 and rank == 1:
+        return None
     return torch.tensor([[0, 3, 3], [3, 7, 9]][rank])  # row 3 on both ranks, twice on rank 0
 
 
@@ -317,42 +324,57 @@ def _sparse_sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.5)
 
 
-def _sparse_grads(rank, world, sparse_as_dense, optimizer):
+def _sparse_grads(rank, world, sparse_as_dense, optimizer, trace, predivide=1.0):
     import pyddl
     from pyddl.torch.optimizer import DistributedOptimizer
 
+    os.environ["PYDDL_TIMELINE"] = trace
     pyddl.init(timeout_s=30)
     model = _SparseEmbedding()
     base = optimizer(model)
-    opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), sparse_as_dense=sparse_as_dense)
-    for _ in range(2):  # the first step's layout, then the rebuilt one
+    opt = DistributedOptimizer(base, named_parameters=model.named_parameters(), sparse_as_dense=sparse_as_dense,
+                               gradient_predivide_factor=predivide)
+    # The first step's layout, then the rebuilt one; in the third step rank 1 does not use the
+    # embedding at all.
+    for step in range(3):
         opt.zero_grad()
-        model(_sparse_rows(rank)).backward()
+        model(_sparse_rows(rank, step)).backward()
         opt.step()
     grad = model.emb.weight.grad
     pyddl.shutdown()
     return grad.is_sparse, grad.to_dense(), [p.detach().clone() for p in model.parameters()]
 
 
+def _sparse_calls(trace) -> list[int]:
+    """How many sparse allreduces each rank's timeline shows."""
+    with open(trace) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return [sum(e.get("name") == "sparse_allreduce" and e.get("pid") == r for e in events) for r in range(2)]
+
+
 def _sparse_reference(optimizer):
     """One process, both ranks' rows: the mean of the two ranks' losses."""
     model = _SparseEmbedding()
     opt = optimizer(model)
-    for _ in range(2):
+    for step in range(3):
         opt.zero_grad()
-        (sum(model(_sparse_rows(r)) for r in range(2)) / 2).backward()
+        (sum(model(_sparse_rows(r, step)) for r in range(2)) / 2).backward()
         opt.step()
     return model.emb.weight.grad.to_dense(), [p.detach().clone() for p in model.parameters()]
 
 
 @pytest.mark.parametrize("sparse_as_dense", [False, True])
-def test_sparse_gradients_are_averaged_and_keep_their_layout(sparse_as_dense):
+def test_sparse_gradients_are_averaged_and_keep_their_layout(sparse_as_dense, tmp_path):
     want_grad, want_params = _sparse_reference(_sparse_sgd)
-    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, sparse_as_dense, _sparse_sgd, timeout=120):
+    trace = str(tmp_path / "trace.json")
+    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, sparse_as_dense, _sparse_sgd, trace, timeout=120):
         assert is_sparse is not sparse_as_dense  # as Horovod: sparse stays sparse unless densified
         torch.testing.assert_close(grad, want_grad)
         for got, want in zip(params, want_params):
             torch.testing.assert_close(got, want)
+    # The first step sums it dense with the rest; once rebuilt, its rows are allgathered.
+    assert _sparse_calls(trace) == [0 if sparse_as_dense else 2] * 2
 
 
 def _sparse_adam(model):
@@ -360,9 +382,12 @@ def _sparse_adam(model):
     return torch.optim.SparseAdam(list(model.emb.parameters()), lr=0.1)
 
 
-def test_sparse_adam_steps_on_the_averaged_sparse_gradient():
+def test_sparse_adam_steps_on_the_averaged_sparse_gradient_also_predivided(tmp_path):
     want_grad, want_params = _sparse_reference(_sparse_adam)
-    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, False, _sparse_adam, timeout=120):
+    trace = str(tmp_path / "trace.json")
+    # Horovod's gradient_predivide_factor: a quarter before the sum, times 2 after.
+    for is_sparse, grad, params in run_ranks(_sparse_grads, 2, False, _sparse_adam, trace, 4.0, timeout=120):
         assert is_sparse
         torch.testing.assert_close(grad, want_grad)
         torch.testing.assert_close(params[0], want_params[0])
+    assert _sparse_calls(trace) == [2, 2]

@@ -48,9 +48,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradient_predivide_factor: divide by this before the sum and by size/factor after
             (Average only), to control overflow as in Horovod.
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
-        sparse_as_dense: sparse gradients (`nn.Embedding(sparse=True)`) are summed dense in
-            the buckets either way; True leaves them dense after the step, False (Horovod's
-            default) gives them back sparse, as sparse optimizers such as SparseAdam need.
+        sparse_as_dense: True densifies sparse gradients (`nn.Embedding(sparse=True)`) and
+            reduces them with the rest. False (Horovod's default): from the second step each
+            is allgathered (its rows and values) and summed, and stays sparse, as SparseAdam
+            needs; the first step, before they are known, sums them dense.
         num_groups, groups: Horovod's grouping of gradients into fused allreduces; accepted
             and unused, as `bucket_bytes` decides the fusion.
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).

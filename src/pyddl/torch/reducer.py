@@ -39,8 +39,8 @@ class ReducerOptions:
     backward_passes_per_step: int = 1
     prescale: float = 1.0
     postscale: float = 1.0
-    # A sparse gradient (nn.Embedding(sparse=True)) is reduced dense either way; this keeps
-    # it dense afterwards, as Horovod's flag does.
+    # Densify sparse gradients (nn.Embedding(sparse=True)) and reduce them with the rest, as
+    # Horovod's flag does; otherwise, from the second step, each is allgathered (its rows).
     sparse_as_dense: bool = False
 
 
@@ -51,6 +51,7 @@ class _Bucket:
     waiting: int = 0  # gradients not yet ready this step
     handle: object = None
     offset: int = 0  # where its wire buffer starts in the buffer of its dtype (GradientReducer._wire)
+    sparse_dim: int | None = None  # a bucket of one sparse gradient, reduced by sparse_allreduce
 
 
 @dataclass
@@ -79,6 +80,8 @@ class GradientReducer:
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse.
         self._sparse_dims: dict[int, int] = {}
+        # Parameters whose buckets reduce them sparse (rank 0's _sparse_dims at the rebuild).
+        self._sparse_buckets: dict[int, int] = {}
         self._passes = [0] * len(self.params)
         self._lock = threading.Lock()
         self._step = _StepState()
@@ -93,16 +96,25 @@ class GradientReducer:
     # Layout -----------------------------------------------------------------------------
 
     def _plan(self, order: list[int], first_bucket_bytes: int | None = None) -> list[list[int]]:
-        items = [(self.params[i].numel(), str(self.params[i].dtype), self.params[i].element_size()) for i in order]
-        return [[order[i] for i in b] for b in plan_buckets(items, self.options.bucket_bytes, first_bucket_bytes)]
+        """Buckets of the parameters in `order`: the dense ones by plan_buckets, and each one in
+        `_sparse_buckets` alone, all in the order of their first parameter."""
+        dense = [i for i in order if i not in self._sparse_buckets]
+        items = [(self.params[i].numel(), str(self.params[i].dtype), self.params[i].element_size()) for i in dense]
+        buckets = [[dense[i] for i in b] for b in plan_buckets(items, self.options.bucket_bytes, first_bucket_bytes)]
+        buckets += [[i] for i in order if i in self._sparse_buckets]
+        place = {i: k for k, i in enumerate(order)}
+        return sorted(buckets, key=lambda b: place[b[0]])
 
     def _set_layout(self, layout: list[list[int]]) -> None:
-        self.buckets = [_Bucket(i, members) for i, members in enumerate(layout)]
+        self.buckets = [_Bucket(i, members, sparse_dim=self._sparse_buckets.get(members[0]))
+                        for i, members in enumerate(layout)]
         # The wire buffers of the buckets of one dtype lie back to back in one tensor, in launch
         # order, so that buckets queued together share the multiring's chunks (allreduce_many_).
         self._wire_numel: dict[torch.dtype, int] = {}
         self._wires: dict[tuple[torch.dtype, torch.dtype], torch.Tensor] = {}
         for b in self.buckets:
+            if b.sparse_dim is not None:
+                continue
             dtype = self.params[b.members[0]].dtype
             b.offset = self._wire_numel.get(dtype, 0)
             self._wire_numel[dtype] = b.offset + sum(self.params[m].numel() for m in b.members)
@@ -192,6 +204,8 @@ class GradientReducer:
             self._step.launched_upto += 1
 
     def _launch(self, bucket: _Bucket):
+        if bucket.sparse_dim is not None:
+            return self._launch_sparse(bucket)
         opts = self.options
         params = [self.params[m] for m in bucket.members]
         for m, p in zip(bucket.members, params):
@@ -261,6 +275,22 @@ class GradientReducer:
 
         return self._comm.run(info, fn, asynchronous=True, part=part)
 
+    def _launch_sparse(self, bucket: _Bucket):
+        """Allgather one sparse gradient's rows and values and sum them into it (Horovod's
+        sparse allreduce); the rest of the scaling is done in synchronize()."""
+        (m,) = bucket.members
+        p, opts = self.params[m], self.options
+        if p.grad is None:  # unused this step on this rank: no rows
+            rows = torch.empty((bucket.sparse_dim, 0), dtype=torch.int64, device=p.device)
+            values = torch.empty((0,) + tuple(p.shape[bucket.sparse_dim:]), dtype=p.dtype, device=p.device)
+            p.grad = torch.sparse_coo_tensor(rows, values, p.shape)
+        elif not p.grad.is_sparse:
+            p.grad = p.grad.to_sparse(bucket.sparse_dim)
+        if opts.prescale != 1.0:
+            p.grad.mul_(opts.prescale)
+        op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
+        return self._comm.sparse_allreduce_async(p.grad, op=op, inplace=True)
+
     def _wire(self, dtype: torch.dtype, wire_dtype: torch.dtype) -> torch.Tensor:
         """(Engine thread.) The wire buffer of every bucket of gradients of `dtype`, allocated
         at first use and kept: one per layout."""
@@ -282,9 +312,12 @@ class GradientReducer:
         backward_end = self._timeline.now_us() if self._timeline.enabled else 0.0
         for b in self.buckets:
             b.handle.wait()
-        if not self.options.sparse_as_dense:
+            if b.sparse_dim is not None and self.options.postscale != 1.0:
+                self.params[b.members[0]].grad.mul_(self.options.postscale)
+        if not self.options.sparse_as_dense:  # the ones summed dense in a bucket (first step)
             for m, sparse_dim in self._sparse_dims.items():
-                self.params[m].grad = self.params[m].grad.to_sparse(sparse_dim)
+                if m not in self._sparse_buckets:
+                    self.params[m].grad = self.params[m].grad.to_sparse(sparse_dim)
         if self._timeline.enabled:
             st = self._step
             if st.ready_order:
@@ -301,11 +334,21 @@ class GradientReducer:
         self._rebuild(order + [i for i in reversed(range(len(self.params))) if i not in seen])
 
     def _rebuild(self, order: list[int]) -> None:
-        # Rank 0's observed order decides, so all ranks agree on the new layout.
+        # Rank 0's observed order decides, so all ranks agree on the new layout; so does its
+        # view of which gradients are sparse (sparse_dim + 1 per parameter, 0: dense).
         self._rebuilt = True
-        order_t = torch.tensor(order, dtype=torch.int64)
-        self._comm.broadcast_(order_t, root=0)
-        self._set_layout(self._plan(order_t.tolist()))
+        sparse = self._sparse_dims if self._reduces_sparse() else {}
+        plan_t = torch.tensor(order + [sparse.get(i, -1) + 1 for i in range(len(self.params))], dtype=torch.int64)
+        self._comm.broadcast_(plan_t, root=0)
+        plan = plan_t.tolist()
+        n = len(self.params)
+        self._sparse_buckets = {i: d - 1 for i, d in enumerate(plan[n:]) if d}
+        self._set_layout(self._plan(plan[:n]))
+
+    def _reduces_sparse(self) -> bool:
+        """Whether sparse gradients get buckets of their own: Horovod's sparse allreduce sums
+        (or averages) them, so not with sparse_as_dense or op min/max/product."""
+        return not self.options.sparse_as_dense and self.options.op in ("sum", "average")
 
 
 def _describe_param(entry) -> str:
