@@ -28,3 +28,17 @@ def test_horovod_mnist_style_script_learns(extra):
     accuracies = re.findall(r"\[rank0\] Test set: Average loss: [\d.]+, Accuracy: ([\d.]+)%", out)
     assert len(accuracies) == 2 and float(accuracies[-1]) > 50.0  # ten classes: chance is 10%
     assert "[rank1]" not in out  # rank 0 alone reports, as in Horovod's examples
+
+
+def test_sparse_embedding_example_allgathers_rows_and_ends_as_the_densified_run():
+    example = EXAMPLE.parent / "sparse_embedding.py"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyddl.cli.main", "run", "-np", "2", str(example), "--table-rows", "20000",
+         "--steps", "4"],
+        capture_output=True, text=True, timeout=140,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "[rank0] 2 workers, a 5 MB table, 256 rows per rank per step" in proc.stdout
+    assert re.search(r"\[rank0\] rows allgathered \(sparse_as_dense=False\): +[\d.]+ ms per step", proc.stdout)
+    assert re.search(r"\[rank0\] table densified  \(sparse_as_dense=True\): +[\d.]+ ms per step", proc.stdout)
+    assert "[rank0] same table after 4 steps: True" in proc.stdout
