@@ -28,8 +28,6 @@ deselected by name so the counts are of what pyddl is meant to run):
              test_horovod_allreduce_cpu_gpu_error, test_horovod_grouped_allreduce_cpu_gpu_error,
              test_horovod_alltoall_splits_on_gpu, test_broadcast_state_gpu
   Adasum:    test_horovod_reducescatter_adasum (pyddl has no Adasum; docs/horovod.md)
-  sparse:    test_sparse_embeddings, test_async_sparse_allreduce,
-             test_async_sparse_allreduce_process_sets (no sparse_allreduce_async)
   timeline:  test_timeline_api (HOROVOD_TIMELINE's format; Horovod skips it too, #2496)
 test_delta_optimizer stays: it uses Adasum but skips itself without MPI.
 
@@ -64,9 +62,6 @@ DESELECTED = {
     "test_horovod_alltoall_splits_on_gpu": "GPU",
     "test_broadcast_state_gpu": "GPU",
     "test_horovod_reducescatter_adasum": "Adasum",
-    "test_sparse_embeddings": "sparse",
-    "test_async_sparse_allreduce": "sparse",
-    "test_async_sparse_allreduce_process_sets": "sparse",
     "test_timeline_api": "timeline",
 }
 
@@ -251,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(DESELECTED) - set(collect(dest, [])))
     if unknown:
         print(f"note: deselected names not in this test_torch.py: {', '.join(unknown)}")
-    print(f"{len(tests)} tests selected ({len(DESELECTED)} deselected: GPU, Adasum, sparse, timeline)", flush=True)
+    print(f"{len(tests)} tests selected ({len(DESELECTED)} deselected: GPU, Adasum, timeline)", flush=True)
 
     results: dict[str, dict[str, dict]] = {}
     summaries = []

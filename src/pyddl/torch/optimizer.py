@@ -50,8 +50,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         algorithm: "native", "multiring" or "auto" (default: the job's setting).
         sparse_as_dense: True densifies sparse gradients (`nn.Embedding(sparse=True)`) and
             reduces them with the rest. False (Horovod's default): from the second step each
-            is allgathered (its rows and values) and summed, and stays sparse, as SparseAdam
-            needs; the first step, before they are known, sums them dense.
+            is allgathered (its rows and values) and summed; the first step, before they are
+            known, sums them dense. Either way they come back sparse, as SparseAdam needs.
         num_groups, groups: Horovod's grouping of gradients into fused allreduces; accepted
             and unused, as `bucket_bytes` decides the fusion.
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).

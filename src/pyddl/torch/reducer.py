@@ -78,7 +78,8 @@ class GradientReducer:
         self.names = [n for n, p in named_params if p.requires_grad]
         self.params = [p for _, p in named_params if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse.
+        # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse
+        # (also with sparse_as_dense, as Horovod does).
         self._sparse_dims: dict[int, int] = {}
         # Parameters whose buckets reduce them sparse (rank 0's _sparse_dims at the rebuild).
         self._sparse_buckets: dict[int, int] = {}
@@ -314,10 +315,9 @@ class GradientReducer:
             b.handle.wait()
             if b.sparse_dim is not None and self.options.postscale != 1.0:
                 self.params[b.members[0]].grad.mul_(self.options.postscale)
-        if not self.options.sparse_as_dense:  # the ones summed dense in a bucket (first step)
-            for m, sparse_dim in self._sparse_dims.items():
-                if m not in self._sparse_buckets:
-                    self.params[m].grad = self.params[m].grad.to_sparse(sparse_dim)
+        for m, sparse_dim in self._sparse_dims.items():  # the ones summed dense in a bucket
+            if m not in self._sparse_buckets:
+                self.params[m].grad = self.params[m].grad.to_sparse(sparse_dim)
         if self._timeline.enabled:
             st = self._step
             if st.ready_order:
