@@ -30,6 +30,17 @@ class HookState:
 def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.Tensor]:
     buffer = bucket.buffer()
     comm = pyddl.world()
+    future: torch.futures.Future = torch.futures.Future()
+
+    def done(result, error) -> None:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    if buffer.is_sparse:  # a sparse gradient's bucket: its rows allgathered and averaged, uncompressed
+        comm.sparse_allreduce_async(buffer, op="average", inplace=True).add_done_callback(done)
+        return future
     algorithm = comm.check_algorithm(getattr(state, "algorithm", None))
     codec = get_codec(codec_name)
     info = OpInfo(
@@ -37,17 +48,10 @@ def _hook(state, bucket, codec_name: str | None) -> torch.futures.Future[torch.T
         f"#{bucket.index()} {buffer.dtype}[{buffer.numel()}] codec={codec.name}",
         join_spec=(((buffer.numel(), str(buffer.dtype)),), "average", algorithm, codec.name),
     )
-    future: torch.futures.Future = torch.futures.Future()
 
     def fn(seq: int) -> torch.Tensor:
         comm.reduce_buffer_(buffer, "average", algorithm, codec, seq)
         return buffer
-
-    def done(result, error) -> None:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
 
     comm.run(info, fn, asynchronous=True).add_done_callback(done)
     return future
