@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -308,6 +309,13 @@ def _kill_a_train_worker(netns):
     return False
 
 
+def _kill_once_saved(checkpoint, netns, driver, killed):
+    """Kill the train worker in ``netns`` as soon as ``checkpoint`` exists; record whether it was found."""
+    while driver.poll() is None and not checkpoint.exists():
+        time.sleep(0.02)
+    killed.append(driver.poll() is None and _kill_a_train_worker(netns))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
@@ -318,19 +326,23 @@ def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
         hosts = _hosts_args(cluster, 1)[1:]  # -np 2 -H ... --launcher ... --network-interface eth0
         driver = subprocess.Popen(PYDDL + [*flags, *hosts, "--max-restarts", "1", "--out", str(tmp_path / "a")],
                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        output, killed = [], False
+        # Rank 0 prints an epoch's line before it writes the checkpoint, and the next line
+        # comes only at the end of the following epoch, so the checkpoint is watched for on
+        # its own thread rather than on each line of output.
+        killed = []
+        watcher = threading.Thread(target=_kill_once_saved, daemon=True, args=(
+            tmp_path / "a" / "checkpoints" / "ckpt-000001.pt", cluster.servers[1].netns, driver, killed))
+        watcher.start()
         try:
-            for line in driver.stdout:
-                output.append(line)
-                if not killed and list((tmp_path / "a" / "checkpoints").glob("ckpt-*.pt")):
-                    killed = _kill_a_train_worker(cluster.servers[1].netns)  # the rank on server 1
+            output = list(driver.stdout)
             driver.wait(timeout=150)
         finally:
             if driver.poll() is None:
                 driver.kill()
                 driver.wait()
+            watcher.join()
     text = "".join(output)
-    assert killed and driver.returncode == 0, text
+    assert killed == [True] and driver.returncode == 0, text
     assert "restarting every server's workers (restart 1 of 1)" in text
     assert f"resuming from {tmp_path / 'a' / 'checkpoints' / 'ckpt-000001.pt'} at epoch 1" in text, text
     assert text.count("epoch 1/2") == 1 and text.count("epoch 2/2") == 1, text
