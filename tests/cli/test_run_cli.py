@@ -302,8 +302,9 @@ def test_bench_step_compares_systems(tmp_path):
         by_round = [n / m for n, m in zip(noop["round_medians_s"], r["round_medians_s"])]
         assert r["comm_efficiency"] == pytest.approx(statistics.median(by_round))
         assert r["comm_cpu_s"] == pytest.approx(r["cpu_s_per_step"] - noop["cpu_s_per_step"])
+        assert r["ranks_per_core"] == max(1.0, 2 / len(os.sched_getaffinity(0)))  # 2 ranks on this machine
         assert r["cpu_bound_comm_efficiency"] == pytest.approx(
-            noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"])))
+            noop["median_step_s"] / (noop["median_step_s"] + r["ranks_per_core"] * max(0.0, r["comm_cpu_s"])))
         assert r["exposed_comm_fraction"] == pytest.approx(1 - r["comm_efficiency"])
         plain = rows["pyddl-noop"]["round_medians_s"]
         assert r["plain_efficiency"] == pytest.approx(statistics.median(p / m for p, m in zip(plain, r["round_medians_s"])))

@@ -40,6 +40,8 @@ def test_tensorflow_step_bench_compares_pyddl_keras_with_mwms_and_one_worker(tmp
         assert len(r["step_times_s"]) == 2 and r["median_step_s"] == pytest.approx(statistics.median(r["step_times_s"]))
         assert r["comm_efficiency"] == pytest.approx(noop["round_medians_s"][0] / r["round_medians_s"][0])
         assert r["scaling_efficiency"] == pytest.approx(r["images_per_s"] / (2 * rows["single"]["images_per_s"]))
+        assert r["cpu_bound_comm_efficiency"] == pytest.approx(noop["median_step_s"] / (
+            noop["median_step_s"] + r["ranks_per_core"] * max(0.0, r["comm_cpu_s"])))
 
 
 def test_tensorflow_step_bench_refuses_a_torch_model_name(tmp_path):

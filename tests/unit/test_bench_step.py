@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from pyddl.bench.step import (SYSTEMS, default_systems, format_exposed, format_table, format_threads, judge, summarize,
-                              thread_cpu_s)
+from pyddl.bench.step import (SYSTEMS, default_systems, format_exposed, format_table, format_threads, judge,
+                              ranks_per_core, summarize, thread_cpu_s)
 
 
 def _row(system, rounds):
@@ -73,6 +73,30 @@ def test_rows_whose_rounds_disagree_or_that_beat_their_baseline_are_not_results(
     steady = judge(summarize([_row("ddp", [1.50, 1.52, 1.49]), _row("ddp-noop", [1.40, 1.41, 1.40])]))
     assert [r["unreliable"] for r in steady] == [[], []]
     assert not format_table(steady).splitlines()[-1].startswith("!")
+
+
+def test_ranks_per_core_counts_the_most_crowded_machine():
+    both = frozenset({0, 1})
+    assert ranks_per_core([("box", both)] * 4) == 2.0  # the emulated 2x2 bed: 4 ranks, 2 cores
+    assert ranks_per_core([("box", {0}), ("box", {0}), ("box", {1}), ("box", {1})]) == 2.0  # --emulate-pin
+    assert ranks_per_core([("box", {0}), ("box", {1})]) == 1.0  # one rank per server, pinned
+    assert ranks_per_core([("a", frozenset(range(8))), ("b", frozenset(range(8)))]) == 1.0  # never under 1
+    assert ranks_per_core([("a", both), ("a", both), ("b", {0}), ("b", {0}), ("b", {0})]) == 3.0
+    assert ranks_per_core([("a", {0, 1, 2})] * 4) == pytest.approx(4 / 3)
+
+
+def test_cpu_ceiling_counts_communication_cpu_once_per_rank_sharing_the_core():
+    # The 0.5 Gbit/s bed of 2026-12-07: bare model 3284 ms, the multiring's communication
+    # 203 ms of CPU per rank, 4 ranks on 2 cores; its measured comm eff was 0.887.
+    rows = [{**_row("pyddl-multiring", [3.655]), "cpu_s_per_step": 1.8031, "ranks_per_core": 2.0},
+            {**_row("pyddl-noop", [3.284]), "cpu_s_per_step": 1.6}]
+    multiring = summarize(rows)[0]
+    assert multiring["comm_cpu_s"] == pytest.approx(0.2031)
+    assert multiring["cpu_bound_comm_efficiency"] == pytest.approx(3.284 / (3.284 + 2 * 0.2031))  # 0.890
+    assert "cpu ceiling counts communication's CPU 2 times" in format_table(summarize(rows))
+    alone = summarize([{**rows[0], "ranks_per_core": 1.0}, rows[1]])
+    assert alone[0]["cpu_bound_comm_efficiency"] == pytest.approx(3.284 / (3.284 + 0.2031))
+    assert "counts communication's CPU" not in format_table(alone)
 
 
 def test_thread_table_lists_busy_threads_and_the_idle_rest():

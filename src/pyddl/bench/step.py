@@ -21,13 +21,16 @@ family, the bare model and optimizer (the pyddl-noop run); and the scaling effic
 the one worker alone = throughput(n) / (n x throughput(1)). Also the CPU time per step of the
 slowest rank's process and, against the no-communication run, the CPU that communication
 costs ("comm cpu") and the communication efficiency that CPU alone allows where it shares the
-cores with compute ("cpu ceiling" = no-communication step / (that step + comm cpu)).
+cores with compute ("cpu ceiling" = no-communication step / (that step + k x comm cpu), where k
+is the number of ranks per core on the most crowded machine, at least 1: ranks that share a
+core wait for each other's communication CPU as well as their own).
 """
 
 from __future__ import annotations
 
 import collections
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -40,7 +43,7 @@ import torch.nn as nn
 from pyddl.bench.systems import NOCHECK, ON_PYDDL, TORCH_SYSTEMS, torch_default_systems
 
 __all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads",
-           "thread_cpu_s", "default_systems", "plot"]
+           "thread_cpu_s", "ranks_per_core", "job_ranks_per_core", "cpu_ceiling", "default_systems", "plot"]
 
 SYSTEMS = TORCH_SYSTEMS
 default_systems = torch_default_systems
@@ -118,6 +121,55 @@ def _pyddl_group():
             os.environ["PYDDL_ALLREDUCE"] = before
 
 
+def ranks_per_core(placements: list[tuple[object, frozenset[int]]]) -> float:
+    """How many ranks share each core where the job is most crowded: per machine, its ranks
+    over the cores they may run on together (at least 1), the largest over the machines.
+
+    `placements` has one (machine, CPUs the rank may run on) per rank. Where ranks outnumber
+    cores and compute keeps each core busy, every CPU-second a rank spends on communication
+    delays the step by this many seconds: the others on its core wait for it too.
+    """
+    ranks: dict[object, int] = collections.Counter(machine for machine, _ in placements)
+    cores: dict[object, set[int]] = collections.defaultdict(set)
+    for machine, cpus in placements:
+        cores[machine] |= cpus
+    return max(max(1.0, ranks[m] / max(1, len(cores[m]))) for m in ranks)
+
+
+def _machine_key() -> int:
+    # Ranks in the emulated cluster's network namespaces share the kernel, and with it its
+    # boot id: one machine, however many servers it plays.
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as fh:
+            ident = fh.read().strip()
+    except OSError:
+        import socket
+
+        ident = socket.gethostname().encode()
+    return int.from_bytes(hashlib.sha256(ident).digest()[:8], "little", signed=True)
+
+
+def job_ranks_per_core() -> float:
+    """`ranks_per_core` of the running job (collective: every rank calls it, after pyddl.init)."""
+    import pyddl
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    heads = pyddl.allgather(torch.tensor([[_machine_key(), len(cpus)]], dtype=torch.int64)).tolist()
+    flat = pyddl.allgather(torch.tensor(cpus, dtype=torch.int64)).tolist()
+    placements, at = [], 0
+    for machine, count in heads:
+        placements.append((machine, frozenset(flat[at : at + count])))
+        at += count
+    return ranks_per_core(placements)
+
+
+def cpu_ceiling(noop_step_s: float, comm_cpu_s: float, per_core: float = 1.0) -> float:
+    """The communication efficiency that communication's CPU alone allows where compute keeps
+    every core busy: the step is at least the no-communication step plus that CPU, counted once
+    per rank sharing the core (`per_core`, from `ranks_per_core`)."""
+    return noop_step_s / (noop_step_s + per_core * max(0.0, comm_cpu_s))
+
+
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) each live thread of this process has used, by name: the
     Python name where the thread is Python's (pyddl-engine, pyddl-stage*), else the kernel's
@@ -186,6 +238,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
 
     pyddl.init()
     rank = pyddl.rank()
+    per_core = job_ranks_per_core()
     job_check = pyddl.settings().check  # PYDDL_CHECK; the -nocheck systems turn it off for their steps
     runners = {s: _Runner(s, model_name, batch, image_size, bucket_mb) for s in systems}
     for runner in runners.values():
@@ -230,7 +283,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
         step_s = statistics.median(times[system])
         rows.append({"system": system, "workers": pyddl.size(), "batch_per_worker": batch,
                      "median_step_s": step_s, "images_per_s": pyddl.size() * batch / step_s,
-                     "cpu_s_per_step": cpu_s, "round_medians_s": per_round[system],
+                     "cpu_s_per_step": cpu_s, "ranks_per_core": per_core, "round_medians_s": per_round[system],
                      "rank0_thread_cpu_s_per_step": {k: v / len(mine[system]) for k, v in by_thread[system].items()},
                      "rank0_mean_step_s": statistics.fmean(mine[system]),
                      "step_times_s": times[system]})
@@ -259,9 +312,11 @@ def summarize(rows: list[dict]) -> list[dict]:
                 # The CPU that communication itself burns in this process (packing, the
                 # backend's threads, the kernel's TCP work charged to them). Where it shares
                 # the cores with compute, as on the emulated bed, the step cannot be shorter
-                # than compute + this, whatever the overlap: the efficiency's ceiling.
+                # than compute + this (once per rank sharing a core), whatever the overlap:
+                # the efficiency's ceiling.
                 r["comm_cpu_s"] = r["cpu_s_per_step"] - noop["cpu_s_per_step"]
-                r["cpu_bound_comm_efficiency"] = noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"]))
+                r["cpu_bound_comm_efficiency"] = cpu_ceiling(noop["median_step_s"], r["comm_cpu_s"],
+                                                             r.get("ranks_per_core", 1.0))
         plain = by.get(("pyddl-noop", r["workers"]))
         if r["system"] != "single" and plain is not None:
             # Against the bare model and optimizer, the same for every family: DDP's own
@@ -377,6 +432,10 @@ def format_table(rows: list[dict]) -> str:
                      f"{cell(r, 'scaling_efficiency', 11, '.3f')} {cell(comm_cpu, 'comm_cpu_ms', 11, '.1f')} "
                      f"{cell(r, 'cpu_bound_comm_efficiency', 11, '.3f')}  {spread}"
                      + (" !" if r.get("unreliable") else ""))
+    crowded = max((r.get("ranks_per_core", 1.0) for r in rows if "cpu_bound_comm_efficiency" in r), default=1.0)
+    if crowded > 1:
+        lines.append(f"cpu ceiling counts communication's CPU {crowded:g} times: {crowded:g} ranks share each core "
+                     "of the most crowded machine, and wait for each other's communication")
     flagged = [r for r in rows if r.get("unreliable")]
     if flagged:
         lines.append("! unreliable, not a result (the machine was busy; rerun on a quiet one, or with more --rounds):")

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from pyddl.bench.step import _ratio
+from pyddl.bench.step import _ratio, cpu_ceiling, job_ranks_per_core
 from pyddl.bench.systems import TENSORFLOW_MODELS, TENSORFLOW_SYSTEMS, tensorflow_default_systems
 
 __all__ = ["SYSTEMS", "MODELS", "default_systems", "run_systems", "summarize", "worker_main"]
@@ -118,6 +118,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
 
     pyddl.init()
     rank, n = pyddl.rank(), pyddl.size()
+    per_core = job_ranks_per_core()
     import tensorflow as tf
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
@@ -158,7 +159,7 @@ def run_systems(systems: list[str], model_name: str, batch: int, image_size: int
         step_s = statistics.median(times[system])
         rows.append({"system": system, "framework": "tensorflow", "workers": n, "batch_per_worker": batch,
                      "median_step_s": step_s, "images_per_s": n * batch / step_s, "cpu_s_per_step": cpu_s,
-                     "round_medians_s": per_round[system], "step_times_s": times[system]})
+                     "ranks_per_core": per_core, "round_medians_s": per_round[system], "step_times_s": times[system]})
     pyddl.shutdown()
     return rank, rows
 
@@ -176,7 +177,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             r["comm_efficiency"], _ = _ratio(noop, r)
             r["exposed_comm_fraction"] = 1 - r["comm_efficiency"]
             r["comm_cpu_s"] = r["cpu_s_per_step"] - noop["cpu_s_per_step"]
-            r["cpu_bound_comm_efficiency"] = noop["median_step_s"] / (noop["median_step_s"] + max(0.0, r["comm_cpu_s"]))
+            r["cpu_bound_comm_efficiency"] = cpu_ceiling(noop["median_step_s"], r["comm_cpu_s"],
+                                                         r.get("ranks_per_core", 1.0))
         if single is not None:
             r["scaling_efficiency"] = r["images_per_s"] / (r["workers"] * single["images_per_s"])
         out.append(r)
