@@ -329,12 +329,12 @@ def test_pyddl_train_on_two_servers_resumes_after_a_restart(tmp_path):
         # Rank 0 prints an epoch's line before it writes the checkpoint, and the next line
         # comes only at the end of the following epoch, so the checkpoint is watched for on
         # its own thread rather than on each line of output.
-        killed = []
+        output, killed = [], []
         watcher = threading.Thread(target=_kill_once_saved, daemon=True, args=(
             tmp_path / "a" / "checkpoints" / "ckpt-000001.pt", cluster.servers[1].netns, driver, killed))
         watcher.start()
         try:
-            output = list(driver.stdout)
+            output.extend(driver.stdout)
             driver.wait(timeout=150)
         finally:
             if driver.poll() is None:
