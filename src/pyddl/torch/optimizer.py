@@ -111,11 +111,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 prescale=prescale,
                 postscale=postscale,
                 sparse_as_dense=sparse_as_dense,
+                sparse_from_start=self._sparse_from_start(optimizer, named),
             ),
             comm,
         )
         self._synchronized = False
         self._should_synchronize = True
+
+    @staticmethod
+    def _sparse_from_start(optimizer, named) -> tuple[tuple[str, int], ...]:
+        # SparseAdam takes sparse gradients only (an embedding's: rows, sparse_dim 1), so its
+        # parameters' gradients are reduced sparse from the first step, not summed dense in it.
+        if not isinstance(optimizer, torch.optim.SparseAdam):
+            return ()
+        return tuple((name, 1) for name, p in named if p.requires_grad)
 
     @staticmethod
     def _named(optimizer, named_parameters) -> list:

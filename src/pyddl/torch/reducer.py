@@ -42,6 +42,9 @@ class ReducerOptions:
     # Densify sparse gradients (nn.Embedding(sparse=True)) and reduce them with the rest, as
     # Horovod's flag does; otherwise, from the second step, each is allgathered (its rows).
     sparse_as_dense: bool = False
+    # Parameters whose gradients are known to be sparse before the first step, by name, with
+    # their sparse_dim: reduced sparse from the first step. Every rank must pass the same.
+    sparse_from_start: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -81,8 +84,10 @@ class GradientReducer:
         # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse
         # (also with sparse_as_dense, as Horovod does).
         self._sparse_dims: dict[int, int] = {}
+        position = {name: i for i, name in enumerate(self.names)}
+        self._sparse_dims.update((position[n], d) for n, d in options.sparse_from_start if n in position)
         # Parameters whose buckets reduce them sparse (rank 0's _sparse_dims at the rebuild).
-        self._sparse_buckets: dict[int, int] = {}
+        self._sparse_buckets: dict[int, int] = dict(self._sparse_dims) if self._reduces_sparse() else {}
         self._passes = [0] * len(self.params)
         self._lock = threading.Lock()
         self._step = _StepState()
