@@ -506,3 +506,11 @@ def test_an_interrupted_run_tears_down(tmp_path, sig):
     assert launcher.returncode == 128 + sig, err
     assert f"interrupted by {signal.Signals(sig).name}" in err
     _assert_slot_clean("pyddl", re.match(r"pyddl(\d+)s", seen[0]["netns"]).group(1))
+
+
+def test_the_emulated_cluster_tests_run_on_one_xdist_worker(request):
+    # tests/conftest.py puts every test here in one xdist_group; pytest-xdist honours it by
+    # suffixing the node id. Under pytest 9 it did not, and two clusters ran at once.
+    if not os.environ.get("PYTEST_XDIST_WORKER") or not request.config.getoption("loadgroup", False):
+        pytest.skip("runs under pytest-xdist --dist loadgroup (bash scripts/test.sh)")
+    assert request.node.nodeid.endswith("@netns"), request.node.nodeid
