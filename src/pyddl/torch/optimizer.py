@@ -51,7 +51,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         sparse_as_dense: True densifies sparse gradients (`nn.Embedding(sparse=True)`) and
             reduces them with the rest. False (Horovod's default): from the second step each
             is allgathered (its rows and values) and summed; the first step, before they are
-            known, sums them dense. Either way they come back sparse, as SparseAdam needs.
+            known, sums them dense, except a SparseAdam's, known sparse from the start. Either
+            way they come back sparse, as SparseAdam needs.
         num_groups, groups: Horovod's grouping of gradients into fused allreduces; accepted
             and unused, as `bucket_bytes` decides the fusion.
         bucket_bytes: the size of one gradient bucket (default 2 MiB; see reducer.py).

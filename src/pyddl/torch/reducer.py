@@ -40,7 +40,8 @@ class ReducerOptions:
     prescale: float = 1.0
     postscale: float = 1.0
     # Densify sparse gradients (nn.Embedding(sparse=True)) and reduce them with the rest, as
-    # Horovod's flag does; otherwise, from the second step, each is allgathered (its rows).
+    # Horovod's flag does; otherwise, from the second step (or the first, for those in
+    # sparse_from_start), each is allgathered (its rows).
     sparse_as_dense: bool = False
     # Parameters whose gradients are known to be sparse before the first step, by name, with
     # their sparse_dim: reduced sparse from the first step. Every rank must pass the same.
@@ -83,9 +84,8 @@ class GradientReducer:
         self._index = {id(p): i for i, p in enumerate(self.params)}
         # Parameters whose gradient arrived sparse, with its sparse_dim: given back sparse
         # (also with sparse_as_dense, as Horovod does).
-        self._sparse_dims: dict[int, int] = {}
         position = {name: i for i, name in enumerate(self.names)}
-        self._sparse_dims.update((position[n], d) for n, d in options.sparse_from_start if n in position)
+        self._sparse_dims: dict[int, int] = {position[n]: d for n, d in options.sparse_from_start if n in position}
         # Parameters whose buckets reduce them sparse (rank 0's _sparse_dims at the rebuild).
         self._sparse_buckets: dict[int, int] = dict(self._sparse_dims) if self._reduces_sparse() else {}
         self._passes = [0] * len(self.params)
@@ -222,7 +222,7 @@ class GradientReducer:
                 p.grad = p.grad.to_dense()
         grads = [p.grad for p in params]
         shapes = ",".join(f"{tuple(g.shape)}" for g in grads)
-        op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
+        op = self._collective_op()
         alg = self._comm.check_algorithm(opts.algorithm)
         codec = get_codec(opts.codec)
         numel = sum(g.numel() for g in grads)
@@ -294,8 +294,13 @@ class GradientReducer:
             p.grad = p.grad.to_sparse(bucket.sparse_dim)
         if opts.prescale != 1.0:
             p.grad.mul_(opts.prescale)
-        op = "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
-        return self._comm.sparse_allreduce_async(p.grad, op=op, inplace=True)
+        return self._comm.sparse_allreduce_async(p.grad, op=self._collective_op(), inplace=True)
+
+    def _collective_op(self) -> str:
+        """The op the collective runs: a plain sum where the gradients are scaled around it
+        (prescale before, postscale after), else the options' op."""
+        opts = self.options
+        return "sum" if opts.prescale != 1.0 or opts.postscale != 1.0 else opts.op
 
     def _wire(self, dtype: torch.dtype, wire_dtype: torch.dtype) -> torch.Tensor:
         """(Engine thread.) The wire buffer of every bucket of gradients of `dtype`, allocated
