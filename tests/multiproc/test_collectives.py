@@ -123,25 +123,23 @@ def test_auto_tuned_on_first_use_while_more_collectives_are_submitted():
 
 
 def _stage_intervals(rank, world):
-    import threading
     import time
 
     import pyddl
     from pyddl.comm import multiring
 
     pyddl.init(topology="2x2", timeout_s=30, chunk_bytes=64 * 1024)
-    intervals, lock, real = [], threading.Lock(), multiring._run_stage
+    intervals, real = [], multiring._stage_steps
 
-    def timed(stage, levels, buf, op, tag):
+    def timed(stage, levels, buf, op, tag):  # from the stage's first post to its last fold
         t0 = time.perf_counter()
-        real(stage, levels, buf, op, tag)
-        with lock:
-            intervals.append((stage.index, tag & 0xFFF, t0, time.perf_counter()))
+        yield from real(stage, levels, buf, op, tag)
+        intervals.append((stage.index, tag & 0xFFF, t0, time.perf_counter()))
 
-    multiring._run_stage = timed
+    multiring._stage_steps = timed
     x = torch.full((1_000_000,), float(rank + 1))  # 4 MB: 62 chunks of 64 KiB
     got = pyddl.allreduce(x, algorithm="multiring")
-    multiring._run_stage = real
+    multiring._stage_steps = real
     pyddl.shutdown()
     return torch.all(got == 10).item(), intervals
 

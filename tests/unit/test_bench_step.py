@@ -110,14 +110,14 @@ def test_thread_table_lists_busy_threads_and_the_idle_rest():
 
 def test_thread_cpu_names_python_threads():
     done = threading.Event()
-    worker = threading.Thread(target=done.wait, name="pyddl-stage7")
+    worker = threading.Thread(target=done.wait, name="pyddl-engine[x]")
     worker.start()
     try:
         cpu = thread_cpu_s()
     finally:
         done.set()
         worker.join()
-    assert "MainThread" in cpu and "pyddl-stage" in cpu and all(v >= 0 for v in cpu.values())
+    assert "MainThread" in cpu and "pyddl-engine[x]" in cpu and all(v >= 0 for v in cpu.values())
 
 
 def test_default_systems_leave_the_named_only_variants_out():

@@ -172,10 +172,9 @@ def cpu_ceiling(noop_step_s: float, comm_cpu_s: float, per_core: float = 1.0) ->
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds (user + system) each live thread of this process has used, by name: the
-    Python name where the thread is Python's (pyddl-engine, pyddl-stage*), else the kernel's
+    Python name where the thread is Python's (MainThread, pyddl-engine), else the kernel's
     (gloo_tcp_loop, pt_gloo_runloop). Empty where /proc is not available."""
-    names = {t.native_id: ("pyddl-stage" if t.name.startswith("pyddl-stage") else t.name)
-             for t in threading.enumerate()}
+    names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = collections.Counter()
     try:

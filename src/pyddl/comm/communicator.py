@@ -3,7 +3,7 @@ over them, each through its own engine thread and cross-rank check.
 
 `pyddl.init()` makes the world's communicator; `new_communicator(ranks)` and `split(color)`
 make more over subsets of ranks (Horovod's process sets, one per torch ProcessGroup). Each has
-its own groups, sequence numbers, engine, heartbeats and pipeline threads, so collectives on
+its own groups, sequence numbers, engine and heartbeats, so collectives on
 different communicators may interleave in any order. Creating one is collective over the
 whole job, as torch's `new_group` is: every rank calls it, members or not.
 """
@@ -25,7 +25,7 @@ from pyddl.comm.engine import Engine, Handle, Reorder
 from pyddl.comm.fusion import Packing, Part, unpack
 from pyddl.comm.guard import AHEAD, AheadCheck, Monitor, NamesDiffer, OpInfo, exchange
 from pyddl.comm.layout import DEFAULT_BUCKET_BYTES, plan_buckets
-from pyddl.comm.multiring import Level, StageThreads, allreduce_many_
+from pyddl.comm.multiring import Level, allreduce_many_
 from pyddl.comm.names import negotiate
 from pyddl.comm.ring import equal_parts, ring_reduce_scatter_
 from pyddl.errors import CollectiveError, NotMemberError, PyddlError
@@ -122,16 +122,14 @@ class Communicator:
         self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
         self._tuned = None
-        self._stage_threads: StageThreads | None = None
         self._destroyed = False
         self._algorithms: dict[str, Callable] = {}
         member = job_rank in self.ranks
         self._rank = self.ranks.index(job_rank) if member else None
-        # Threads are named pyddl-engine, pyddl-stage<i> (the world's) with the communicator's
-        # name after them for the others: the step bench groups threads by these prefixes.
-        self._thread_suffix = "" if root is None else f"[{name}]"
-        self._engine = (Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=f"pyddl-engine{self._thread_suffix}")
-                        if member else None)
+        # The engine thread is named pyddl-engine (the world's) with the communicator's name
+        # after it for the others: the step bench groups threads by that prefix.
+        engine_name = "pyddl-engine" if root is None else f"pyddl-engine[{name}]"
+        self._engine = Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=engine_name) if member else None
         if self._engine is not None:
             self._engine.by_name = settings.check and len(self.ranks) > 1
         self._monitor = (Monitor(store, job_rank, self.ranks, settings.timeout_s, settings.stall_warn, prefix=name)
@@ -177,14 +175,6 @@ class Communicator:
     def cross_size(self) -> int:
         """The number of servers the communicator spans."""
         return self.size // self.topology.dims[0]
-
-    @property
-    def stage_threads(self) -> StageThreads:
-        """This communicator's pipeline threads (started on first use)."""
-        with self._lock:
-            if self._stage_threads is None:
-                self._stage_threads = StageThreads(self._thread_suffix)
-            return self._stage_threads
 
     def _require_member(self, what: str) -> None:
         if self._destroyed:
@@ -908,7 +898,7 @@ class Communicator:
         self.close()
 
     def close(self) -> None:
-        """Stop the engine, heartbeat and pipeline threads and let go of the process groups (no
+        """Stop the engine and heartbeat threads and let go of the process groups (no
         collective). Closing the world closes every communicator made from it.
 
         torch stops a Gloo group's worker threads only when the last reference to the group
@@ -918,7 +908,7 @@ class Communicator:
         exception", SIGABRT) after the script had succeeded.
         """
         self._destroyed = True
-        for part in (self._engine, self._monitor, self._stage_threads):
+        for part in (self._engine, self._monitor):
             if part is not None:
                 part.close()
         self.group, self.levels, self._owned_groups = None, [], []

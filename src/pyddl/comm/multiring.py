@@ -3,26 +3,24 @@
 Reduce-scatter along each dim innermost-first (the fast intra-server links first, so the slow
 outer links carry only a 1/(d1...d(k-1)) shard), then allgather back in reverse order. A large
 buffer is cut into chunks that flow through the 2k stages like a pipeline: while chunk i
-crosses the servers, chunk i+1 is reduced inside them ("keep every link busy"). Each stage
-runs on its own thread; tagged messages make the cross-rank matching independent of how the
-threads interleave. NCCL matches p2p messages by order rather than tag, so on NCCL the
-chunks run one after another. `allreduce_` is the entry the algorithm registry calls.
+crosses the servers, chunk i+1 is reduced inside them ("keep every link busy"). One thread
+drives all the stages (`_interleaved`), posting each ring step's messages and waiting for
+the oldest; tagged messages tell the stages' messages apart. NCCL matches p2p messages by
+order rather than tag, so on NCCL the chunks run one after another. `allreduce_` is the
+entry the algorithm registry calls.
 """
 
 from __future__ import annotations
 
-import functools
-import queue
-import threading
+import collections
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from pyddl.comm.osname import name_this_thread
-from pyddl.comm.ring import equal_parts, ring_allgather_, ring_reduce_scatter_
+from pyddl.comm.ring import drive, equal_parts, ring_allgather_steps, ring_reduce_scatter_steps
 
-__all__ = ["Level", "StageThreads", "allreduce_", "allreduce_many_", "multiring_allreduce_", "plan_chunks"]
+__all__ = ["Level", "allreduce_", "allreduce_many_", "multiring_allreduce_", "plan_chunks"]
 
 
 @dataclass(frozen=True)
@@ -83,19 +81,18 @@ def _segment(levels: list[Level], depth: int, length: int) -> tuple[int, int]:
     return start, seg
 
 
-def _run_stage(stage: _Stage, levels: list[Level], buf: torch.Tensor, op: str, tag: int) -> None:
+def _stage_steps(stage: _Stage, levels: list[Level], buf: torch.Tensor, op: str, tag: int) -> Iterator[list]:
     lv = levels[stage.depth]
     parts = equal_parts(*_segment(levels, stage.depth, buf.numel()), lv.size)
     if stage.kind == "rs":
-        ring_reduce_scatter_(buf, parts, lv.ranks, lv.coord, lv.send_group, op, tag, lv.recv_group)
-    else:
-        ring_allgather_(buf, parts, lv.ranks, lv.coord, lv.send_group, tag, lv.recv_group)
+        return ring_reduce_scatter_steps(buf, parts, lv.ranks, lv.coord, lv.send_group, op, tag, lv.recv_group)
+    return ring_allgather_steps(buf, parts, lv.ranks, lv.coord, lv.send_group, tag, lv.recv_group)
 
 
 def allreduce_(comm, flat: torch.Tensor, op: str, seq: int, fill: Callable[[int, int], None] | None = None) -> None:
     """The registered `multiring` algorithm: `flat` over the communicator's topology levels."""
     multiring_allreduce_(flat, op, comm.levels, comm.settings.chunk_bytes, seq,
-                         stage_threads=comm.stage_threads if comm.backend != "nccl" else None, fill=fill)
+                         pipelined=comm.backend != "nccl", fill=fill)
 
 
 def multiring_allreduce_(
@@ -104,14 +101,14 @@ def multiring_allreduce_(
     levels: list[Level],
     chunk_bytes: int,
     call_id: int,
-    stage_threads: "StageThreads | None" = None,
+    pipelined: bool = True,
     fill: Callable[[int, int], None] | None = None,
 ) -> None:
     """Allreduce the 1-D contiguous tensor `flat` in place over `levels`, innermost first.
 
     `op` is sum/average/min/max/product; average divides the sum by the number of ranks
     (floor division for integers). `call_id` must be the same on every rank for this call.
-    With `stage_threads` the chunks are pipelined through the stages; without, they run one
+    `pipelined`: the chunks flow through the stages together (Gloo); otherwise they run one
     after another (NCCL matches p2p messages by order, not tag). `fill(lo, hi)`, if given,
     writes flat[lo:hi] chunk by chunk just before the chunk's first stage.
     """
@@ -126,7 +123,7 @@ def multiring_allreduce_(
     chunks = plan_chunks(flat.numel(), flat.element_size(), chunk_bytes, total)
     fill_chunk = None if fill is None else (lambda k: fill(chunks[k][0], chunks[k][0] + chunks[k][1]))
     run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
-                stage_threads, fill=fill_chunk)
+                pipelined, fill=fill_chunk)
     if op == "average":
         _divide_(flat, total)
 
@@ -136,8 +133,8 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
     """Allreduce each of `flats` (1-D, contiguous) in place in one pass: the chunks of all of
     them flow through the stages back to back, as one buffer's would. `fill(i)` writes flats[i]
     just before its first chunk moves, `drain(i)` reads it after its last (on the pipeline's
-    last stage); neither is called for an empty one. Gloo only: it pipelines on the
-    communicator's stage threads. Returns the number of chunks the pass ran.
+    last stage); neither is called for an empty one. Gloo only: it pipelines the chunks, which
+    NCCL's p2p matching by order does not allow. Returns the number of chunks the pass ran.
 
     Consecutive flats that lie back to back in one storage (a DistributedOptimizer's buckets,
     `pyddl.torch.reducer`) are cut into chunks as one buffer, so a chunk may carry the end of
@@ -172,7 +169,7 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
                 _divide_(flats[i], total)
             drain(i)
 
-    run_stages_(chunks, op, levels, seq, "allreduce", comm.stage_threads, fill=fill_chunk, drain=drain_chunk)
+    run_stages_(chunks, op, levels, seq, "allreduce", True, fill=fill_chunk, drain=drain_chunk)
     return len(chunks)
 
 
@@ -209,28 +206,29 @@ def _divide_(flat: torch.Tensor, n: int) -> None:
 
 
 def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id: int, which: str,
-                stage_threads: "StageThreads | None" = None, fill: Callable[[int], None] | None = None,
+                pipelined: bool = True, fill: Callable[[int], None] | None = None,
                 drain: Callable[[int], None] | None = None) -> None:
     """Run the multiring's stages on each of `bufs`, the pipeline's chunks (each a whole buffer
     as the stages see it): "allreduce" all of them, "reduce_scatter" its first half (innermost
     level first, leaving each rank its reduced block of every chunk) or "allgather" its second
-    half (outermost first). With `stage_threads` the chunks are pipelined through the stages;
-    without, they run one after another (NCCL matches p2p messages by order, not tag).
-    `call_id` must be the same on every rank for this call; `levels` all have size > 1.
-    `fill(chunk)`, if given, writes chunk buffer `chunk` just before its first stage and
-    `drain(chunk)` reads it just after its last, so that preparing and unpacking chunks overlap
-    the transfers of the others.
+    half (outermost first). `pipelined`: the chunks flow through the stages together, on this
+    thread (`_interleaved`); otherwise they run one after another (NCCL matches p2p messages by
+    order, not tag). `call_id` must be the same on every rank for this call; `levels` all have
+    size > 1. `fill(chunk)`, if given, writes chunk buffer `chunk` just before its first stage
+    and `drain(chunk)` reads it just after its last, so that preparing and unpacking chunks
+    overlap the transfers of the others.
     """
     n = len(levels)
     stages = _stages(n)
     stages = {"allreduce": stages, "reduce_scatter": stages[:n], "allgather": stages[n:]}[which]
     base_tag = (call_id % 4096) << 18
 
-    def run(stage: _Stage, chunk: int) -> None:
-        if fill is not None and stage is stages[0]:
+    def task(s: int, chunk: int) -> Iterator[list]:
+        stage = stages[s]
+        if fill is not None and s == 0:
             fill(chunk)
-        _run_stage(stage, levels, bufs[chunk], op, base_tag | (stage.index << 12) | (chunk % 4096))
-        if drain is not None and stage is stages[-1]:
+        yield from _stage_steps(stage, levels, bufs[chunk], op, base_tag | (stage.index << 12) | (chunk % 4096))
+        if drain is not None and s == len(stages) - 1:
             drain(chunk)
 
     if not stages:  # one rank: nothing to move, the buffers as they were filled
@@ -238,91 +236,51 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
             for step in (fill, drain):
                 if step is not None:
                     step(chunk)
-    elif stage_threads is not None and len(bufs) > 1 and len(stages) > 1:
-        _pipelined(stages, len(bufs), run, stage_threads)
+    elif pipelined:
+        _interleaved(len(stages), len(bufs), task)
     else:
         for chunk in range(len(bufs)):
-            for stage in stages:
-                run(stage, chunk)
+            for s in range(len(stages)):
+                drive(task(s, chunk))
 
 
-class StageThreads:
-    """Long-lived daemon threads for the pipeline's stages 1..S-1 (stage 0 runs on the caller).
+def _interleaved(n_stages: int, n_chunks: int, task: Callable[[int, int], Iterator[list]]) -> None:
+    """Run every stage on every chunk, the stages of different chunks at once, from this thread.
 
-    Starting S-1 threads per allreduce cost about a tenth of the engine's CPU in a training
-    step of small buckets; these are started once per communicator and reused. One set per
-    communicator: two communicators sharing stage threads could each hold a thread another
-    rank's stage waits for, and deadlock across ranks. Daemons, so that a thread stuck in a
-    receive from a dead peer never holds the process open at exit.
+    `task(s, c)` is stage s on chunk c: a generator that posts each ring step's messages and
+    yields their works. Stage s takes chunk c once it has finished chunk c-1 and stage s-1 has
+    finished chunk c, so that while chunk c crosses the servers chunk c+1 is reduced inside
+    them. The transfers progress in the backend's own threads; this thread only posts them,
+    waits for the oldest outstanding step and folds what it received. Every rank thus posts and
+    waits in the same order, whatever the timing, so no rank waits for a message that its peer
+    posts only after a wait of its own that cannot end.
     """
+    started = [0] * n_stages
+    finished = [0] * n_stages
+    waiting: collections.deque = collections.deque()  # (stage, its task, the works it waits for)
 
-    def __init__(self, suffix: str = ""):
-        self._suffix = suffix  # after each thread's name, pyddl-stage<i>
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+    def advance(s: int, steps: Iterator[list]) -> None:
+        works = next(steps, None)
+        if works is None:
+            finished[s] += 1
+        else:
+            waiting.append((s, steps, works))
 
-    def run(self, jobs: list) -> list[threading.Event]:
-        """Start each job (a no-argument callable) on a thread of its own; return their
-        finished events."""
-        with self._lock:
-            while len(self._threads) < len(jobs):
-                name = f"pyddl-stage{len(self._threads) + 1}{self._suffix}"
-                thread = threading.Thread(target=self._loop, name=name, daemon=True)
-                thread.start()
-                self._threads.append(thread)
-        finished = []
-        for job in jobs:
-            event = threading.Event()
-            self._queue.put((job, event))
-            finished.append(event)
-        return finished
+    def start_ready() -> None:
+        moved = True
+        while moved:
+            moved = False
+            for s in range(n_stages):
+                c = started[s]
+                if c < n_chunks and finished[s] == c and (s == 0 or finished[s - 1] > c):
+                    started[s] += 1
+                    advance(s, task(s, c))
+                    moved = True
 
-    def _loop(self) -> None:
-        name_this_thread()
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            job, event = item
-            try:
-                job()
-            finally:
-                event.set()
-            del item, job  # the finished job's tensors are not kept until the next one
-
-    def close(self) -> None:
-        """Stop the threads once they finish their current job."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-        for _ in threads:
-            self._queue.put(None)
-        for thread in threads:
-            thread.join(timeout=5)
-
-
-def _pipelined(stages: list[_Stage], n_chunks: int, run, stage_threads: StageThreads) -> None:
-    # done[s][c] is set when stage s has finished chunk c; stage s+1 starts chunk c after it.
-    done = [[threading.Event() for _ in range(n_chunks)] for _ in stages]
-    failed = threading.Event()
-    errors: list[BaseException] = []
-
-    def worker(s: int) -> None:
-        try:
-            for c in range(n_chunks):
-                if s > 0:
-                    while not done[s - 1][c].wait(0.05):
-                        if failed.is_set():
-                            return
-                run(stages[s], c)
-                done[s][c].set()
-        except BaseException as exc:  # re-raised on the calling thread below
-            errors.append(exc)
-            failed.set()
-
-    finished = stage_threads.run([functools.partial(worker, s) for s in range(1, len(stages))])
-    worker(0)
-    for event in finished:
-        event.wait()
-    if errors:
-        raise errors[0]
+    start_ready()
+    while waiting:
+        s, steps, works = waiting.popleft()
+        for w in works:
+            w.wait()
+        advance(s, steps)
+        start_ready()

@@ -2,18 +2,19 @@
 
 Gloo's own reduce_scatter is several times slower than its allreduce on this machine, so the
 rings are written with isend/irecv. Every message carries a tag unique to (call, stage,
-chunk), which lets the pipelined multiring run stages of different chunks concurrently on
-different threads without the ranks having to agree on the interleaving.
+chunk), which lets the pipelined multiring have the steps of several stages and chunks in
+flight at once. Each ring is a generator of steps (post, yield the works, fold), so that one
+thread can drive many rings together; `drive` runs one to the end.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["combine_", "ring_reduce_scatter_", "ring_allgather_", "equal_parts"]
+__all__ = ["combine_", "drive", "equal_parts", "ring_allgather_steps", "ring_reduce_scatter_", "ring_reduce_scatter_steps"]
 
 
 def combine_(acc: torch.Tensor, other: torch.Tensor, op: str) -> None:
@@ -41,7 +42,7 @@ def equal_parts(start: int, length: int, d: int) -> list[tuple[int, int]]:
     return parts
 
 
-def _exchange(
+def _post(
     send: torch.Tensor | None,
     dst: int,
     recv: torch.Tensor | None,
@@ -49,18 +50,24 @@ def _exchange(
     group,
     tag: int,
     recv_group=None,
-) -> None:
+) -> list:
     # Empty parts are skipped on both sides: both sides know the lengths.
     works = []
     if send is not None and send.numel():
         works.append(dist.isend(send, dst, group=group, tag=tag))
     if recv is not None and recv.numel():
         works.append(dist.irecv(recv, src, group=recv_group or group, tag=tag))
-    for w in works:
-        w.wait()
+    return works
 
 
-def ring_reduce_scatter_(
+def drive(steps: Iterator[list]) -> None:
+    """Run a ring's steps to the end on this thread, waiting for each step's messages."""
+    for works in steps:
+        for w in works:
+            w.wait()
+
+
+def ring_reduce_scatter_steps(
     buf: torch.Tensor,
     parts: Sequence[tuple[int, int]],
     ranks: Sequence[int],
@@ -69,8 +76,12 @@ def ring_reduce_scatter_(
     op: str,
     tag: int,
     recv_group=None,
-) -> None:
+) -> Iterator[list]:
     """Reduce `buf` across `ranks` so that part `me` of rank `ranks[me]` holds the result.
+
+    A generator: each step posts its send and receive and yields their works; resume it once
+    they are done. Every step yields, with or without messages, so that every rank of the ring
+    takes the same number of steps.
 
     Args:
         buf: 1-D contiguous buffer; only the parts' ranges are touched.
@@ -91,12 +102,12 @@ def ring_reduce_scatter_(
         send_start, send_len = parts[(me - s - 1) % d]
         recv_start, recv_len = parts[(me - s - 2) % d]
         incoming = scratch[:recv_len]
-        _exchange(buf[send_start : send_start + send_len], nxt, incoming, prv, group, tag, recv_group)
+        yield _post(buf[send_start : send_start + send_len], nxt, incoming, prv, group, tag, recv_group)
         if recv_len:
             combine_(buf[recv_start : recv_start + recv_len], incoming, op)
 
 
-def ring_allgather_(
+def ring_allgather_steps(
     buf: torch.Tensor,
     parts: Sequence[tuple[int, int]],
     ranks: Sequence[int],
@@ -104,8 +115,10 @@ def ring_allgather_(
     group,
     tag: int,
     recv_group=None,
-) -> None:
-    """Fill every part of `buf` from the ring member that owns it (member i owns part i)."""
+) -> Iterator[list]:
+    """Fill every part of `buf` from the ring member that owns it (member i owns part i).
+
+    A generator of steps, as `ring_reduce_scatter_steps`."""
     d = len(ranks)
     if d == 1:
         return
@@ -113,12 +126,10 @@ def ring_allgather_(
     for s in range(d - 1):
         send_start, send_len = parts[(me - s) % d]
         recv_start, recv_len = parts[(me - s - 1) % d]
-        _exchange(
-            buf[send_start : send_start + send_len],
-            nxt,
-            buf[recv_start : recv_start + recv_len],
-            prv,
-            group,
-            tag,
-            recv_group,
-        )
+        yield _post(buf[send_start : send_start + send_len], nxt, buf[recv_start : recv_start + recv_len], prv,
+                    group, tag, recv_group)
+
+
+def ring_reduce_scatter_(buf, parts, ranks, me, group, op, tag, recv_group=None) -> None:
+    """`ring_reduce_scatter_steps` run to the end on this thread."""
+    drive(ring_reduce_scatter_steps(buf, parts, ranks, me, group, op, tag, recv_group))

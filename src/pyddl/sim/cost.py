@@ -213,12 +213,11 @@ def multiring_s(
     """Time pyddl's multiring: per-level ring reduce-scatters inward-out, allgathers back.
 
     The buffer is cut into ceil(S / chunk_bytes) equal chunks that flow through the 2k stages
-    (reduce-scatter of each level, then allgather of each level in reverse). pyddl runs each
-    stage on its own thread, so with `pipeline` the time is one chunk through every stage plus
+    (reduce-scatter of each level, then allgather of each level in reverse). pyddl has the
+    stages of different chunks in flight together, so with `pipeline` the time is one chunk through every stage plus
     (chunks - 1) periods of the bottleneck: the slowest stage; a link, whose wire time the
     reduce-scatters and allgathers of every dim on it share; or the rank's own processor,
-    which does every stage's reductions and host work (Python stages take turns on one
-    interpreter). Without `pipeline` (pyddl on NCCL) chunks run in turn.
+    which does every stage's reductions and host work (one thread drives every stage). Without `pipeline` (pyddl on NCCL) chunks run in turn.
     """
     if fabric.size <= 1 or nbytes <= 0:
         return 0.0

@@ -424,7 +424,7 @@ def _through_levels(comm: Communicator, bufs: list[torch.Tensor], op: str | None
     which matches messages by order, not tag); `fill(chunk)` prepares a buffer just in time and
     `drain(chunk)` unpacks it as soon as it is done."""
     run_stages_(bufs, op or "sum", comm.levels, seq, "reduce_scatter" if reduce else "allgather",
-                None if comm.backend == "nccl" else comm.stage_threads, fill, drain)
+                comm.backend != "nccl", fill, drain)
 
 
 def _create(opts, backend_options) -> ProcessGroupPyddl:
