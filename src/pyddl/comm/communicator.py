@@ -119,7 +119,6 @@ class Communicator:
         self.shared = 0  # calls run in the pass of the call ahead of them (fusion.Part)
         self.pass_chunks = 0  # chunks those passes ran (fewer than their calls where buffers share chunks)
         self._ahead_check: tuple | None = None  # (AheadCheck, its jobs) in flight (engine thread)
-        self._lock = threading.Lock()
         self._tune_lock = threading.Lock()
         self._tuned = None
         self._destroyed = False
@@ -127,7 +126,7 @@ class Communicator:
         member = job_rank in self.ranks
         self._rank = self.ranks.index(job_rank) if member else None
         # The engine thread is named pyddl-engine (the world's) with the communicator's name
-        # after it for the others: the step bench groups threads by that prefix.
+        # after it for the others, as the step bench's thread table and `top -H` show it.
         engine_name = "pyddl-engine" if root is None else f"pyddl-engine[{name}]"
         self._engine = Engine(wait_limit_s=settings.timeout_s * 2 + 60, name=engine_name) if member else None
         if self._engine is not None:
