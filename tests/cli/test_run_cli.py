@@ -283,6 +283,7 @@ def test_bench_step_compares_systems(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "comm eff" in proc.stdout and "scaling eff" in proc.stdout and "by thread (rank 0" in proc.stdout
     assert "round 2/2  pyddl-auto" in proc.stdout
+    assert "exposed communication (step - pyddl-noop step in the same pass, median over passes)" in proc.stdout
     rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"single", "ddp", "ddp-bf16", "ddp-noop", "pyddl-multiring-fp16", "pyddl-native-bf16",
                          "pyddl-native-bf16-nocheck", "pyddl-auto", "pyddl-noop"}

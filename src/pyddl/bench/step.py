@@ -32,7 +32,9 @@ import collections
 import gc
 import hashlib
 import json
+import math
 import os
+import random
 import statistics
 import threading
 import time
@@ -43,7 +45,7 @@ import torch.nn as nn
 from pyddl.bench.systems import NOCHECK, ON_PYDDL, TORCH_SYSTEMS, torch_default_systems
 
 __all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads",
-           "thread_cpu_s", "ranks_per_core", "job_ranks_per_core", "cpu_ceiling", "default_systems", "plot"]
+           "exposed_ratio_interval", "thread_cpu_s", "ranks_per_core", "job_ranks_per_core", "cpu_ceiling", "default_systems", "plot"]
 
 SYSTEMS = TORCH_SYSTEMS
 default_systems = torch_default_systems
@@ -332,20 +334,10 @@ def summarize(rows: list[dict]) -> list[dict]:
         peer = by.get((_ddp_peer(r["system"]), r["workers"]))
         if peer is not None and peer is not r and "exposed_s" in r and peer.get("exposed_s", 0.0) > 0:
             r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
-            by_round = _exposed_ratio_by_round(by[("pyddl-noop", r["workers"])], peer, r)
-            if by_round:
-                r["exposed_vs_ddp_by_round"] = by_round
+            plain = by[("pyddl-noop", r["workers"])]
+            if _paired(plain, peer, r):
+                r["exposed_vs_ddp_ci"] = exposed_ratio_interval(*(x["step_times_s"] for x in (plain, peer, r)))
     return out
-
-
-def _exposed_ratio_by_round(plain: dict, peer: dict, row: dict) -> list[float]:
-    """Each round's exposed communication of `row` over its DDP peer's, both against the bare
-    model of that round; empty unless all three ran the same rounds (and DDP exposed some)."""
-    rounds = [r.get("round_medians_s", []) for r in (plain, peer, row)]
-    if len(rounds[0]) < 2 or len({len(r) for r in rounds}) > 1:
-        return []
-    ratios = [(m - p) / (d - p) for p, d, m in zip(*rounds) if d > p]
-    return ratios if len(ratios) == len(rounds[0]) else []
 
 
 def _ddp_peer(system: str) -> str:
@@ -353,13 +345,45 @@ def _ddp_peer(system: str) -> str:
     return "ddp-fp16" if system.endswith("-fp16") else "ddp"
 
 
+def _paired(*rows: dict) -> bool:
+    """Whether the rows' steps pair up pass by pass: one run times one step of every system in
+    each pass, so the i-th step of each row ran within seconds of the others'."""
+    counts = {len(r.get("step_times_s", [])) for r in rows}
+    return len(counts) == 1 and counts.pop() > 1
+
+
 def _difference(base: dict, row: dict) -> float:
-    """row step - base step: the median of the per-round differences when both ran the same
-    rounds, else the difference of the medians (as `_ratio`)."""
-    mine, theirs = row.get("round_medians_s", []), base.get("round_medians_s", [])
-    if len(mine) > 1 and len(mine) == len(theirs):
-        return statistics.median(m - t for m, t in zip(mine, theirs))
+    """row step - base step: the median over passes of the two steps' difference in each pass
+    (the machine's drift, minutes and seconds, cancels out); else the difference of the medians."""
+    if _paired(base, row):
+        return statistics.median(m - t for m, t in zip(row["step_times_s"], base["step_times_s"]))
     return row["median_step_s"] - base["median_step_s"]
+
+
+# How sure the bench is of an exposed-communication ratio: a bootstrap over passes, this many
+# resamples, this two-sided confidence, from a fixed seed (the same figures every time).
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.90
+
+
+def exposed_ratio_interval(plain: list[float], peer: list[float], row: list[float]) -> tuple[float, float]:
+    """The 90% bootstrap interval of median(row - plain) / median(peer - plain) over passes.
+
+    Each pass is one paired observation (one step of every system within seconds), so passes
+    are resampled whole, with replacement. A resample in which the peer exposed nothing makes
+    the ratio unbounded; the upper end is then infinite."""
+    n = len(plain)
+    mine = [m - p for m, p in zip(row, plain)]
+    theirs = [d - p for d, p in zip(peer, plain)]
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picks = [rng.randrange(n) for _ in range(n)]
+        denominator = statistics.median(theirs[i] for i in picks)
+        ratios.append(statistics.median(mine[i] for i in picks) / denominator if denominator > 0 else math.inf)
+    ratios.sort()
+    tail = (1 - CONFIDENCE) / 2
+    return ratios[int(tail * BOOTSTRAP_RESAMPLES)], ratios[int((1 - tail) * BOOTSTRAP_RESAMPLES) - 1]
 
 
 # A row is not a result when its rounds disagree by more than this fraction of their median
@@ -368,9 +392,9 @@ def _difference(base: dict, row: dict) -> float:
 ROUND_SPREAD_LIMIT = 0.15
 EFFICIENCY_SLACK = 0.02
 # An exposed-communication ratio against DDP is a difference over a difference of steps, so it
-# moves far more between rounds than either step: one whose rounds span more than this
-# fraction of its value cannot tell 0.67x from 0.8x, and is marked as not a result.
-EXPOSED_SPREAD_LIMIT = 0.25
+# is far less certain than either step: one whose 90% interval is wider than this fraction of
+# its value (0.67x known no better than 0.5x-0.84x) is marked as not a result.
+EXPOSED_INTERVAL_LIMIT = 0.5
 
 
 def judge(rows: list[dict]) -> list[dict]:
@@ -390,10 +414,10 @@ def judge(rows: list[dict]) -> list[dict]:
         if r is not single and "scaling_efficiency" in r and single_disagrees:
             reasons.append("the one-worker row it scales against is unreliable")
         judged = {**r, "unreliable": reasons}
-        ratios = r.get("exposed_vs_ddp_by_round", [])
-        if len(ratios) > 1 and (max(ratios) - min(ratios)) > EXPOSED_SPREAD_LIMIT * abs(statistics.median(ratios)):
-            judged["exposed_vs_ddp_unreliable"] = (
-                f"its rounds against DDP's disagree: {'/'.join(f'{x:.2f}' for x in ratios)}")
+        if "exposed_vs_ddp_ci" in r:
+            lo, hi = r["exposed_vs_ddp_ci"]
+            if hi - lo > EXPOSED_INTERVAL_LIMIT * abs(r["exposed_vs_ddp"]):
+                judged["exposed_vs_ddp_unreliable"] = f"90% interval {_interval(lo, hi)}"
         out.append(judged)
     return out
 
@@ -448,19 +472,27 @@ def format_exposed(rows: list[dict]) -> str:
     shown = [r for r in rows if "exposed_s" in r]
     if not shown:
         return ""
-    lines = ["exposed communication (step - pyddl-noop step, median over rounds), against DDP's at the same "
-             "wire precision:"]
+    lines = ["exposed communication (step - pyddl-noop step in the same pass, median over passes), against "
+             "DDP's at the same wire precision, with its 90% interval:"]
     for r in shown:
         versus = (f"  {r['exposed_vs_ddp']:.2f}x {_ddp_peer(r['system'])}'s" if "exposed_vs_ddp" in r else "")
-        flagged = r.get("unreliable") or r.get("exposed_vs_ddp_unreliable")
+        if "exposed_vs_ddp_ci" in r:
+            versus += f" ({_interval(*r['exposed_vs_ddp_ci'])})"
+        # A ratio's interval already holds the scatter of its passes; paired pass by pass, it
+        # does not move with the drift that makes a row's rounds disagree.
+        flagged = r.get("exposed_vs_ddp_unreliable") if "exposed_vs_ddp_ci" in r else r.get("unreliable")
         lines.append(f"  {r['system']:<26} x{r['workers']:<3} {r['exposed_s'] * 1e3:7.0f} ms{versus}"
                      + (" !" if flagged else ""))
-    disagree = [r for r in shown if r.get("exposed_vs_ddp_unreliable")]
-    if disagree:
-        lines.append(f"! not a result: a ratio whose rounds span more than {EXPOSED_SPREAD_LIMIT:.0%} of it "
-                     "(rerun with more --rounds, on a quiet machine):")
-        lines += [f"!   {r['system']} x{r['workers']}: {r['exposed_vs_ddp_unreliable']}" for r in disagree]
+    wide = [r for r in shown if r.get("exposed_vs_ddp_unreliable")]
+    if wide:
+        lines.append(f"! not a result: a ratio whose 90% interval is wider than {EXPOSED_INTERVAL_LIMIT:.0%} of it "
+                     "(rerun with more --rounds, on a quieter machine):")
+        lines += [f"!   {r['system']} x{r['workers']}: {r['exposed_vs_ddp_unreliable']}" for r in wide]
     return "\n".join(lines)
+
+
+def _interval(lo: float, hi: float) -> str:
+    return f"{lo:.2f}-{hi:.2f}" if math.isfinite(hi) else f"{lo:.2f}-unbounded"
 
 
 def format_threads(rows: list[dict]) -> str:
