@@ -87,8 +87,13 @@ def test_the_interval_holds_the_true_ratio_and_narrows_with_more_passes():
 
 
 def test_the_interval_is_unbounded_where_ddp_may_expose_nothing():
-    lo, hi = exposed_ratio_interval([3.0, 3.1, 3.0, 3.2], [3.0, 3.1, 3.3, 3.1], [3.1, 3.2, 3.1, 3.3])
+    plain, ddp, multiring = [3.0, 3.1, 3.0, 3.2], [3.1, 3.1, 3.3, 3.1], [3.1, 3.2, 3.1, 3.3]
+    lo, hi = exposed_ratio_interval(plain, ddp, multiring)
     assert hi == math.inf and lo > 0
+    rows = judge(summarize([_passes("pyddl-noop", plain), _passes("ddp", ddp), _passes("pyddl-multiring", multiring)]))
+    row = next(r for r in rows if r["system"] == "pyddl-multiring")
+    assert row["exposed_vs_ddp_ci"] == (lo, None)  # JSON has no infinity
+    assert row["exposed_vs_ddp_unreliable"] == f"90% interval {lo:.2f}-unbounded"
 
 
 def test_an_exposed_ratio_known_no_better_than_half_its_value_is_not_a_result():

@@ -45,7 +45,8 @@ import torch.nn as nn
 from pyddl.bench.systems import NOCHECK, ON_PYDDL, TORCH_SYSTEMS, torch_default_systems
 
 __all__ = ["SYSTEMS", "run_systems", "summarize", "judge", "format_table", "format_exposed", "format_threads",
-           "exposed_ratio_interval", "thread_cpu_s", "ranks_per_core", "job_ranks_per_core", "cpu_ceiling", "default_systems", "plot"]
+           "exposed_ratio_interval", "thread_cpu_s", "ranks_per_core", "job_ranks_per_core", "cpu_ceiling",
+           "default_systems", "plot"]
 
 SYSTEMS = TORCH_SYSTEMS
 default_systems = torch_default_systems
@@ -336,7 +337,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
             plain = by[("pyddl-noop", r["workers"])]
             if _paired(plain, peer, r):
-                r["exposed_vs_ddp_ci"] = exposed_ratio_interval(*(x["step_times_s"] for x in (plain, peer, r)))
+                lo, hi = exposed_ratio_interval(*(x["step_times_s"] for x in (plain, peer, r)))
+                r["exposed_vs_ddp_ci"] = (lo, hi if math.isfinite(hi) else None)  # None: unbounded (JSON has no inf)
     return out
 
 
@@ -367,7 +369,8 @@ CONFIDENCE = 0.90
 
 
 def exposed_ratio_interval(plain: list[float], peer: list[float], row: list[float]) -> tuple[float, float]:
-    """The 90% bootstrap interval of median(row - plain) / median(peer - plain) over passes.
+    """The bootstrap interval (CONFIDENCE, two-sided) of median(row - plain) / median(peer - plain)
+    over passes.
 
     Each pass is one paired observation (one step of every system within seconds), so passes
     are resampled whole, with replacement. A resample in which the peer exposed nothing makes
@@ -393,7 +396,7 @@ ROUND_SPREAD_LIMIT = 0.15
 EFFICIENCY_SLACK = 0.02
 # An exposed-communication ratio against DDP is a difference over a difference of steps, so it
 # is far less certain than either step: one whose 90% interval is wider than this fraction of
-# its value (0.67x known no better than 0.5x-0.84x) is marked as not a result.
+# its value (0.67x known no better than 0.5x-0.84x), or unbounded, is marked as not a result.
 EXPOSED_INTERVAL_LIMIT = 0.5
 
 
@@ -416,8 +419,8 @@ def judge(rows: list[dict]) -> list[dict]:
         judged = {**r, "unreliable": reasons}
         if "exposed_vs_ddp_ci" in r:
             lo, hi = r["exposed_vs_ddp_ci"]
-            if hi - lo > EXPOSED_INTERVAL_LIMIT * abs(r["exposed_vs_ddp"]):
-                judged["exposed_vs_ddp_unreliable"] = f"90% interval {_interval(lo, hi)}"
+            if hi is None or hi - lo > EXPOSED_INTERVAL_LIMIT * abs(r["exposed_vs_ddp"]):
+                judged["exposed_vs_ddp_unreliable"] = f"{CONFIDENCE:.0%} interval {_interval(lo, hi)}"
         out.append(judged)
     return out
 
@@ -473,7 +476,7 @@ def format_exposed(rows: list[dict]) -> str:
     if not shown:
         return ""
     lines = ["exposed communication (step - pyddl-noop step in the same pass, median over passes), against "
-             "DDP's at the same wire precision, with its 90% interval:"]
+             f"DDP's at the same wire precision, with its {CONFIDENCE:.0%} interval:"]
     for r in shown:
         versus = (f"  {r['exposed_vs_ddp']:.2f}x {_ddp_peer(r['system'])}'s" if "exposed_vs_ddp" in r else "")
         if "exposed_vs_ddp_ci" in r:
@@ -485,14 +488,14 @@ def format_exposed(rows: list[dict]) -> str:
                      + (" !" if flagged else ""))
     wide = [r for r in shown if r.get("exposed_vs_ddp_unreliable")]
     if wide:
-        lines.append(f"! not a result: a ratio whose 90% interval is wider than {EXPOSED_INTERVAL_LIMIT:.0%} of it "
-                     "(rerun with more --rounds, on a quieter machine):")
+        lines.append(f"! not a result: a ratio whose {CONFIDENCE:.0%} interval is wider than "
+                     f"{EXPOSED_INTERVAL_LIMIT:.0%} of it (rerun with more --rounds, on a quieter machine):")
         lines += [f"!   {r['system']} x{r['workers']}: {r['exposed_vs_ddp_unreliable']}" for r in wide]
     return "\n".join(lines)
 
 
-def _interval(lo: float, hi: float) -> str:
-    return f"{lo:.2f}-{hi:.2f}" if math.isfinite(hi) else f"{lo:.2f}-unbounded"
+def _interval(lo: float, hi: float | None) -> str:
+    return f"{lo:.2f}-unbounded" if hi is None else f"{lo:.2f}-{hi:.2f}"
 
 
 def format_threads(rows: list[dict]) -> str:
