@@ -38,8 +38,9 @@ def test_exposed_communication_against_the_bare_model_and_ddp_at_the_same_wire_p
     drift = [0.0, 0.09, -0.04, 0.17, 0.03, -0.08]
     rows = judge(summarize([
         _passes(system, [2.30 + d + extra for d in drift])
-        for system, extra in [("ddp", 0.63), ("ddp-fp16", 0.26), ("ddp-noop", 0.12), ("pyddl-multiring", 0.40),
-                              ("pyddl-multiring-fp16", 0.19), ("pyddl-noop", 0.0)]]))
+        for system, extra in [("ddp", 0.63), ("ddp-fp16", 0.26), ("ddp-bf16", 0.30), ("ddp-noop", 0.12),
+                              ("pyddl-multiring", 0.40), ("pyddl-multiring-fp16", 0.19),
+                              ("pyddl-native-bf16-nocheck", 0.18), ("pyddl-noop", 0.0)]]))
     by = {r["system"]: r for r in rows}
     assert by["ddp"]["exposed_s"] == pytest.approx(0.63)
     assert by["pyddl-multiring"]["exposed_s"] == pytest.approx(0.40)
@@ -48,6 +49,8 @@ def test_exposed_communication_against_the_bare_model_and_ddp_at_the_same_wire_p
     # Paired pass by pass, the drift cancels: every resample gives the same ratio.
     assert by["pyddl-multiring"]["exposed_vs_ddp_ci"] == pytest.approx((0.40 / 0.63, 0.40 / 0.63))
     assert "exposed_s" not in by["ddp-noop"] and "exposed_vs_ddp" not in by["ddp"]
+    assert "exposed_vs_ddp" not in by["ddp-bf16"]  # DDP's own rows are the peers, not compared
+    assert by["pyddl-native-bf16-nocheck"]["exposed_vs_ddp"] == pytest.approx(0.18 / 0.30)  # against ddp-bf16
     text = format_exposed(rows)
     assert "pyddl-multiring            x2       400 ms  0.63x ddp's (0.63-0.63)" in text
     assert "pyddl-multiring-fp16       x2       190 ms  0.73x ddp-fp16's (0.73-0.73)" in text

@@ -333,7 +333,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     by = {(r["system"], r["workers"]): r for r in out}
     for r in out:
         peer = by.get((_ddp_peer(r["system"]), r["workers"]))
-        if peer is not None and peer is not r and "exposed_s" in r and peer.get("exposed_s", 0.0) > 0:
+        if (r["system"] not in _DDP_ROWS and peer is not None and "exposed_s" in r
+                and peer.get("exposed_s", 0.0) > 0):
             r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
             plain = by[("pyddl-noop", r["workers"])]
             if _paired(plain, peer, r):
@@ -342,9 +343,17 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+# DDP's own rows: the peers the others' exposed communication is held to.
+_DDP_ROWS = ("ddp", "ddp-fp16", "ddp-bf16", "ddp-noop")
+
+
 def _ddp_peer(system: str) -> str:
-    """DDP at the same wire precision: what a pyddl system's exposed communication is held to."""
-    return "ddp-fp16" if system.endswith("-fp16") else "ddp"
+    """DDP at the same wire precision: what a system's exposed communication is held to
+    (`pyddl-native-bf16-nocheck` against `ddp-bf16`)."""
+    for wire in ("fp16", "bf16"):
+        if f"-{wire}" in system:
+            return f"ddp-{wire}"
+    return "ddp"
 
 
 def _paired(*rows: dict) -> bool:
