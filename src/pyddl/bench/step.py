@@ -333,7 +333,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     by = {(r["system"], r["workers"]): r for r in out}
     for r in out:
         peer = by.get((_ddp_peer(r["system"]), r["workers"]))
-        if (r["system"] not in _DDP_ROWS and peer is not None and "exposed_s" in r
+        if (not _is_ddp_peer(r["system"]) and peer is not None and "exposed_s" in r
                 and peer.get("exposed_s", 0.0) > 0):
             r["exposed_vs_ddp"] = r["exposed_s"] / peer["exposed_s"]
             plain = by[("pyddl-noop", r["workers"])]
@@ -343,8 +343,9 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-# DDP's own rows: the peers the others' exposed communication is held to.
-_DDP_ROWS = ("ddp", "ddp-fp16", "ddp-bf16", "ddp-noop")
+def _is_ddp_peer(system: str) -> bool:
+    """DDP's own rows (its family, on its own backend): the peers the others are held to."""
+    return _family(system) == "ddp" and not system.endswith(ON_PYDDL)
 
 
 def _ddp_peer(system: str) -> str:
