@@ -79,6 +79,16 @@ def _closed_forms(rank, world, spec, full):
         averaged = pyddl.grouped_allreduce(parts, op="average", algorithm=alg, bucket_bytes=1 << 20)
         if any(not torch.all(t == (world + 1) / 2 + k) for k, t in enumerate(averaged)):
             failures.append(f"grouped average {alg}: {[t[:2].tolist() for t in averaged]}")
+        # fp16 on the wire: divided and cast chunk by chunk inside the multiring's pipeline
+        # (37 chunks of 16 KiB here), in blocks elsewhere (300k elements: two ENCODE_BLOCKs).
+        # Values that fp16 holds exactly once divided by W, so the sums are exact.
+        pattern = torch.arange(300_000, dtype=torch.float32) % 16
+        mean = pattern * (world * (world + 1) // 2)
+        x = pattern * world * (rank + 1)
+        if not torch.equal(pyddl.allreduce(x, compression="fp16", algorithm=alg), mean * world):
+            failures.append(f"fp16 wire sum {alg}")
+        if not torch.equal(pyddl.allreduce_(x, op="average", compression="fp16", algorithm=alg), mean):
+            failures.append(f"fp16 wire average {alg}")
     info = (pyddl.local_rank(), pyddl.local_size(), pyddl.cross_rank(), pyddl.cross_size())
     pyddl.shutdown()
     return failures, info

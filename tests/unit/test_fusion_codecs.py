@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pyddl.comm.codecs import get_codec
+from pyddl.comm.codecs import ENCODE_BLOCK, get_codec
 from pyddl.comm.fusion import Packing, pack, unpack
 from pyddl.comm.layout import plan_buckets
 from pyddl.comm.multiring import plan_chunks
@@ -117,6 +117,14 @@ def test_a_value_beyond_fp16_range_is_divided_before_the_cast():
     # 100000 does not fit fp16 (max 65504); divided by 2 ranks first it does.
     wire = get_codec("fp16").encode(torch.tensor([100000.0, -1e5]), "average", 2)
     assert torch.equal(wire, torch.tensor([50000.0, -50000.0], dtype=torch.float16))
+
+
+@pytest.mark.parametrize("op", ["sum", "average", "max"])
+def test_encode_in_blocks_equals_one_division_and_cast(op):
+    # 2.5 blocks: the last one partial. The same bits as dividing the whole tensor at once.
+    x = torch.randn(ENCODE_BLOCK * 5 // 2, generator=torch.Generator().manual_seed(0)) * 1e5
+    whole = (torch.div(x, 3) if op != "max" else x).to(torch.float16)
+    assert torch.equal(get_codec("fp16").encode(x, op, 3), whole)
 
 
 def test_pack_scales_in_the_source_dtype_before_narrowing():

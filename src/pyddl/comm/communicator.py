@@ -352,11 +352,16 @@ class Communicator:
         """
         flat = work.view(-1)
         if codec.applies_to(flat):
-            if fill is not None:
-                fill(0, flat.numel())
-            wire = codec.encode(flat, op, self.size)
+            wire = torch.empty(flat.numel(), dtype=codec.wire_dtype, device=flat.device)
+
+            def encode(lo: int, hi: int) -> None:
+                # Chunk by chunk inside the multiring's pipeline, like `fill`.
+                if fill is not None:
+                    fill(lo, hi)
+                codec.encode_(flat[lo:hi], wire[lo:hi], op, self.size)
+
             # The wire carries pre-divided values, so a sum of it is already an average.
-            self._reduce_flat_(wire, "sum" if op == "average" else op, algorithm, seq)
+            self._reduce_flat_(wire, "sum" if op == "average" else op, algorithm, seq, encode)
             codec.decode_(wire, flat, op, self.size)
         else:
             self._reduce_flat_(flat, op, algorithm, seq, fill)
