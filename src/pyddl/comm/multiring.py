@@ -124,8 +124,6 @@ def multiring_allreduce_(
     fill_chunk = None if fill is None else (lambda k: fill(chunks[k][0], chunks[k][0] + chunks[k][1]))
     run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
                 pipelined, fill=fill_chunk)
-    if op == "average":
-        _divide_(flat, total)
 
 
 def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Callable[[int], None],
@@ -165,8 +163,6 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
 
     def drain_chunk(c: int) -> None:
         for i in ending.get(c, ()):
-            if op == "average":
-                _divide_(flats[i], total)
             drain(i)
 
     run_stages_(chunks, op, levels, seq, "allreduce", True, fill=fill_chunk, drain=drain_chunk)
@@ -211,7 +207,9 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
     """Run the multiring's stages on each of `bufs`, the pipeline's chunks (each a whole buffer
     as the stages see it): "allreduce" all of them, "reduce_scatter" its first half (innermost
     level first, leaving each rank its reduced block of every chunk) or "allgather" its second
-    half (outermost first). `pipelined`: the chunks flow through the stages together, on this
+    half (outermost first). An "allreduce" with op average divides each chunk's sum where it is
+    complete, in this rank's block between the halves, so that the allgather spreads the
+    quotients: a quarter of the buffer on 4 ranks rather than all of it, with the same result. `pipelined`: the chunks flow through the stages together, on this
     thread (`_interleaved`); otherwise they run one after another (NCCL matches p2p messages by
     order, not tag). `call_id` must be the same on every rank for this call; `levels` all have
     size > 1. `fill(chunk)`, if given, writes chunk buffer `chunk` just before its first stage
@@ -223,11 +221,19 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
     stages = {"allreduce": stages, "reduce_scatter": stages[:n], "allgather": stages[n:]}[which]
     base_tag = (call_id % 4096) << 18
 
+    divide_after = n - 1 if which == "allreduce" and op == "average" else None
+    total = 1
+    for lv in levels:
+        total *= lv.size
+
     def task(s: int, chunk: int) -> Iterator[list]:
         stage = stages[s]
         if fill is not None and s == 0:
             fill(chunk)
         yield from _stage_steps(stage, levels, bufs[chunk], op, base_tag | (stage.index << 12) | (chunk % 4096))
+        if s == divide_after:
+            start, length = _segment(levels, n, bufs[chunk].numel())
+            _divide_(bufs[chunk][start : start + length], total)
         if drain is not None and s == len(stages) - 1:
             drain(chunk)
 
