@@ -261,9 +261,25 @@ def test_bench_allreduce_of_fp16_moves_half_the_elements_of_a_size(tmp_path):
     assert [(r["dtype"], r["bytes"]) for r in rows] == [("float16", 2**20)] * 2
 
 
+def test_bench_allreduce_on_an_fp16_wire_is_bounded_by_the_wire_bytes(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["bench", "allreduce", "-np", "2", "--topology", "1x2", "--sizes", "1M", "--algorithms",
+                 "native,multiring", "--iters", "2", "--tensors", "fresh", "--compression", "fp16",
+                 "--link-gbps", "1", "--json", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "allreduce of float32 (fp16 on the wire) over 2 ranks" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["algorithm"], r["compression"], r["bytes"]) for r in rows] == [
+        ("native", "fp16", 2**20), ("multiring", "fp16", 2**20)]
+    for r in rows:  # 2 servers of 1 rank: 2(M-1)/M x S / B, S the 512 KiB on the wire
+        assert r["bound_s"] == pytest.approx(2**19 * 8 / 1e9)
+
+
 def test_bench_rejects_bad_sizes(tmp_path):
     proc = _run(["bench", "allreduce", "--sizes", "12Q"], tmp_path)
     assert proc.returncode == 2 and "not a number" in proc.stderr
+    proc = _run(["bench", "allreduce", "--compression", "fp16", "--api", "backend"], tmp_path)
+    assert proc.returncode == 2 and "--compression applies to pyddl.allreduce" in proc.stderr
     proc = _run(["bench", "allreduce", "--dtype", "int8"], tmp_path)
     assert proc.returncode == 2 and "dtype 'int8' is not one of float32, float16, bfloat16" in proc.stderr
     proc = _run(["bench", "allreduce", "--tensors", "reused,new"], tmp_path)

@@ -21,6 +21,7 @@ import torch
 
 import pyddl
 from pyddl.bench.options import DTYPE_NAMES, TENSORS, parse_dtype_name
+from pyddl.comm.codecs import get_codec
 from pyddl.config import PYDDL_LINK_GBPS, PYDDL_RACK_GBPS, PYDDL_RACKS
 
 __all__ = ["parse_dtype", "bound_s", "bound_levels_s", "calls_per_sample", "bench_allreduce", "bench_backend",
@@ -82,10 +83,12 @@ def calls_per_sample(call_s: float, sample_s: float = SAMPLE_S, max_calls: int =
 
 def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup: int, link_gbps: float | None,
                     dtype: torch.dtype = torch.float32, tensors: list[str] = TENSORS, racks: int = 1,
-                    rack_gbps: float | None = None) -> list[dict]:
+                    rack_gbps: float | None = None, compression: str | None = None) -> list[dict]:
     """Time each (size, algorithm, tensor kind) on this job; every rank returns the same rows
     (rank 0's view of the slowest rank's median, since an allreduce ends when its last rank
-    does). A size is in bytes of `dtype` elements; `tensors` are kinds of TENSORS.
+    does). A size is in bytes of `dtype` elements; `tensors` are kinds of TENSORS;
+    `compression` the wire codec of every call (None: the job's setting), whose bound is that of
+    the bytes on the wire.
 
     Each of the `iters` samples starts at a barrier and times k calls back to back, as
     nccl-tests does; k (`calls_per_sample`, the same on every rank) is 1 for calls of 20 ms
@@ -94,20 +97,25 @@ def bench_allreduce(sizes: list[int], algorithms: list[str], iters: int, warmup:
     servers = pyddl.cross_size()
     name = str(dtype).removeprefix("torch.")
     device = pyddl.device()
+    compression = compression or pyddl.settings().compression
+    codec = get_codec(compression)
+    wire_itemsize = codec.wire_dtype.itemsize if codec.applies_to(torch.ones(1, dtype=dtype)) else dtype.itemsize
     rows = []
     for nbytes in sizes:
         numel = max(1, nbytes // dtype.itemsize)
         x = torch.ones(numel, dtype=dtype, device=device)
         for alg in algorithms:
             calls = {
-                "reused": lambda: pyddl.allreduce_(x, algorithm=alg),
-                "fresh": lambda: pyddl.allreduce_(torch.ones(numel, dtype=dtype, device=device), algorithm=alg),
-                "out": lambda: pyddl.allreduce(torch.ones(numel, dtype=dtype, device=device), algorithm=alg),
+                "reused": lambda: pyddl.allreduce_(x, algorithm=alg, compression=compression),
+                "fresh": lambda: pyddl.allreduce_(torch.ones(numel, dtype=dtype, device=device), algorithm=alg,
+                                                  compression=compression),
+                "out": lambda: pyddl.allreduce(torch.ones(numel, dtype=dtype, device=device), algorithm=alg,
+                                               compression=compression),
             }
             for kind in tensors:
                 row = _row(alg, nbytes, name, _measure(calls[kind], iters, warmup), n, servers, link_gbps,
-                           racks=racks, rack_gbps=rack_gbps)
-                rows.append({**row, "tensor": kind})
+                           racks=racks, rack_gbps=rack_gbps, wire_bytes=numel * wire_itemsize)
+                rows.append({**row, "tensor": kind, "compression": codec.name})
     return rows
 
 
@@ -138,9 +146,10 @@ def _measure(call, iters: int, warmup: int) -> tuple[float, float, float, int, f
 
 
 def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: int, link_gbps: float | None,
-         half: bool = False, racks: int = 1, rack_gbps: float | None = None) -> dict:
+         half: bool = False, racks: int = 1, rack_gbps: float | None = None, wire_bytes: int | None = None) -> dict:
     """One table row; `half`: a reduce-scatter, which moves half an allreduce's bytes (its bus
-    bandwidth and bound are halved likewise); `racks`, `rack_gbps`: see bound_levels_s."""
+    bandwidth and bound are halved likewise); `racks`, `rack_gbps`: see bound_levels_s;
+    `wire_bytes`: what a compressed call puts on the wire for `nbytes`, which sets the bound."""
     median_s, min_s, cpu_s, calls, spread = measured
     algbw = nbytes / median_s / 1e9
     share = 0.5 if half else 1.0
@@ -158,7 +167,7 @@ def _row(label: str, nbytes: int, dtype_name: str, measured, n: int, servers: in
         "bound_s": None,
         "bound_ratio": None,
     }
-    bound = bound_levels_s(nbytes, servers, link_gbps, racks, rack_gbps)
+    bound = bound_levels_s(nbytes if wire_bytes is None else wire_bytes, servers, link_gbps, racks, rack_gbps)
     if bound:  # 0: no level's rate is known, or one server has no inter-server link to bound by
         row["bound_s"] = bound * share
         row["bound_ratio"] = row["bound_s"] / median_s
@@ -229,7 +238,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_path: str | None, link_gbps: float | None,
-         dtype: torch.dtype = torch.float32, api: str = "pyddl", tensors: list[str] = TENSORS) -> None:
+         dtype: torch.dtype = torch.float32, api: str = "pyddl", tensors: list[str] = TENSORS,
+         compression: str | None = None) -> None:
     """The body of `pyddl bench allreduce` inside each worker; rank 0 prints and writes."""
     pyddl.init()
     link = link_gbps or (float(os.environ[PYDDL_LINK_GBPS]) if os.environ.get(PYDDL_LINK_GBPS) else None)
@@ -239,7 +249,7 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
     if api == "backend":
         rows = bench_backend(sizes, algorithms, iters, warmup, link, dtype, racks, rack_gbps)
     else:
-        rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype, tensors, racks, rack_gbps)
+        rows = bench_allreduce(sizes, algorithms, iters, warmup, link, dtype, tensors, racks, rack_gbps, compression)
     # How many ranks share this machine's cores (emulated servers all do): the simulator
     # scales its host costs by that load when it fits or predicts these rows.
     hosts: list = [None] * pyddl.size()
@@ -248,7 +258,9 @@ def main(sizes: list[int], algorithms: list[str], iters: int, warmup: int, json_
         topo = pyddl.topology()
         what = ("dist.all_reduce (ar) and dist.reduce_scatter_tensor (rs) on groups of backend pyddl and gloo, "
                 if api == "backend" else "allreduce ")
-        print(f"{what}of {str(dtype).removeprefix('torch.')} over {pyddl.size()} ranks, topology {topo.spec} "
+        codec = rows[0].get("compression", "none") if rows else "none"
+        wire = f" ({codec} on the wire)" if codec != "none" else ""
+        print(f"{what}of {str(dtype).removeprefix('torch.')}{wire} over {pyddl.size()} ranks, topology {topo.spec} "
               f"({pyddl.cross_size()} servers), backend {torch.distributed.get_backend()}"
               + (f", link {link:g} Gbit/s" if link else "")
               + (f", {racks} racks, uplinks " + (f"{rack_gbps:g} Gbit/s" if rack_gbps else "unlimited")

@@ -11,6 +11,7 @@ import os
 import sys
 
 from pyddl.cli.run import add_job_flags, config_from_args, scheduler_mode
+from pyddl.config import CODECS
 from pyddl.launch.config import LaunchError
 from pyddl.launch.local import launch
 
@@ -69,6 +70,10 @@ def _allreduce(args) -> int:
     except ValueError as err:
         print(f"pyddl bench allreduce: {err}", file=sys.stderr)
         return 2
+    if args.compression not in (None, "none") and (args.api != "pyddl" or args.framework != "torch"):
+        print("pyddl bench allreduce: --compression applies to pyddl.allreduce (--api pyddl, --framework torch)",
+              file=sys.stderr)
+        return 2
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     unknown = [a for a in algorithms if a not in ALGORITHMS]
     if unknown:
@@ -78,6 +83,8 @@ def _allreduce(args) -> int:
         tail = ["allreduce", "--sizes", args.sizes, "--algorithms", args.algorithms,
                 "--iters", str(args.iters), "--warmup", str(args.warmup), "--dtype", args.dtype,
                 "--framework", args.framework, "--api", args.api, "--tensors", ",".join(tensors)]
+        if args.compression:
+            tail += ["--compression", args.compression]
         if args.json:
             tail += ["--json", os.path.abspath(args.json)]
         if args.link_gbps:
@@ -91,7 +98,7 @@ def _allreduce(args) -> int:
     from pyddl.bench import allreduce as bench
 
     bench.main(sizes, algorithms, args.iters, args.warmup, args.json, args.link_gbps, bench.DTYPES[dtype], args.api,
-               tensors)
+               tensors, args.compression)
     return 0
 
 
@@ -298,6 +305,9 @@ def register(subparsers) -> None:
     ar.add_argument("--tensors",
                     help="where each call's tensor comes from: reused (one buffer, the best case), fresh (new "
                     "per call, reduced in place) and out (new per call, out of place); default: all three")
+    ar.add_argument("--compression", choices=CODECS,
+                    help="wire codec of every call (pyddl.allreduce(..., compression=)); the bound is that of "
+                    "the bytes on the wire (default: the job's, PYDDL_COMPRESSION, else none)")
     ar.add_argument("--link-gbps", type=float, help="servers' NIC rate for the bound (set by emulation)")
     ar.add_argument("--framework", choices=["torch", "jax"], default="torch",
                     help="jax: a ResNet-50 pytree through pyddl.jax against JAX's own psum (needs pyddl[jax])")
