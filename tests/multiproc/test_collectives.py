@@ -87,6 +87,8 @@ def _closed_forms(rank, world, spec, full):
         x = pattern * world * (rank + 1)
         if not torch.equal(pyddl.allreduce(x, compression="fp16", algorithm=alg), mean * world):
             failures.append(f"fp16 wire sum {alg}")
+        if not torch.equal(x, pattern * world * (rank + 1)):
+            failures.append(f"fp16 wire allreduce modified its input ({alg})")
         if not torch.equal(pyddl.allreduce_(x, op="average", compression="fp16", algorithm=alg), mean):
             failures.append(f"fp16 wire average {alg}")
     info = (pyddl.local_rank(), pyddl.local_size(), pyddl.cross_rank(), pyddl.cross_size())

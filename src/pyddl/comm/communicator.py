@@ -342,23 +342,26 @@ class Communicator:
                 self._tuned = tune(self)
 
     def reduce_buffer_(self, work: torch.Tensor, op: str, algorithm: str, codec: Codec, seq: int,
-                       fill: Callable[[int, int], None] | None = None) -> None:
+                       fill: Callable[[int, int], None] | None = None, source: torch.Tensor | None = None) -> None:
         """Allreduce `work` (contiguous, on `self.device`) in place, through `codec`.
 
         For adapters that pack their own buffers: call it only inside a `run` job (it is
         collective #seq); `op` and `algorithm` must already be validated names. `fill(lo, hi)`,
         if given, writes work.view(-1)[lo:hi]; the multiring calls it chunk by chunk inside its
-        pipeline (see `fusion.Packing`), other paths once for the whole buffer.
+        pipeline (see `fusion.Packing`), other paths once for the whole buffer. `source`, for a
+        codec that applies: the input, contiguous and shaped as `work`, which then only takes
+        the result (an out-of-place call, without copying its input into `work` first).
         """
         flat = work.view(-1)
         if codec.applies_to(flat):
             wire = torch.empty(flat.numel(), dtype=codec.wire_dtype, device=flat.device)
+            given = flat if source is None else source.view(-1)
 
             def encode(lo: int, hi: int) -> None:
                 # Chunk by chunk inside the multiring's pipeline, like `fill`.
                 if fill is not None:
                     fill(lo, hi)
-                codec.encode_(flat[lo:hi], wire[lo:hi], op, self.size)
+                codec.encode_(given[lo:hi], wire[lo:hi], op, self.size)
 
             # The wire carries pre-divided values, so a sum of it is already an average.
             self._reduce_flat_(wire, "sum" if op == "average" else op, algorithm, seq, encode)
@@ -393,15 +396,20 @@ class Communicator:
         self._require_member("allreduce")
         _check_tensor(tensor)
         op, alg, codec = check_op(op), self.check_algorithm(algorithm), self._codec(compression)
+        source = None
         if not (inplace or asynchronous) and fill is None and tensor.is_contiguous() and tensor.device == self.device:
             # A blocking out-of-place call: its input cannot change before it returns, so the
             # result's copy of it is made as the allreduce goes, chunk by chunk inside the
             # multiring's pipeline, overlapping the transfers, instead of a whole pass first.
-            source, work = tensor.detach().view(-1), torch.empty_like(tensor, memory_format=torch.contiguous_format)
-            flat_work = work.view(-1)
+            # A codec reads the input itself: the result then takes only the decoded sum.
+            work = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+            if codec.applies_to(work):
+                source = tensor.detach()
+            else:
+                given, flat_work = tensor.detach().view(-1), work.view(-1)
 
-            def fill(lo: int, hi: int) -> None:
-                flat_work[lo:hi].copy_(source[lo:hi])
+                def fill(lo: int, hi: int) -> None:
+                    flat_work[lo:hi].copy_(given[lo:hi])
         else:
             work = self._to_work(tensor, copy=not inplace)
         info = OpInfo(
@@ -419,7 +427,7 @@ class Communicator:
             return tensor
 
         def fn(seq: int) -> torch.Tensor:
-            self.reduce_buffer_(work, op, alg, codec, seq, fill)
+            self.reduce_buffer_(work, op, alg, codec, seq, fill, source)
             return finish()
 
         part = None
