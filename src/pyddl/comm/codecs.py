@@ -38,12 +38,6 @@ class Codec:
             and tensor.dtype != self.wire_dtype
         )
 
-    def encode(self, tensor: torch.Tensor, op: str, world_size: int) -> torch.Tensor:
-        """Return the wire tensor; for sum/average it carries tensor / world_size."""
-        wire = torch.empty(tensor.shape, dtype=self.wire_dtype, device=tensor.device)
-        self.encode_(tensor, wire, op, world_size)
-        return wire
-
     def encode_(self, tensor: torch.Tensor, wire: torch.Tensor, op: str, world_size: int) -> None:
         """Write `tensor` into `wire` (same shape, contiguous, the wire dtype); for sum/average
         divided by world_size.
