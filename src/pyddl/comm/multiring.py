@@ -13,6 +13,7 @@ entry the algorithm registry calls.
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -117,9 +118,7 @@ def multiring_allreduce_(
         if fill is not None:
             fill(0, flat.numel())
         return
-    total = 1
-    for lv in levels:
-        total *= lv.size
+    total = math.prod(lv.size for lv in levels)
     chunks = plan_chunks(flat.numel(), flat.element_size(), chunk_bytes, total)
     fill_chunk = None if fill is None else (lambda k: fill(chunks[k][0], chunks[k][0] + chunks[k][1]))
     run_stages_([flat[start : start + length] for start, length in chunks], op, levels, call_id, "allreduce",
@@ -142,9 +141,7 @@ def allreduce_many_(comm, flats: list[torch.Tensor], op: str, seq: int, fill: Ca
     chunks.
     """
     levels = [lv for lv in comm.levels if lv.size > 1]
-    total = 1
-    for lv in levels:
-        total *= lv.size
+    total = math.prod(lv.size for lv in levels)
     chunks: list[torch.Tensor] = []
     starting: dict[int, list[int]] = {}  # chunk -> the flats whose first element it carries
     ending: dict[int, list[int]] = {}  # chunk -> the flats whose last element it carries
@@ -209,9 +206,9 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
     level first, leaving each rank its reduced block of every chunk) or "allgather" its second
     half (outermost first). An "allreduce" with op average divides each chunk's sum where it is
     complete, in this rank's block between the halves, so that the allgather spreads the
-    quotients: a quarter of the buffer on 4 ranks rather than all of it, with the same result. `pipelined`: the chunks flow through the stages together, on this
-    thread (`_interleaved`); otherwise they run one after another (NCCL matches p2p messages by
-    order, not tag). `call_id` must be the same on every rank for this call; `levels` all have
+    quotients: a quarter of the buffer on 4 ranks rather than all of it, with the same result.
+    `pipelined`: the chunks flow through the stages together, on this thread (`_interleaved`);
+    otherwise they run one after another (NCCL matches p2p messages by order, not tag). `call_id` must be the same on every rank for this call; `levels` all have
     size > 1. `fill(chunk)`, if given, writes chunk buffer `chunk` just before its first stage
     and `drain(chunk)` reads it just after its last, so that preparing and unpacking chunks
     overlap the transfers of the others.
@@ -222,9 +219,7 @@ def run_stages_(bufs: list[torch.Tensor], op: str, levels: list[Level], call_id:
     base_tag = (call_id % 4096) << 18
 
     divide_after = n - 1 if which == "allreduce" and op == "average" else None
-    total = 1
-    for lv in levels:
-        total *= lv.size
+    total = math.prod(lv.size for lv in levels)
 
     def task(s: int, chunk: int) -> Iterator[list]:
         stage = stages[s]
